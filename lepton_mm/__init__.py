@@ -1,0 +1,33 @@
+"""lepton_mm: multimodal fusion for JAX.
+
+Encoders for images, text and audio, a JAX log-mel front end, pretrained BERT-family text
+weights, and (in later modules) the classic fusion zoo, alignment losses and Optax
+training loops. Subpackages are imported on first use, so ``import lepton_mm`` is cheap.
+
+Public API at a glance:
+  lepton_mm.EncoderOutput        tokens [batch, time, dim], mask [batch, time], pooled
+  lepton_mm.masked_mean          masked mean over time
+  lepton_mm.features             log_mel_spectrogram, mel_filterbank, frame_mask
+  lepton_mm.encoders             ImageCNN, TextTransformer, AudioSpectrogramCNN
+  lepton_mm.pretrained           load_text_transformer, SentenceEncoder
+  lepton_mm.data                 load_mnist, load_fsdd, load_mustard, load_image, load_audio
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lepton_mm.types import EncoderOutput, masked_mean
+
+__version__ = "0.1.0.dev0"
+
+_SUBPACKAGES = ("data", "encoders", "features", "pretrained")
+
+__all__ = ["EncoderOutput", "masked_mean", *_SUBPACKAGES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"lepton_mm.{name}")
+    raise AttributeError(f"module 'lepton_mm' has no attribute {name!r}")

@@ -1,0 +1,122 @@
+"""Input checks for the library boundary (private).
+
+Every public entry point checks its arguments here *before* any JAX computation, so a
+user sees ``ValueError``/``TypeError`` naming the argument and the expected layout
+instead of an XLA trace or a silent broadcast. The checks only read static information
+(``shape``, ``dtype``), so they are free under ``jax.jit`` and work on tracers.
+
+Layouts are written as space-separated axis names, e.g. ``"batch time dim"``. Sharing a
+``dims`` dict between calls binds axis names across arguments::
+
+    dims = {}
+    check_array("tokens", tokens, "batch time dim", kind="float", dims=dims)
+    check_array("mask", mask, "batch time", kind="bool", dims=dims)  # same batch, time
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import numpy as np
+
+_KINDS = {
+    "float": ("floating", "a floating-point dtype (e.g. float32)"),
+    "int": ("integer", "an integer dtype (e.g. int32)"),
+    "bool": ("bool", "bool"),
+    "number": ("number", "a numeric dtype"),
+}
+
+
+def _dtype_of(x: Any) -> np.dtype:
+    return np.dtype(x.dtype)
+
+
+def _is_kind(dtype: np.dtype, kind: str) -> bool:
+    if kind == "floating":
+        # bfloat16/float8 from ml_dtypes are not np.floating subclasses.
+        return np.issubdtype(dtype, np.floating) or dtype.name in (
+            "bfloat16", "float8_e4m3fn", "float8_e5m2", "float16")
+    if kind == "integer":
+        return np.issubdtype(dtype, np.integer)
+    if kind == "bool":
+        return dtype == np.bool_
+    if kind == "number":
+        return _is_kind(dtype, "floating") or np.issubdtype(dtype, np.integer)
+    raise AssertionError(kind)
+
+
+def format_layout(axes: list[str], dims: MutableMapping[str, int] | None = None) -> str:
+    """``["batch", "time"]`` -> ``"[batch, time]"`` (with bound sizes, ``[batch=2, time]``)."""
+    dims = dims or {}
+    parts = []
+    for a in axes:
+        parts.append(f"{a}={dims[a]}" if a in dims else a)
+    return "[" + ", ".join(parts) + "]"
+
+
+def check_array(
+    name: str,
+    x: Any,
+    layout: str | None = None,
+    *,
+    kind: str | None = None,
+    dims: MutableMapping[str, int] | None = None,
+    allow_empty: bool = True,
+) -> None:
+    """Checks that ``x`` is an array with the given layout and dtype kind.
+
+    Args:
+      name: the argument's name as the user wrote it (used in messages).
+      x: a numpy array, a ``jax.Array`` or a tracer.
+      layout: space-separated axis names (``"batch time dim"``); its length is the
+        required rank. An axis name that is an integer literal (``"batch 3"``) requires
+        that size. Axis names already in ``dims`` must match; new ones are bound.
+      kind: ``"float"``, ``"int"``, ``"bool"`` or ``"number"``.
+      dims: shared axis bindings (updated in place).
+      allow_empty: if False, a zero-size axis raises ``ValueError``.
+
+    Raises:
+      TypeError: ``x`` is not an array, or has the wrong dtype kind.
+      ValueError: ``x`` has the wrong rank or a size that disagrees with ``dims``.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        expected = f" with shape {format_layout(layout.split(), dims)}" if layout else ""
+        raise TypeError(
+            f"{name}: expected an array{expected}, got {type(x).__name__}.")
+    if kind is not None:
+        np_kind, desc = _KINDS[kind]
+        dtype = _dtype_of(x)
+        if not _is_kind(dtype, np_kind):
+            raise TypeError(f"{name}: expected {desc}, got dtype {dtype}.")
+    if layout is None:
+        return
+    axes = layout.split()
+    shape = tuple(x.shape)
+    if len(shape) != len(axes):
+        raise ValueError(
+            f"{name}: expected rank {len(axes)} with shape {format_layout(axes, dims)}, "
+            f"got rank {len(shape)} with shape {shape}.")
+    if dims is None:
+        dims = {}
+    for axis, size in zip(axes, shape):
+        if axis.isdigit():
+            want = int(axis)
+        elif axis in dims:
+            want = dims[axis]
+        else:
+            dims[axis] = size
+            want = size
+        if size != want:
+            raise ValueError(
+                f"{name}: expected shape {format_layout(axes, dims)}, got {shape} "
+                f"(axis '{axis}' should be {want}, got {size}).")
+        if not allow_empty and size == 0:
+            raise ValueError(f"{name}: axis '{axis}' is empty in shape {shape}.")
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Returns ``value`` if it is a positive Python int, else raises naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}.")
+    return int(value)
