@@ -99,7 +99,7 @@ def check_array(
             f"got rank {len(shape)} with shape {shape}.")
     if dims is None:
         dims = {}
-    for axis, size in zip(axes, shape):
+    for axis, size in zip(axes, shape, strict=True):
         if axis.isdigit():
             want = int(axis)
         elif axis in dims:
