@@ -11,6 +11,11 @@ Public API at a glance:
   lepton_mm.encoders             ImageCNN, TextTransformer, AudioSpectrogramCNN
   lepton_mm.pretrained           load_text_transformer, SentenceEncoder
   lepton_mm.data                 load_mnist, load_fsdd, load_mustard, load_image, load_audio
+  lepton_mm.fusion               FUSIONS, build, modality_dropout and the fusion layers
+  lepton_mm.alignment            clip_loss, sigmoid_loss, cca_loss, ProjectionHead, ...
+  lepton_mm.models               MultimodalClassifier, TwoTower, tasks
+  lepton_mm.training             fit, OptimizerConfig, metrics, checkpoints
+  lepton_mm.export               save / load a model as serialised StableHLO
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from lepton_mm.types import EncoderOutput, masked_mean
 
 __version__ = "0.1.0.dev0"
 
-_SUBPACKAGES = ("data", "encoders", "features", "pretrained")
+_SUBPACKAGES = (
+    "alignment", "data", "encoders", "export", "features", "fusion", "models", "pretrained",
+    "training",
+)
 
 __all__ = ["EncoderOutput", "masked_mean", *_SUBPACKAGES]
 
