@@ -1,0 +1,103 @@
+"""Training: optimisers, metrics, the ``fit`` loop, checkpoints, sharding and logs.
+
+  OptimizerConfig, make_optimizer,          optax optimisers from a frozen config
+  learning_rate_schedule, count_params, ...
+  accuracy, precision_recall_f1, mae, ...   metrics: pure functions with a ``valid`` mask
+  fit, FitResult, evaluate                  the training loop (exact resume, early stop)
+  ArrayDataset, seed_rngs                   in-memory data; model init from one seed
+  Checkpointer, load_model, ...             Orbax checkpoints
+  make_mesh, initialize_distributed, ...    data parallelism, multi-host start-up
+  RunLogger, read_log, plot_curves          ``log.jsonl`` and ``curves.png``
+"""
+
+from lepton_mm.training.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    load_model,
+    model_fingerprint,
+)
+from lepton_mm.training.logging import RunLogger, plot_curves, read_log
+from lepton_mm.training.loop import (
+    ArrayDataset,
+    FitResult,
+    TrainState,
+    epoch_permutation,
+    evaluate,
+    fit,
+    make_eval_step,
+    make_train_step,
+    seed_rngs,
+)
+from lepton_mm.training.metrics import (
+    accuracy,
+    confusion_matrix,
+    mae,
+    mosi_acc2,
+    mosi_acc7,
+    mosi_f1,
+    multilabel_f1,
+    pearson,
+    precision_recall_f1,
+    recall_at_k,
+)
+from lepton_mm.training.optim import (
+    DEFAULT_NO_DECAY,
+    OPTIMIZERS,
+    SCHEDULES,
+    OptimizerConfig,
+    count_params,
+    learning_rate_schedule,
+    make_optimizer,
+    param_path,
+    trainable_mask,
+)
+from lepton_mm.training.sharding import (
+    data_sharding,
+    initialize_distributed,
+    make_mesh,
+    replicated,
+    shard_batch,
+)
+
+__all__ = [
+    "DEFAULT_NO_DECAY",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "ArrayDataset",
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "FitResult",
+    "OptimizerConfig",
+    "RunLogger",
+    "TrainState",
+    "accuracy",
+    "confusion_matrix",
+    "count_params",
+    "data_sharding",
+    "epoch_permutation",
+    "evaluate",
+    "fit",
+    "initialize_distributed",
+    "learning_rate_schedule",
+    "load_model",
+    "mae",
+    "make_eval_step",
+    "make_mesh",
+    "make_optimizer",
+    "make_train_step",
+    "model_fingerprint",
+    "mosi_acc2",
+    "mosi_acc7",
+    "mosi_f1",
+    "multilabel_f1",
+    "param_path",
+    "pearson",
+    "plot_curves",
+    "precision_recall_f1",
+    "read_log",
+    "recall_at_k",
+    "replicated",
+    "seed_rngs",
+    "shard_batch",
+    "trainable_mask",
+]

@@ -1,0 +1,266 @@
+"""lepton_mm.training.fit / evaluate / ArrayDataset on a tiny bimodal model."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lepton_mm.encoders import ImageCNN
+from lepton_mm.models import Classification, Contrastive, TwoTower, build_classifier
+from lepton_mm.training import (
+    ArrayDataset,
+    CheckpointMismatchError,
+    OptimizerConfig,
+    RunLogger,
+    epoch_permutation,
+    evaluate,
+    fit,
+    load_model,
+    read_log,
+    seed_rngs,
+)
+from lepton_mm.types import EncoderOutput
+
+N, BATCH = 20, 8  # 3 batches per epoch, the last one padded (4 of 8 rows valid)
+
+
+class Frames(nnx.Module):
+    def __init__(self, features, dim, rngs):
+        self.dim = dim
+        self.proj = nnx.Linear(features, dim, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+
+    def __call__(self, x, mask):
+        return EncoderOutput.from_tokens(self.drop(jnp.tanh(self.proj(x))), mask)
+
+
+def make_data(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    return {
+        "image": (rng.normal(size=(n, 8, 8, 1)) + y[:, None, None, None]).astype(np.float32),
+        "audio": ((rng.normal(size=(n, 5, 3)) - y[:, None, None]).astype(np.float32),
+                  np.arange(5)[None] < rng.integers(1, 6, n)[:, None]),
+        "label": y.astype(np.int32),
+        "present": {"audio": rng.random(n) > 0.25},
+    }
+
+
+def make_model(seed=0, fusion_dim=6):
+    rngs = seed_rngs(seed)
+    encoders = {"image": ImageCNN(1, dim=6, widths=(4,), dropout=0.1, rngs=rngs),
+                "audio": Frames(3, 5, rngs)}
+    return build_classifier(encoders, "concat", num_outputs=3, fusion_dim=fusion_dim,
+                            rngs=rngs)
+
+
+def params_of(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.Param)))]
+
+
+def run(workdir, seed=0, **kw):
+    model = make_model(seed)
+    kw = {"eval_data": make_data(12, seed=1), "epochs": 2, "batch_size": BATCH,
+          "optimizer": OptimizerConfig(learning_rate=0.02), **kw}
+    result = fit(model, Classification(3), make_data(), workdir=workdir, seed=seed, **kw)
+    return model, result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fit")
+    model, result = run(workdir)
+    return workdir, model, result
+
+
+def test_fit_trains_logs_and_checkpoints(trained):
+    workdir, model, result = trained
+    assert result.step == 6 and len(result.history) == 2
+    assert result.num_compilations == {"train_step": 1, "eval_step": 1}
+    assert result.resumed_from is None and not result.stopped_early
+    assert set(result.best_metrics) == {"accuracy", "f1", "loss"}
+    assert result.best_step in (3, 6)
+    assert Path(result.final_params_path) == workdir / "checkpoints" / str(result.best_step)
+    assert result.num_params == sum(p.size for p in params_of(model))
+    records = read_log(workdir / "log.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert [r["step"] for r in epochs] == [3, 6]
+    assert epochs[0]["eval"] == result.history[0]["eval"]
+    assert (workdir / "curves.png").stat().st_size > 1000
+    # The model ends in eval mode holding the best checkpoint: evaluating it
+    # reproduces the best metrics exactly.
+    assert model.encoders["image"].norms[0].use_running_average
+    assert evaluate(model, Classification(3), make_data(12, seed=1), batch_size=5) == \
+        pytest.approx(result.best_metrics, rel=1e-6)
+    best = load_model(workdir, make_model)
+    for a, b in zip(params_of(best), params_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_same_seed_same_result_other_seed_differs(trained, tmp_path):
+    _, model, result = trained
+    again_model, again = run(tmp_path / "again")
+    assert again.history == result.history
+    for a, b in zip(params_of(again_model), params_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other_model, other = run(tmp_path / "other", seed=1)
+    assert other.history != result.history
+    assert not all(np.array_equal(a, b) for a, b in
+                   zip(params_of(other_model), params_of(model), strict=True))
+
+
+def test_rerun_of_finished_run_resumes_without_training(trained):
+    workdir, model, result = trained
+    model2, again = run(workdir)
+    assert again.resumed_from == result.step and again.step == result.step
+    assert again.history == result.history and again.best_step == result.best_step
+    assert again.num_compilations["train_step"] == 0
+    for a, b in zip(params_of(model2), params_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_workdir_of_a_different_model_fails_before_compute(trained):
+    workdir, _, _ = trained
+    log_before = (workdir / "log.jsonl").read_text()
+    steps_before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    with pytest.raises(CheckpointMismatchError,
+                       match=rf"{workdir}.*different model.*'fusion/.*kernel'.*\(11, 9\)"):
+        fit(make_model(fusion_dim=9), Classification(3), make_data(), workdir=workdir,
+            batch_size=BATCH)
+    with pytest.raises(CheckpointMismatchError, match=r"different seed"):
+        run(workdir, seed=5)
+    assert (workdir / "log.jsonl").read_text() == log_before
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps_before
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"monitor": "auc"}, ValueError, r"monitor: 'auc' is not a metric.*accuracy"),
+    ({"mode": "maximum"}, ValueError, "mode"),
+    ({"nan_policy": "ignore"}, ValueError, "nan_policy"),
+    ({"eval_data": None, "early_stopping_patience": 2}, ValueError, "needs eval_data"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"mesh": "tpu"}, ValueError, "mesh"),
+    ({"optimizer": "adam"}, TypeError, "OptimizerConfig"),
+])
+def test_bad_arguments_fail_before_compute(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run(tmp_path, **kwargs)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_optimizer_and_missing_modality(tmp_path):
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        OptimizerConfig(name="lamb")
+    data = make_data()
+    del data["audio"]
+    with pytest.raises(ValueError, match="train_data: batch: missing modality 'audio'"):
+        fit(make_model(), Classification(3), data, workdir=tmp_path, batch_size=BATCH)
+    data = make_data()
+    del data["label"]
+    with pytest.raises(ValueError, match="train_data: .*needs batch\\['label'\\]"):
+        fit(make_model(), Classification(3), data, workdir=tmp_path, batch_size=BATCH)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_early_stopping_restores_the_best_checkpoint(tmp_path):
+    # mode="max" on the eval loss: the first epoch (before training lowers it) is best.
+    model, result = run(tmp_path, epochs=5, early_stopping_patience=2, monitor="loss",
+                        mode="max", optimizer=OptimizerConfig(learning_rate=0.05))
+    assert result.stopped_early
+    assert len(result.history) == 3 and result.best_step == 3
+    assert result.best_metrics == result.history[0]["eval"]
+    first = load_model(tmp_path, make_model, step=3)
+    last = load_model(tmp_path, make_model, step="latest")
+    for a, b in zip(params_of(first), params_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in
+                   zip(params_of(last), params_of(model), strict=True))
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
+    data = make_data()
+    bad = int(epoch_permutation(N, 0, 0)[BATCH])  # first example of batch 2, epoch 0
+    data["image"][bad] = np.nan
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite loss.*at step 2 \(epoch 1, batch 2\).*"
+                             r"Last good checkpoint: .*checkpoints/1 \(step 1\)"):
+        fit(make_model(), Classification(3), data, workdir=tmp_path / "raise",
+            batch_size=BATCH, checkpoint_every=1)
+
+    model = make_model()
+    result = fit(model, Classification(3), data, workdir=tmp_path / "skip", epochs=2,
+                 batch_size=BATCH, nan_policy="skip")
+    # a batch holding the bad example (even as a padding row) gives a NaN gradient
+    expected = [sum(bad in idx for idx, _ in ArrayDataset(data).batch_indices(
+        BATCH, seed=0, epoch=e)) for e in range(2)]
+    assert [r["skipped_steps"] for r in result.history] == expected
+    assert all(np.all(np.isfinite(p)) for p in params_of(model))
+    assert result.step == 6
+
+
+def test_two_tower_contrastive_fit(tmp_path):
+    rngs = seed_rngs(0)
+    model = TwoTower(Frames(3, 5, rngs), ImageCNN(1, dim=6, widths=(4,), rngs=rngs),
+                     nnx.Linear(5, 4, rngs=rngs), nnx.Linear(6, 4, rngs=rngs),
+                     modalities=("audio", "image"))
+    data = make_data()
+    del data["label"]
+    result = fit(model, Contrastive(ks=(1, 3)), data, eval_data=data, workdir=tmp_path,
+                 epochs=1, batch_size=BATCH)
+    assert set(result.best_metrics) == set(Contrastive(ks=(1, 3)).metric_names)
+    assert 0.0 <= result.best_metrics["recall"] <= 1.0
+    with pytest.raises(ValueError, match="TwoTower does not take a modality_dropout"):
+        fit(model, Contrastive(), data, workdir=tmp_path / "md", modality_dropout=0.5)
+
+
+def test_array_dataset_batches_cover_each_example_once():
+    data = ArrayDataset(make_data())
+    assert len(data) == N and data.num_batches(BATCH) == 3
+    seen = []
+    batches = list(data.batches(BATCH, seed=3, epoch=1))
+    for batch in batches:
+        assert batch["image"].shape == (BATCH, 8, 8, 1)
+        assert batch["audio"][1].shape == (BATCH, 5)
+        seen.extend(batch["label"][batch["valid"]].tolist())
+    assert [int(b["valid"].sum()) for b in batches] == [8, 8, 4]
+    order = epoch_permutation(N, 3, 1)
+    assert seen == data.arrays["label"][order].tolist()
+    assert not np.array_equal(order, epoch_permutation(N, 3, 2))
+    np.testing.assert_array_equal(order, epoch_permutation(N, 3, 1))
+    resumed = list(data.batches(BATCH, seed=3, epoch=1, start=2))
+    np.testing.assert_array_equal(resumed[0]["label"], batches[2]["label"])
+    with pytest.raises(ValueError, match="leading sizes differ"):
+        ArrayDataset({"a": np.zeros(3), "label": np.zeros(4)})
+
+
+def test_tensorboard_events_only_when_available(tmp_path, monkeypatch):
+    calls = []
+
+    class Writer:
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, name, value, step):
+            calls.append((name, value, step))
+
+        def close(self):
+            calls.append("close")
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=Writer))
+    logger = RunLogger(tmp_path)
+    logger.log({"kind": "epoch", "step": 3, "train_loss": 0.5, "eval": {"accuracy": 0.75}})
+    logger.close()
+    assert ("epoch/train_loss", 0.5, 3) in calls and ("epoch/eval/accuracy", 0.75, 3) in calls
+    assert json.loads((tmp_path / "log.jsonl").read_text())["train_loss"] == 0.5
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
+    calls.clear()
+    RunLogger(tmp_path / "b").close()
+    assert calls == []
