@@ -14,7 +14,8 @@ Public API at a glance:
   lepton_mm.fusion               FUSIONS, build, modality_dropout and the fusion layers
   lepton_mm.alignment            clip_loss, sigmoid_loss, cca_loss, ProjectionHead, ...
   lepton_mm.models               MultimodalClassifier, TwoTower, tasks
-  lepton_mm.training             fit, OptimizerConfig, metrics, checkpoints
+  lepton_mm.metrics              accuracy, F1, MAE, Pearson, MOSI Acc-2/7, recall@k (pure)
+  lepton_mm.training             fit, OptimizerConfig, checkpoints, sharding
   lepton_mm.export               save / load a model as serialised StableHLO
 """
 
@@ -28,8 +29,8 @@ from lepton_mm.types import EncoderOutput, masked_mean
 __version__ = "0.1.0.dev0"
 
 _SUBPACKAGES = (
-    "alignment", "data", "encoders", "export", "features", "fusion", "models", "pretrained",
-    "training",
+    "alignment", "data", "encoders", "export", "features", "fusion", "metrics", "models",
+    "pretrained", "training",
 )
 
 __all__ = ["EncoderOutput", "masked_mean", *_SUBPACKAGES]

@@ -1,4 +1,4 @@
-"""Tests for lepton_mm.training.metrics against scikit-learn, scipy and hand values."""
+"""Tests for lepton_mm.metrics against scikit-learn, scipy and hand values."""
 
 import doctest
 import functools
@@ -12,8 +12,8 @@ import sklearn.metrics as skm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lepton_mm.training import metrics
-from lepton_mm.training.metrics import (
+from lepton_mm import metrics
+from lepton_mm.metrics import (
     accuracy,
     confusion_matrix,
     mae,

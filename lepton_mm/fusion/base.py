@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
 from lepton_mm._validation import check_array
 from lepton_mm.types import EncoderOutput
@@ -104,7 +105,8 @@ class FusionLayer(nnx.Module):
         if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim <= 0:
             raise ValueError(f"out_dim: expected a positive int, got {out_dim!r}.")
         self.modalities = tuple(sorted(dims))
-        self.dims = {m: int(dims[m]) for m in self.modalities}
+        # Hashable, so the module graph can be a static jit argument (cache hits).
+        self.dims = FrozenDict({m: int(dims[m]) for m in self.modalities})
         self.out_dim = int(out_dim)
 
     def check_inputs(self, inputs: Mapping[str, EncoderOutput]) -> tuple[EncoderOutput, ...]:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
 from lepton_mm.fusion._common import pooled_or_zeros
 from lepton_mm.fusion.base import FusionLayer, register
@@ -94,7 +95,7 @@ class FiLMFusion(FusionLayer):
             target without conditioners, or a modality used neither way.
         """
         super().__init__(dims, out_dim)
-        self.conditioning = self._check_conditioning(conditioning)
+        self.conditioning = FrozenDict(self._check_conditioning(conditioning))
         self.targets = tuple(self.conditioning)
         self.pairs = tuple((t, c) for t in self.targets for c in self.conditioning[t])
         self.generators = nnx.List([

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import FrozenDict
 
 from lepton_mm._validation import check_positive_int
 from lepton_mm.fusion._common import MLP, check_hidden, check_rate, pooled_or_zeros
@@ -97,10 +98,10 @@ class TensorFusion(FusionLayer):
                              else check_positive_int("modality_dim", modality_dim))
         self.hidden = check_hidden("hidden", hidden)
         self.dropout_rate = check_rate("dropout", dropout)
-        self.factor_dims = {
+        self.factor_dims = FrozenDict({
             m: d if self.modality_dim is None else min(d, self.modality_dim)
             for m, d in self.dims.items()
-        }
+        })
         self.projections = nnx.List([
             nnx.Linear(self.dims[m], self.factor_dims[m], rngs=rngs)
             if self.factor_dims[m] != self.dims[m] else None

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
 from lepton_mm import fusion as fusion_lib
 from lepton_mm._validation import check_array, check_positive_int
@@ -164,7 +165,7 @@ class PooledFusion(nnx.Module):
         self.modalities = (modality,)
         if dim is not None:
             dim = check_positive_int(f"dims[{modality!r}]", dim)
-        self.dims = {modality: dim}
+        self.dims = FrozenDict({modality: dim})
         if out_dim is not None and dim is not None and out_dim != dim:
             raise ValueError(
                 f"out_dim: PooledFusion passes features through unchanged, so out_dim must "

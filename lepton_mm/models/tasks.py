@@ -22,12 +22,13 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lepton_mm import alignment
+from lepton_mm import metrics as metrics_lib
 from lepton_mm._validation import check_array, check_positive_int
 from lepton_mm.models.two_tower import TwoTowerOutput
-from lepton_mm.training import metrics as metrics_lib
 
 Array = jax.Array
 
@@ -87,7 +88,15 @@ class Classification:
                              f"{self.label_smoothing!r}.")
 
     def check_batch(self, batch: Mapping[str, Any]) -> None:
-        check_array("batch['label']", _label(batch, "classification"), "batch", kind="int")
+        """Checks ``batch['label']``: int ``[batch]``; host (numpy) labels must also lie in
+        ``[0, num_classes)`` (device arrays are not read back)."""
+        labels = _label(batch, "classification")
+        check_array("batch['label']", labels, "batch", kind="int")
+        if isinstance(labels, np.ndarray) and labels.size and (
+                labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"batch['label']: expected class ids in [0, {self.num_classes}), got values "
+                f"in [{labels.min()}, {labels.max()}].")
 
     def _check(self, outputs: Array, labels: Array) -> None:
         dims = {"classes": self.num_classes}

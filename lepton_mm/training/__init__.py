@@ -10,7 +10,20 @@
   RunLogger, read_log, plot_curves          ``log.jsonl`` and ``curves.png``
 """
 
+from lepton_mm.metrics import (
+    accuracy,
+    confusion_matrix,
+    mae,
+    mosi_acc2,
+    mosi_acc7,
+    mosi_f1,
+    multilabel_f1,
+    pearson,
+    precision_recall_f1,
+    recall_at_k,
+)
 from lepton_mm.training.checkpoint import (
+    CheckpointCorruptError,
     Checkpointer,
     CheckpointMismatchError,
     load_model,
@@ -27,18 +40,6 @@ from lepton_mm.training.loop import (
     make_eval_step,
     make_train_step,
     seed_rngs,
-)
-from lepton_mm.training.metrics import (
-    accuracy,
-    confusion_matrix,
-    mae,
-    mosi_acc2,
-    mosi_acc7,
-    mosi_f1,
-    multilabel_f1,
-    pearson,
-    precision_recall_f1,
-    recall_at_k,
 )
 from lepton_mm.training.optim import (
     DEFAULT_NO_DECAY,
@@ -64,6 +65,7 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "ArrayDataset",
+    "CheckpointCorruptError",
     "CheckpointMismatchError",
     "Checkpointer",
     "FitResult",

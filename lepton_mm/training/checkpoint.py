@@ -13,7 +13,16 @@ Layout of ``workdir/checkpoints/<step>/`` (one Orbax ``CheckpointManager`` step)
 
 Orbax writes each step to a temporary directory and renames it when complete, so a
 crash mid-save leaves only a temporary directory, which is ignored (and cleaned up by
-the next run). The manager keeps the last ``max_to_keep`` steps plus the best one.
+the next run). A save that fails (disk full, read-only directory) raises ``OSError``
+naming the directory and the intact previous step, and leaves no partial step behind.
+The manager keeps the last ``max_to_keep`` steps plus the best one.
+
+Integrity: Orbax (OCDBT) does not notice a flipped bit in array data, nor a flipped
+digit in the JSON metadata (both restore silently wrong values). So ``meta`` also holds
+the sha256 of every saved array (dtype, shape and bytes) and of the metadata itself,
+written in the same atomic step; ``restore`` and ``read_meta`` verify them and raise
+``CheckpointCorruptError`` naming the step's directory (as they do for any file Orbax
+cannot read), so a corrupt checkpoint never yields partially or wrongly restored state.
 
 ``model_fingerprint`` (every variable's path, type, shape and dtype, plus their hash)
 guards against restoring a different model: ``Checkpointer.check_model`` reads only the
@@ -29,6 +38,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +58,13 @@ _ITEMS = ("model", "train", "meta")
 
 class CheckpointMismatchError(ValueError):
     """A workdir's checkpoint does not belong to the model (or config) being restored."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's files cannot be read, or fail their sha256 integrity check."""
+
+
+_INTEGRITY = "integrity"
 
 
 # --------------------------------------------------------------------------- state trees
@@ -186,6 +205,44 @@ def all_finite(tree: Any) -> bool:
     return True
 
 
+def _array_digest(x: Any) -> str | None:
+    """sha256 of an array's dtype, shape and bytes (host copy); None when this process
+    does not hold the whole array (sharded across processes)."""
+    if isinstance(x, jax.Array):
+        if x.is_fully_addressable:
+            x = np.asarray(x)
+        elif x.is_fully_replicated:
+            x = np.asarray(x.addressable_data(0))
+        else:
+            return None
+    x = np.asarray(x)
+    digest = hashlib.sha256(f"{x.dtype.str}{x.shape}".encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+    return digest.hexdigest()
+
+
+def _digests(tree: Any) -> dict[str, str]:
+    """``{keystr(path): sha256}`` of the arrays of ``tree``."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        digest = _array_digest(leaf)
+        if digest is not None:
+            out[jax.tree_util.keystr(path)] = digest
+    return out
+
+
+def _os_error_code(error: BaseException) -> int | None:
+    """The errno of an I/O failure that TensorStore reports as a ``ValueError``."""
+    match = re.search(r"os_error_code=(\d+)", str(error))
+    return int(match.group(1)) if match else None
+
+
+def _meta_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of the JSON metadata as it reads back (tuples as lists, keys as str)."""
+    canonical = json.dumps(json.loads(json.dumps(meta)), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 # ---------------------------------------------------------------------------- manager
 
 
@@ -248,11 +305,60 @@ class Checkpointer:
         return self.directory / str(step)
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
-        """The JSON metadata of ``step`` (default: latest)."""
+        """The JSON metadata of ``step`` (default: latest), integrity-checked.
+
+        Raises:
+          FileNotFoundError: no such checkpoint.
+          CheckpointCorruptError: the metadata cannot be read or fails its sha256.
+        """
         step = self._resolve(step)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        restored = self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta, _ = self._verified_meta(step, restored["meta"])
+        return meta
+
+    def _corrupt(self, step: int, what: str) -> CheckpointCorruptError:
+        older = [s for s in self.steps() if s < step]
+        hint = (f"Delete {self.step_path(step)} to fall back to step {older[-1]}."
+                if older else "No older checkpoint exists.")
+        return CheckpointCorruptError(
+            f"{self.step_path(step)}: checkpoint step {step} is corrupt: {what} {hint}")
+
+    def _read(self, step: int, args: Any) -> Any:
+        """``manager.restore`` with any failure reported as corruption of ``step``."""
+        try:
+            return self._manager.restore(step, args=args)
+        except Exception as e:  # Orbax/TensorStore/JSON errors of damaged files
+            raise self._corrupt(step, f"its files cannot be read ({type(e).__name__}: "
+                                      f"{str(e)[:500]}).") from e
+
+    def _verified_meta(self, step: int, raw: Mapping[str, Any]
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Checks the metadata's own sha256; returns ``(meta, array digests)``.
+
+        Checkpoints written before integrity data existed pass unchecked.
+        """
+        meta = dict(raw)
+        integrity = meta.pop(_INTEGRITY, None)
+        if integrity is None:
+            return meta, {}
+        if not isinstance(integrity, Mapping) or "meta" not in integrity:
+            raise self._corrupt(step, "its integrity record is malformed.")
+        integrity = dict(integrity)
+        expected = integrity.pop("meta")
+        if _meta_digest({**meta, _INTEGRITY: integrity}) != expected:
+            raise self._corrupt(step, "its metadata (meta/) fails its sha256 check.")
+        return meta, integrity
+
+    def _verify_arrays(self, step: int, item: str, tree: Any,
+                       integrity: Mapping[str, Any]) -> None:
+        expected = integrity.get(item)
+        if not expected:
+            return
+        got = _digests(tree)
+        for key, digest in expected.items():
+            if key in got and got[key] != digest:
+                raise self._corrupt(step, f"array {item}{key} fails its sha256 check "
+                                          "(flipped bits in the stored data?).")
 
     def _resolve(self, step: int | None) -> int:
         if step is None:
@@ -296,24 +402,58 @@ class Checkpointer:
           The checkpoint directory.
 
         Raises:
-          FloatingPointError: a floating-point array is not finite (nothing is written).
+          FloatingPointError: a floating-point array of the model or optimiser state is
+            not finite (nothing is written).
+          OSError: writing failed (e.g. disk full, read-only directory); the message
+            names the directory and the previous checkpoint, which is left intact, and
+            the failed step's temporary directory is removed.
         """
         model_tree = state_to_tree(model_state)
-        if not all_finite(model_tree):
-            raise FloatingPointError(
-                f"refusing to write checkpoint step {step} to {self.directory}: the model "
-                "state holds NaN or Inf.")
         leaves = jax.tree.leaves(opt_state)
         train = {"opt_state": {f"{i:06d}": x for i, x in enumerate(leaves)}}
-        meta = {**dict(meta), "step": int(step)}
+        for what, tree in (("model", model_tree), ("optimiser", train)):
+            if not all_finite(tree):
+                raise FloatingPointError(
+                    f"refusing to write checkpoint step {step} to {self.directory}: the "
+                    f"{what} state holds NaN or Inf.")
+        meta = {**dict(meta), "step": int(step),
+                _INTEGRITY: {"model": _digests(model_tree), "train": _digests(train)}}
+        meta[_INTEGRITY]["meta"] = _meta_digest(meta)
         if self._manager.latest_step() is not None and step in self.steps():
             self._manager.delete(step)  # a re-run overwrites a step it recomputed
-        self._manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model_tree),
-            train=ocp.args.StandardSave(train),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        self._manager.wait_until_finished()
+        previous = self.latest_step()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(model_tree),
+                train=ocp.args.StandardSave(train),
+                meta=ocp.args.JsonSave(meta)), force=True)
+            self._manager.wait_until_finished()
+        except Exception as e:  # disk full, read-only or vanished directory, ...
+            self._remove_partial(step)
+            kept = (f"the previous checkpoint {self.step_path(previous)} (step {previous}) "
+                    "is intact" if previous is not None else "no earlier checkpoint exists")
+            message = (f"saving checkpoint step {step} to {self.directory} failed "
+                       f"({type(e).__name__}: {str(e)[:500]}); step {step} was not written "
+                       f"and {kept}.")
+            code = e.errno if isinstance(e, OSError) else _os_error_code(e)
+            if code is None and not isinstance(e, OSError):
+                raise
+            raise OSError(code, message) from e
         return self.step_path(step)
+
+    def _remove_partial(self, step: int) -> None:
+        """Deletes what a failed save of ``step`` left (Orbax's temporary directory).
+
+        Orbax saves the items in threads and a failing one does not stop the others:
+        wait for them first, or they would recreate files under the removed directory.
+        """
+        for thread in threading.enumerate():
+            if type(thread).__name__ == "_SignalingThread" and thread.is_alive():
+                thread.join(timeout=30.0)
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for path in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def restore(self, step: int | None, *, model_state: nnx.State,
                 opt_state: Any | None = None,
@@ -332,6 +472,11 @@ class Checkpointer:
         Returns:
           ``(model_state, opt_state, meta)``: a pure ``nnx.State`` of arrays, the optax
           state (or ``None``) and the metadata dict.
+
+        Raises:
+          FileNotFoundError: no such checkpoint.
+          CheckpointCorruptError: a file cannot be read, or an array or the metadata
+            fails its sha256 check; nothing is returned.
         """
         step = self._resolve(step)
         target = _abstract_tree(model_state, lambda x: _target_sharding(x, sharding))
@@ -343,13 +488,17 @@ class Checkpointer:
                                                  sharding=_target_sharding(x, sharding))
                 for i, x in enumerate(leaves)}}
             args["train"] = ocp.args.StandardRestore(train_target)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        restored = self._read(step, ocp.args.Composite(**args))
+        meta, integrity = self._verified_meta(step, restored["meta"])
+        self._verify_arrays(step, "model", restored["model"], integrity)
+        if opt_state is not None:
+            self._verify_arrays(step, "train", restored["train"], integrity)
         state = tree_to_state(restored["model"], model_state)
         opt = None
         if opt_state is not None:
             saved = restored["train"]["opt_state"]
             opt = jax.tree.unflatten(treedef, [saved[f"{i:06d}"] for i in range(len(leaves))])
-        return state, opt, dict(restored["meta"])
+        return state, opt, meta
 
     def close(self) -> None:
         self._manager.close()
@@ -375,6 +524,7 @@ def load_model(workdir: str | os.PathLike[str], build: Callable[[], nnx.Module],
     Raises:
       FileNotFoundError: no such checkpoint.
       CheckpointMismatchError: the checkpoint is of a different model.
+      CheckpointCorruptError: the checkpoint's files are damaged (see ``restore``).
     """
     abstract = nnx.eval_shape(build)
     graphdef, abstract_state = nnx.split(abstract)

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
+import numbers
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -160,7 +163,10 @@ def as_dataset(data: Any, name: str) -> ArrayDataset:
     if isinstance(data, ArrayDataset):
         return data
     if isinstance(data, Mapping):
-        return ArrayDataset(data)
+        try:
+            return ArrayDataset(data)
+        except (ValueError, TypeError) as e:  # name the argument, not ArrayDataset's
+            raise type(e)(name + str(e).removeprefix("arrays")) from None
     raise TypeError(f"{name}: expected an ArrayDataset or a dict of arrays, got "
                     f"{type(data).__name__}.")
 
@@ -386,6 +392,38 @@ def _check_batch_for_model(model: nnx.Module, batch: Mapping[str, Any]) -> None:
                              f"({list(model.modalities)}).")
 
 
+def _check_workdir(workdir: Any) -> Path:
+    if not isinstance(workdir, (str, os.PathLike)):
+        raise TypeError(f"workdir: expected a str or os.PathLike, got "
+                        f"{type(workdir).__name__}.")
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"workdir: {path} exists and is not a directory.")
+    return path
+
+
+def _signature(batch: Mapping[str, Any]) -> Any:
+    """What the abstract check depends on: tree structure, per-example shapes, dtypes."""
+    leaves, treedef = jax.tree.flatten(batch)
+    return treedef, tuple((np.shape(x)[1:], np.dtype(x.dtype)) for x in leaves)
+
+
+def _check_traces(model: nnx.Module, task: Any, sample: Mapping[str, Any],
+                  modality_dropout: float) -> None:
+    """Traces the model and the task's loss on ``sample`` abstractly (``jax.eval_shape``:
+    nothing is compiled or computed), so dtype and shape errors that only the encoders
+    can see (e.g. integer images) surface before the first train step is compiled."""
+    graphdef, state = nnx.split(model)
+    batch = {**sample, "valid": np.ones(len(jax.tree.leaves(sample)[0]), bool)}
+
+    def loss(state, batch):
+        outputs = _call_model(nnx.merge(graphdef, state), batch, modality_dropout,
+                              jax.random.key(0))
+        return task.loss(outputs, batch, batch["valid"])
+
+    jax.eval_shape(loss, state, batch)
+
+
 def _check_fit_args(model, task, train_data, eval_data, *, optimizer, epochs, batch_size,
                     eval_batch_size, seed, early_stopping_patience, monitor, mode,
                     modality_dropout, nan_policy, checkpoint_every, keep_checkpoints,
@@ -419,6 +457,10 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, epochs, ba
     if nan_policy not in _NAN_POLICIES:
         raise ValueError(f"nan_policy: expected one of {list(_NAN_POLICIES)}, got "
                          f"{nan_policy!r}.")
+    if isinstance(modality_dropout, bool) or not isinstance(modality_dropout,
+                                                            numbers.Real):
+        raise TypeError(f"modality_dropout: expected a float in [0, 1), got "
+                        f"{type(modality_dropout).__name__}.")
     if not 0.0 <= modality_dropout < 1.0:
         raise ValueError(f"modality_dropout: expected a rate in [0, 1), got "
                          f"{modality_dropout!r}.")
@@ -426,12 +468,19 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, epochs, ba
             type(model).__call__).parameters:
         raise ValueError(f"modality_dropout: {type(model).__name__} does not take a "
                          "modality_dropout argument (MultimodalClassifier does).")
+    traced = set()
     for name, data in (("train_data", train_data), ("eval_data", eval_data)):
         if data is not None:
             sample = data[np.arange(min(2, len(data)))]
             try:
-                _check_batch_for_model(model, sample)
-                task.check_batch(sample)
+                # Static checks see the whole data (e.g. every label is in range), the
+                # abstract trace a two-example sample (once per distinct signature).
+                _check_batch_for_model(model, data.arrays)
+                task.check_batch(data.arrays)
+                signature = _signature(sample)
+                if signature not in traced:
+                    _check_traces(model, task, sample, float(modality_dropout))
+                    traced.add(signature)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"{name}: {e}") from None
     run_config = {
@@ -449,6 +498,10 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, epochs, ba
         "num_eval_examples": None if eval_data is None else len(eval_data),
         "user": _plain(dict(config or {})),
     }
+    try:  # checkpoints store it: fail now, not at the first save
+        json.dumps(run_config["user"])
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"config: expected JSON-serialisable settings ({e}).") from None
     return train_data, eval_data, make_optimizer(optimizer), run_config
 
 
@@ -524,6 +577,7 @@ def fit(
       FloatingPointError: non-finite loss or gradient with ``nan_policy="raise"``.
     """
     # ---- validate everything before any computation
+    workdir = _check_workdir(workdir)
     train_data, eval_data, tx, run_config = _check_fit_args(
         model, task, train_data, eval_data, optimizer=optimizer, epochs=epochs,
         batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
@@ -538,7 +592,6 @@ def fit(
     mesh = sharding_lib.resolve_mesh(mesh)
     sharding_lib.check_batch_size(batch_size, mesh)
     sharding_lib.check_batch_size(eval_batch_size, mesh)
-    workdir = Path(workdir)
     fingerprint = model_fingerprint(model)
     primary = jax.process_index() == 0
 

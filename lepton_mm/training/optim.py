@@ -55,7 +55,7 @@ SCHEDULES = ("constant", "cosine", "step")
 DEFAULT_NO_DECAY = (
     r"(^|/)bias$",
     r"(^|/)scale$",
-    r"(^|/)(temperature|logit_scale|logit_bias)$",
+    r"(^|/)(temperature|logit_scale|logit_bias|log_scale)$",
 )
 
 _TRAIN, _FROZEN = "train", "frozen"
