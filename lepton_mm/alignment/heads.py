@@ -152,6 +152,11 @@ class LogitScale(nnx.Module):
                      else nnx.Param(jnp.asarray(init_bias, dtype=jnp.float32)))
 
     def __call__(self) -> tuple[Array, Array | None]:
-        """Returns ``(scale, bias)``: float32 scalars; ``bias`` is ``None`` without one."""
+        """Reads the clamped temperature and the bias.
+
+        Returns:
+          ``(scale, bias)``: float32 scalars, ``scale = exp(clip(log_scale, 0,
+          log(max_scale)))``; ``bias`` is ``None`` when the holder has none.
+        """
         scale = jnp.exp(jnp.clip(self.log_scale[...], 0.0, self.max_log_scale))
         return scale, (None if self.bias is None else self.bias[...])

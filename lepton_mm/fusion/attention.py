@@ -106,6 +106,9 @@ class AttentionFusion(FusionLayer):
 
         Args:
           inputs: modality name → ``EncoderOutput`` (only ``pooled`` and ``mask`` read).
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         xs = self.check_inputs(inputs)
         alpha = self.attention_weights(inputs)

@@ -23,13 +23,24 @@ from flax.core import FrozenDict
 from lepton_mm._validation import check_array
 from lepton_mm.types import EncoderOutput
 
+#: Registry name → fusion layer class (filled by ``register``).
 FUSIONS: dict[str, type[FusionLayer]] = {}
 
 _T = TypeVar("_T", bound=type)
 
 
 def register(name: str) -> Callable[[_T], _T]:
-    """Class decorator adding a fusion layer to ``FUSIONS`` under ``name``."""
+    """Class decorator adding a fusion layer to ``FUSIONS`` under ``name``.
+
+    Args:
+      name: the registry name (``build(name, ...)`` then constructs the class).
+
+    Returns:
+      A decorator that registers the class, sets ``cls.name`` and returns the class.
+
+    Raises:
+      ValueError: ``name`` is already registered.
+    """
 
     def wrap(cls: _T) -> _T:
         if name in FUSIONS:

@@ -158,6 +158,9 @@ class BottleneckFusion(FusionLayer):
         Args:
           inputs: one ``EncoderOutput`` per modality of ``dims``.
           rngs: dropout randomness in training mode; defaults to the construction stream.
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         xs = self.check_inputs(inputs)
         cls = jnp.stack(self._cls_states(xs, rngs=rngs), axis=1)  # [batch, M, width]

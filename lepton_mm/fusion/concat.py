@@ -100,5 +100,8 @@ class ConcatFusion(FusionLayer):
         Args:
           inputs: modality name → ``EncoderOutput`` (only ``pooled`` and ``mask`` read).
           rngs: dropout randomness for this call; the construction stream when omitted.
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         return self.mlp(self.concatenated(inputs), rngs=rngs)

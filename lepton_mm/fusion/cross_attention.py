@@ -163,6 +163,9 @@ class CrossAttentionFusion(FusionLayer):
         Args:
           inputs: one ``EncoderOutput`` per modality of ``dims``.
           rngs: dropout randomness in training mode; defaults to the construction stream.
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         xs = self.check_inputs(inputs)
         masks = tuple(x.mask for x in xs)

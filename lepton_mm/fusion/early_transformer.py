@@ -135,6 +135,9 @@ class EarlyTransformerFusion(FusionLayer):
         Args:
           inputs: one ``EncoderOutput`` per modality of ``dims``.
           rngs: dropout randomness in training mode; defaults to the construction stream.
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         xs = self.check_inputs(inputs)
         type_table = self.modality_embedding[...]

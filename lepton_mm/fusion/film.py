@@ -169,6 +169,9 @@ class FiLMFusion(FusionLayer):
         Args:
           inputs: modality name → ``EncoderOutput``: targets' ``tokens`` and ``mask``,
             conditioners' ``pooled`` and ``mask`` are read.
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         masks = {m: x.mask for m, x in zip(self.modalities, self.check_inputs(inputs),
                                            strict=True)}

@@ -112,6 +112,9 @@ class GatedFusion(FusionLayer):
 
         Args:
           inputs: modality name → ``EncoderOutput`` (only ``pooled`` and ``mask`` read).
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         h = jnp.sum(self.gates(inputs) * self.branch_outputs(inputs), axis=1)
         return h if self.out_proj is None else self.out_proj(h)

@@ -125,6 +125,9 @@ class LateFusion(FusionLayer):
         Args:
           inputs: modality name → ``EncoderOutput`` (only ``pooled`` and ``mask`` read).
           rngs: dropout randomness for this call; the construction stream when omitted.
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         w = self.weights(inputs)
         ys = self.head_outputs(inputs, rngs=rngs)

@@ -150,6 +150,9 @@ class MultiplicativeFusion(FusionLayer):
 
         Args:
           inputs: modality name → ``EncoderOutput`` (only ``pooled`` and ``mask`` read).
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         h = self.interaction(inputs)
         return h if self.out_proj is None else self.out_proj(h)

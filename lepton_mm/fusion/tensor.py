@@ -137,6 +137,9 @@ class TensorFusion(FusionLayer):
         Args:
           inputs: modality name → ``EncoderOutput`` (only ``pooled`` and ``mask`` read).
           rngs: dropout randomness for this call; the construction stream when omitted.
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         return self.mlp(self.fused_tensor(inputs), rngs=rngs)
 
@@ -216,6 +219,9 @@ class LowRankFusion(FusionLayer):
 
         Args:
           inputs: modality name → ``EncoderOutput`` (only ``pooled`` and ``mask`` read).
+
+        Returns:
+          float32 ``[batch, out_dim]``, the fused representation.
         """
         xs = self.check_inputs(inputs)
         prod = None

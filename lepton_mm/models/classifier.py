@@ -173,7 +173,14 @@ class PooledFusion(nnx.Module):
         self.out_dim = dim if dim is not None else out_dim
 
     def __call__(self, inputs: Mapping[str, EncoderOutput]) -> Array:
-        """Returns float ``[batch, dim]``: the pooled features, zeros where absent."""
+        """Passes the single modality's pooled features through.
+
+        Args:
+          inputs: ``{modality: EncoderOutput}`` with the one modality of ``dims``.
+
+        Returns:
+          float ``[batch, dim]``: the pooled features, zeros where the modality is absent.
+        """
         (m,) = self.modalities
         if m not in inputs:
             raise ValueError(f"inputs: missing modality {m!r}.")

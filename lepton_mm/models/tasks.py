@@ -343,5 +343,6 @@ class Contrastive:
         return result
 
 
+#: Task name → task class, for configs that name their task.
 TASKS = {"classification": Classification, "binary": Binary, "multilabel": MultiLabel,
          "regression": Regression, "contrastive": Contrastive}

@@ -50,6 +50,13 @@ def l2_normalize(x: Array, *, eps: float = 1e-6) -> Array:
 
     Zero rows stay zero with a finite (zero) gradient: the norm's square root is never
     differentiated at 0.
+
+    Args:
+      x: float ``[..., dim]``.
+      eps: the smallest norm divided by.
+
+    Returns:
+      float32 ``[..., dim]`` with unit-norm rows (zero rows stay zero).
     """
     x = x.astype(jnp.float32)
     squared = jnp.sum(x * x, axis=-1, keepdims=True)

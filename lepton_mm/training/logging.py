@@ -31,7 +31,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Reads a ``log.jsonl``; a truncated last line (from a crash) is skipped."""
+    """Reads a ``log.jsonl``; a truncated last line (from a crash) is skipped.
+
+    Args:
+      path: the ``log.jsonl`` file (a missing file reads as no records).
+
+    Returns:
+      The records in order, one dict per line.
+    """
     path = Path(path)
     if not path.exists():
         return []
@@ -125,10 +132,9 @@ def plot_curves(records: Iterable[Mapping[str, Any]] | str | os.PathLike[str],
     Returns:
       ``path`` as a ``Path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # An Agg canvas on a bare Figure: no pyplot state, so a notebook's backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     if isinstance(records, (str, os.PathLike)):
         records = read_log(records)
@@ -137,7 +143,9 @@ def plot_curves(records: Iterable[Mapping[str, Any]] | str | os.PathLike[str],
     epochs = [r for r in records if r.get("kind") == "epoch"]
     metric_names = sorted({k for r in epochs for k in r.get("eval", {})})
     ncols = 1 + len(metric_names)
-    fig, axes = plt.subplots(1, ncols, figsize=(4 * ncols, 3.2), squeeze=False)
+    fig = Figure(figsize=(4 * ncols, 3.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)
     ax = axes[0, 0]
     ax.plot([r["step"] for r in steps], [_num(r.get("loss")) for r in steps],
             lw=0.8, alpha=0.6, label="train loss (step)")
@@ -159,7 +167,6 @@ def plot_curves(records: Iterable[Mapping[str, Any]] | str | os.PathLike[str],
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

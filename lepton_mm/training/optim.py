@@ -45,7 +45,9 @@ __all__ = [
     "trainable_mask",
 ]
 
+#: Names accepted by ``OptimizerConfig.name``.
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: Names accepted by ``OptimizerConfig.schedule``.
 SCHEDULES = ("constant", "cosine", "step")
 
 #: Default ``no_decay`` patterns: biases of every layer, the ``scale`` of LayerNorm /

@@ -21,7 +21,14 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all, every process)."""
+    """A 1-D mesh with axis ``"data"`` over ``devices``.
+
+    Args:
+      devices: the devices to use; all devices of every process when ``None``.
+
+    Returns:
+      A ``Mesh`` with the single axis ``"data"``.
+    """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices: expected at least one device.")
@@ -50,12 +57,26 @@ def resolve_mesh(mesh: Mesh | str | None) -> Mesh | None:
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Shards the leading (batch) axis over ``"data"``; other axes replicated."""
+    """Shards the leading (batch) axis over ``"data"``; other axes replicated.
+
+    Args:
+      mesh: a mesh with a ``"data"`` axis.
+
+    Returns:
+      ``NamedSharding(mesh, PartitionSpec("data"))``.
+    """
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """Every device holds the whole array (parameters, optimiser state)."""
+    """Every device holds the whole array (parameters, optimiser state).
+
+    Args:
+      mesh: the mesh.
+
+    Returns:
+      ``NamedSharding(mesh, PartitionSpec())``.
+    """
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -132,6 +153,12 @@ def initialize_distributed(coordinator_address: str | None = None,
     ``LEPTON_NUM_PROCESSES`` and ``LEPTON_PROCESS_ID``; when those are unset too, JAX's
     own auto-detection (SLURM, TPU pods, ...) applies. On CPU, cross-process collectives
     use gloo (``jax_cpu_collectives_implementation``) when this JAX offers it.
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordinator.
+      num_processes: how many processes take part.
+      process_id: this process's index in ``[0, num_processes)``.
+      local_device_ids: restrict this process to these local devices.
 
     Raises:
       ValueError: an environment variable is not an integer.
