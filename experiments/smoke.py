@@ -37,6 +37,23 @@ QUICK_FUSION_KWARGS = {
 }
 
 
+class ConfigError(ValueError):
+    """A bad setting, found before any computation (the CLI reports it without a traceback)."""
+
+
+def _check_setting(name: str, value: Any, minimum: int | None = None, *,
+                   optional: bool = False, rate: bool = False) -> None:
+    if optional and value is None:
+        return
+    if rate:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name}: expected a rate in [0, 1), got {value!r}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: expected an int >= {minimum}, got {value!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class SmokeConfig:
     """Everything the experiment needs (``quick_config()`` for the fast variant).
@@ -89,8 +106,23 @@ class SmokeConfig:
         object.__setattr__(self, "modalities", tuple(sorted(self.modalities)))
         unknown = set(self.modalities) - {"audio", "image", "text"}
         if unknown or not self.modalities:
-            raise ValueError(f"modalities: expected a non-empty subset of audio, image, "
-                             f"text; got {list(self.modalities)}.")
+            raise ConfigError(f"modalities: expected a non-empty subset of audio, image, "
+                              f"text; got {list(self.modalities)}.")
+        for name in ("epochs", "batch_size", "num_train", "num_eval", "dim", "image_size",
+                     "text_len", "vocab_size", "audio_frames", "n_mels"):
+            _check_setting(name, getattr(self, name), 1)
+        _check_setting("seed", self.seed, 0)
+        _check_setting("num_classes", self.num_classes, 2)
+        for name in ("early_stopping_patience", "checkpoint_every"):
+            _check_setting(name, getattr(self, name), 1, optional=True)
+        for name in ("missing_rate", "modality_dropout"):
+            _check_setting(name, getattr(self, name), rate=True)
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate
+                < float("inf")):
+            raise ConfigError(f"learning_rate: expected a positive finite number, got "
+                              f"{self.learning_rate!r}.")
+        if self.mesh not in (None, "auto"):
+            raise ConfigError(f"mesh: expected None or 'auto', got {self.mesh!r}.")
 
 
 def quick_config(**overrides: Any) -> SmokeConfig:
@@ -185,11 +217,14 @@ def check_config(config: SmokeConfig) -> list[str]:
     """Validates names before any computation; returns the fusions to run."""
     from lepton_mm.fusion import FUSIONS
 
+    workdir = Path(config.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir: {workdir} exists and is not a directory.")
     if config.fusion == "all":
         return sorted(FUSIONS)
     if config.fusion != "pooled" and config.fusion not in FUSIONS:
-        raise ValueError(f"Unrecognized fusion: {config.fusion!r}. Known fusions: "
-                         f"{sorted(FUSIONS)} (or 'pooled', 'all').")
+        raise ConfigError(f"Unrecognized fusion: {config.fusion!r}. Known fusions: "
+                          f"{sorted(FUSIONS)} (or 'pooled', 'all').")
     return [config.fusion]
 
 
@@ -343,28 +378,47 @@ def compare_step_impls(config: SmokeConfig, *, steps: int = 30) -> dict[str, Any
 # ------------------------------------------------------------------------------- main
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[SmokeConfig, argparse.Namespace]:
-    """Command line → (``SmokeConfig``, the raw namespace)."""
+    """Command line → (``SmokeConfig``, the raw namespace).
+
+    Malformed flags exit through ``argparse`` (status 2, usage on stderr); settings that
+    parse but are invalid raise ``ConfigError``.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fusion", default="concat",
                         help="registry name, 'pooled' (one modality) or 'all'")
     parser.add_argument("--modalities", default="audio,image,text")
     parser.add_argument("--quick", action="store_true", help="small and fast")
-    parser.add_argument("--seed", type=int, default=0)
+    positive = _int_at_least(1)
+    parser.add_argument("--seed", type=_int_at_least(0), default=0)
     parser.add_argument("--workdir", default="runs/smoke")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--num-eval", type=int, default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=None)
+    parser.add_argument("--epochs", type=positive, default=None)
+    parser.add_argument("--batch-size", type=positive, default=None)
+    parser.add_argument("--num-train", type=positive, default=None)
+    parser.add_argument("--num-eval", type=positive, default=None)
+    parser.add_argument("--checkpoint-every", type=positive, default=None)
     parser.add_argument("--mesh", choices=("none", "auto"), default="none")
     parser.add_argument("--compare-steps", action="store_true",
                         help="time nnx.jit vs jax.jit train steps and exit")
     parser.add_argument("--distributed", action="store_true",
                         help="jax.distributed.initialize (multi-host); implies --mesh auto")
     parser.add_argument("--coordinator-address", default=None)
-    parser.add_argument("--num-processes", type=int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--num-processes", type=positive, default=None)
+    parser.add_argument("--process-id", type=_int_at_least(0), default=None)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         "fusion": args.fusion, "seed": args.seed, "workdir": args.workdir,
@@ -396,4 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as error:  # a bad setting: say so, without a traceback
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")

@@ -3,6 +3,10 @@
 import jax
 import pytest
 
+# What the reliability tests (test_bad_inputs.py, test_faults.py) measured: filled in
+# through the ``reliability_report`` fixture, printed at the end of the run.
+_RELIABILITY = pytest.StashKey[dict]()
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Tests compare against float32/float64 references: on GPUs, where float32 matmuls default
 # to TF32, ask for full precision so tolerances mean the same on every platform.
@@ -13,3 +17,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def key():
     """A fresh, fixed PRNG key for each test."""
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def reliability_report(request):
+    """A dict of ``{title: lines}`` shown in the terminal summary ("reliability")."""
+    return request.config.stash.setdefault(_RELIABILITY, {})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    del exitstatus
+    report = config.stash.get(_RELIABILITY, None)
+    if not report:
+        return
+    terminalreporter.section("reliability")
+    for title, lines in report.items():
+        terminalreporter.write_line(f"{title}:")
+        for line in lines:
+            terminalreporter.write_line(f"  {line}")

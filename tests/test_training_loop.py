@@ -15,6 +15,7 @@ from lepton_mm.encoders import ImageCNN
 from lepton_mm.models import Classification, Contrastive, TwoTower, build_classifier
 from lepton_mm.training import (
     ArrayDataset,
+    Checkpointer,
     CheckpointMismatchError,
     OptimizerConfig,
     RunLogger,
@@ -22,6 +23,7 @@ from lepton_mm.training import (
     evaluate,
     fit,
     load_model,
+    make_optimizer,
     read_log,
     seed_rngs,
 )
@@ -264,3 +266,75 @@ def test_tensorboard_events_only_when_available(tmp_path, monkeypatch):
     calls.clear()
     RunLogger(tmp_path / "b").close()
     assert calls == []
+
+
+class RootFrames(nnx.Module):
+    """Finite forward pass everywhere, but an all-zero input row gives NaN gradients
+    (d sqrt(u)/du = inf at u = 0, times du/dW = 0): a non-finite *gradient* with a
+    finite loss."""
+
+    def __init__(self, features, dim, rngs):
+        self.dim = dim
+        self.proj = nnx.Linear(features, dim, use_bias=False, rngs=rngs)
+
+    def __call__(self, x, mask):
+        return EncoderOutput.from_tokens(jnp.sqrt(jnp.abs(self.proj(x))), mask)
+
+
+def _root_model():
+    rngs = seed_rngs(0)
+    encoders = {"image": ImageCNN(1, dim=6, widths=(4,), rngs=rngs),
+                "audio": RootFrames(3, 5, rngs)}
+    return build_classifier(encoders, "concat", num_outputs=3, fusion_dim=6, rngs=rngs)
+
+
+def _checkpoints_on_disk(workdir, model):
+    """``{step: (model leaves, optimiser leaves)}`` of every checkpoint in ``workdir``."""
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    opt_like = jax.eval_shape(make_optimizer(OptimizerConfig(learning_rate=0.02)).init, params)
+    ckpt = Checkpointer(workdir, read_only=True)
+    out = {}
+    for step in ckpt.steps():
+        state, opt, _ = ckpt.restore(step, model_state=nnx.as_pure(nnx.state(model)),
+                                     opt_state=opt_like)
+        leaves = [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key) else x) for x in jax.tree.leaves(state)]
+        out[step] = (leaves, [np.asarray(x) for x in jax.tree.leaves(opt)])
+    ckpt.close()
+    return out
+
+
+def _all_finite(leaves):
+    return all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.floating))
+
+
+def test_non_finite_gradient_with_finite_loss_and_checkpoints_stay_finite(tmp_path):
+    data = make_data()
+    bad = int(epoch_permutation(N, 0, 0)[BATCH])  # first example of batch 2, epoch 0
+    data["audio"][0][bad] = 0.0  # finite forward, NaN gradient
+    kw = {"batch_size": BATCH, "checkpoint_every": 1, "keep_checkpoints": 20,
+          "optimizer": OptimizerConfig(learning_rate=0.02)}
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite loss \(\d[\d.e+-]*\) or gradient norm \(nan\) at step 2 "
+                             r"\(epoch 1, batch 2\).*Last good checkpoint: .*checkpoints/1 "
+                             r"\(step 1\)"):
+        fit(_root_model(), Classification(3), data, workdir=tmp_path / "raise", **kw)
+    on_disk = _checkpoints_on_disk(tmp_path / "raise", _root_model())
+    assert list(on_disk) == [1]
+    assert all(_all_finite(m) and _all_finite(o) for m, o in on_disk.values())
+
+    model = _root_model()
+    result = fit(model, Classification(3), data, workdir=tmp_path / "skip", epochs=2,
+                 nan_policy="skip", **kw)
+    skipped = [r["step"] for r in read_log(tmp_path / "skip" / "log.jsonl")
+               if r["kind"] == "step" and not r["finite"]]
+    assert skipped and sum(r["skipped_steps"] for r in result.history) == len(skipped)
+    on_disk = _checkpoints_on_disk(tmp_path / "skip", model)
+    assert sorted(on_disk) == list(range(1, 7))
+    for step, (model_leaves, opt_leaves) in on_disk.items():
+        assert _all_finite(model_leaves) and _all_finite(opt_leaves), step
+        if step in skipped:  # the update, RNG draws included, was not applied at all
+            previous = on_disk[step - 1]
+            for a, b in zip(model_leaves + opt_leaves, previous[0] + previous[1], strict=True):
+                np.testing.assert_array_equal(a, b)
+    assert _all_finite(params_of(model))

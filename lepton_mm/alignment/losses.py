@@ -14,6 +14,14 @@ batch gives exactly the loss of the unpadded one.
 Precision: the similarity (and covariance) products run at ``Precision.HIGHEST``, so
 logits are true float32 on GPUs/TPUs too (default precision would use TF32/bf16 passes).
 
+Extremes: rows (views, for CCA) with entries above ``2**50`` are scaled down by an exact
+power of two before normalising, so activations up to float32's maximum give the loss of
+the rescaled input instead of an overflow. Values are not checked (that would force a
+device sync, and under ``jit`` they are unknown): NaN or Inf in a *valid* row makes the
+loss NaN, which ``lepton_mm.training.fit`` detects (``nan_policy``); invalid (masked) rows
+never matter. Python-number hyperparameters (``logit_scale``, ``logit_bias``, ``eps``)
+must be finite.
+
 Multi-device, chunked versions of the first two live in ``lepton_mm.alignment.sharded``.
 """
 
@@ -35,6 +43,10 @@ Array = jax.Array
 _NEG = -1e30
 # Squared-norm floor for L2 normalisation: a zero vector maps to zero, not NaN.
 _NORM_EPS = 1e-12
+# Rows whose largest |entry| exceeds this are first scaled down by a power of two (exact),
+# so that their squared norm cannot overflow float32 (it would at ~1.8e19 / sqrt(dim)).
+# Smaller rows are left untouched, so ordinary inputs give bit-identical results.
+_RESCALE_ABOVE = 2.0**50
 
 
 def _mm(x: Array, y: Array) -> Array:
@@ -47,9 +59,22 @@ def _mm(x: Array, y: Array) -> Array:
     return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
 
 
+def _downscale_exponent(x: Array, axis: int | None) -> Array:
+    """int32 ``e >= 0`` such that ``x * 2**-e`` has max ``|entry|`` below ``_RESCALE_ABOVE``
+    along ``axis`` (0 for rows already below it, or non-finite ones). Constant for AD."""
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 0.0))
+    return jnp.where(peak > _RESCALE_ABOVE, exponent, 0)
+
+
 def _l2_normalize(x: Array) -> Array:
-    """Float32 L2 normalisation over the last axis; zero vectors stay zero (finite grad)."""
+    """Float32 L2 normalisation over the last axis; zero vectors stay zero (finite grad).
+
+    Rows with entries above ``2**50`` (up to float32's max) are first scaled down by an
+    exact power of two, so huge activations normalise correctly instead of overflowing.
+    """
     x = x.astype(jnp.float32)
+    x = jnp.ldexp(x, -_downscale_exponent(x, axis=-1))
     sq = jnp.sum(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS))
 
@@ -60,25 +85,38 @@ def _normalize_valid(x: Array, valid: Array) -> Array:
     return _l2_normalize(jnp.where(valid[:, None], x, 0))
 
 
-def _check_scalar(name: str, value: Any) -> Array:
-    """A Python number or a 0-d float array → float32 scalar; raises naming ``name``."""
+def _check_scalar(name: str, value: Any) -> None:
+    """Checks ``value`` is a finite Python number or a 0-d numeric array; raises naming
+    ``name``. Only static information is read (array *values* are not checked: that would
+    force a device sync, and under jit they are unknown)."""
     if isinstance(value, bool):
         raise TypeError(f"{name}: expected a float scalar, got bool.")
     if isinstance(value, (int, float, np.integer, np.floating)):
-        return jnp.asarray(value, dtype=jnp.float32)
+        if not np.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}.")
+        return
     check_array(name, value, "", kind="number")
+
+
+def _scalar(value: Any) -> Array:
+    """A value accepted by ``_check_scalar`` as a float32 scalar array."""
     return jnp.asarray(value).astype(jnp.float32)
 
 
-def _check_pair(za: Any, zb: Any, mask: Any) -> Array:
-    """Validates ``za``/``zb`` ``[batch, dim]`` and ``mask`` ``[batch]``; returns the mask."""
+def _check_pair(za: Any, zb: Any, mask: Any) -> int:
+    """Validates ``za``/``zb`` ``[batch, dim]`` (non-empty) and ``mask`` ``[batch]``;
+    returns ``batch``. Creates no arrays, so a failure happens before any computation."""
     dims: dict[str, int] = {}
-    check_array("za", za, "batch dim", kind="float", dims=dims)
-    check_array("zb", zb, "batch dim", kind="float", dims=dims)
-    if mask is None:
-        return jnp.ones((dims["batch"],), dtype=bool)
-    check_array("mask", mask, "batch", kind="bool", dims=dims)
-    return jnp.asarray(mask)
+    check_array("za", za, "batch dim", kind="float", dims=dims, allow_empty=False)
+    check_array("zb", zb, "batch dim", kind="float", dims=dims, allow_empty=False)
+    if mask is not None:
+        check_array("mask", mask, "batch", kind="bool", dims=dims)
+    return dims["batch"]
+
+
+def _valid(mask: Any, batch: int) -> Array:
+    """The bool ``[batch]`` validity mask (all True when ``mask`` is None)."""
+    return jnp.ones((batch,), dtype=bool) if mask is None else jnp.asarray(mask)
 
 
 def _masked_logsumexp(x: Array, valid: Array, axis: int) -> Array:
@@ -119,7 +157,8 @@ def clip_loss(za: Array, zb: Array, *, logit_scale: Array | float,
 
     Raises:
       TypeError: an argument is not an array or has the wrong dtype kind.
-      ValueError: wrong ranks, or ``za``/``zb``/``mask`` disagree on ``batch`` or ``dim``.
+      ValueError: wrong ranks, an empty ``batch`` or ``dim`` axis, ``za``/``zb``/``mask``
+        that disagree on ``batch`` or ``dim``, or a non-finite Python-number scalar.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -135,8 +174,9 @@ def clip_loss(za: Array, zb: Array, *, logit_scale: Array | float,
       van den Oord et al., "Representation Learning with Contrastive Predictive Coding",
       2018. https://arxiv.org/abs/1807.03748
     """
-    valid = _check_pair(za, zb, mask)
-    t = _check_scalar("logit_scale", logit_scale)
+    batch = _check_pair(za, zb, mask)
+    _check_scalar("logit_scale", logit_scale)
+    valid, t = _valid(mask, batch), _scalar(logit_scale)
     a, b = _normalize_valid(za, valid), _normalize_valid(zb, valid)
     logits = t * _mm(a, b.T)
     positive = t * jnp.sum(a * b, axis=-1)
@@ -172,7 +212,8 @@ def sigmoid_loss(za: Array, zb: Array, *, logit_scale: Array | float,
 
     Raises:
       TypeError: an argument is not an array or has the wrong dtype kind.
-      ValueError: wrong ranks, or ``za``/``zb``/``mask`` disagree on ``batch`` or ``dim``.
+      ValueError: wrong ranks, an empty ``batch`` or ``dim`` axis, ``za``/``zb``/``mask``
+        that disagree on ``batch`` or ``dim``, or a non-finite Python-number scalar.
 
     Examples:
       Orthonormal, perfectly paired embeddings have logits ``t + b`` on the diagonal and
@@ -187,9 +228,10 @@ def sigmoid_loss(za: Array, zb: Array, *, logit_scale: Array | float,
       Zhai et al., "Sigmoid Loss for Language Image Pre-Training", ICCV 2023.
       https://arxiv.org/abs/2303.15343
     """
-    valid = _check_pair(za, zb, mask)
-    t = _check_scalar("logit_scale", logit_scale)
-    bias = _check_scalar("logit_bias", logit_bias)
+    batch = _check_pair(za, zb, mask)
+    _check_scalar("logit_scale", logit_scale)
+    _check_scalar("logit_bias", logit_bias)
+    valid, t, bias = _valid(mask, batch), _scalar(logit_scale), _scalar(logit_bias)
     a, b = _normalize_valid(za, valid), _normalize_valid(zb, valid)
     logits = t * _mm(a, b.T) + bias
     eye = jnp.eye(logits.shape[0], dtype=bool)
@@ -249,8 +291,8 @@ def cca_loss(za: Array, zb: Array, *, eps: float = 1e-4, top_k: int | None = Non
 
     Raises:
       TypeError: an argument is not a float array.
-      ValueError: wrong ranks, batch sizes that differ or are < 2, ``eps <= 0``, or a
-        ``top_k`` out of range.
+      ValueError: wrong ranks, batch sizes that differ or are < 2, ``eps`` not positive
+        and finite, or a ``top_k`` out of range.
 
     Examples:
       Two views that are invertible linear maps of each other are perfectly correlated
@@ -275,8 +317,9 @@ def cca_loss(za: Array, zb: Array, *, eps: float = 1e-4, top_k: int | None = Non
         raise ValueError(f"za: CCA needs batch >= 2 to estimate covariances, got {batch}.")
     if dim_a == 0 or dim_b == 0:
         raise ValueError(f"za, zb: feature dims must be positive, got {dim_a} and {dim_b}.")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}.")
+    if (isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating))
+            or not 0 < eps < np.inf):
+        raise ValueError(f"eps: expected a positive float (finite), got {eps!r}.")
     rank = min(dim_a, dim_b)
     k = rank if top_k is None else check_positive_int("top_k", top_k)
     if k > rank:
@@ -284,11 +327,17 @@ def cca_loss(za: Array, zb: Array, *, eps: float = 1e-4, top_k: int | None = Non
 
     a = za.astype(jnp.float32)
     b = zb.astype(jnp.float32)
+    # Views with entries above 2**50 are scaled down by an exact power of two (and their
+    # ridge with them), so the covariances cannot overflow; this changes nothing else.
+    exp_a, exp_b = _downscale_exponent(a, axis=None), _downscale_exponent(b, axis=None)
+    a, b = jnp.ldexp(a, -exp_a), jnp.ldexp(b, -exp_b)
+    ridge_a = jnp.ldexp(jnp.float32(eps), -2 * exp_a)
+    ridge_b = jnp.ldexp(jnp.float32(eps), -2 * exp_b)
     a = a - jnp.mean(a, axis=0, keepdims=True)
     b = b - jnp.mean(b, axis=0, keepdims=True)
     scale = 1.0 / (batch - 1)
-    cov_aa = scale * _mm(a.T, a) + eps * jnp.eye(dim_a, dtype=jnp.float32)
-    cov_bb = scale * _mm(b.T, b) + eps * jnp.eye(dim_b, dtype=jnp.float32)
+    cov_aa = scale * _mm(a.T, a) + ridge_a * jnp.eye(dim_a, dtype=jnp.float32)
+    cov_bb = scale * _mm(b.T, b) + ridge_b * jnp.eye(dim_b, dtype=jnp.float32)
     cov_ab = scale * _mm(a.T, b)
     chol_a = jnp.linalg.cholesky(cov_aa)
     chol_b = jnp.linalg.cholesky(cov_bb)

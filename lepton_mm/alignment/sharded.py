@@ -43,6 +43,8 @@ from lepton_mm.alignment.losses import (
     _check_scalar,
     _mm,
     _normalize_valid,
+    _scalar,
+    _valid,
 )
 
 Array = jax.Array
@@ -302,10 +304,11 @@ def clip_loss_sharded(za: Array, zb: Array, *, logit_scale: Array | float, mesh:
       >>> bool(jnp.allclose(ring, clip_loss(za, zb, logit_scale=10.0), atol=1e-5))
       True
     """
-    valid = _check_pair(za, zb, mask)
-    t = _check_scalar("logit_scale", logit_scale)
-    _check_mesh(mesh, axis_name, za.shape[0])
-    return _clip_sharded(za, zb, t, valid, mesh=mesh, axis_name=axis_name)
+    batch = _check_pair(za, zb, mask)
+    _check_scalar("logit_scale", logit_scale)
+    _check_mesh(mesh, axis_name, batch)
+    return _clip_sharded(za, zb, _scalar(logit_scale), _valid(mask, batch), mesh=mesh,
+                         axis_name=axis_name)
 
 
 def sigmoid_loss_sharded(za: Array, zb: Array, *, logit_scale: Array | float,
@@ -351,8 +354,9 @@ def sigmoid_loss_sharded(za: Array, zb: Array, *, logit_scale: Array | float,
       Zhai et al., "Sigmoid Loss for Language Image Pre-Training", ICCV 2023.
       https://arxiv.org/abs/2303.15343
     """
-    valid = _check_pair(za, zb, mask)
-    t = _check_scalar("logit_scale", logit_scale)
-    bias = _check_scalar("logit_bias", logit_bias)
-    _check_mesh(mesh, axis_name, za.shape[0])
-    return _sigmoid_sharded(za, zb, t, bias, valid, mesh=mesh, axis_name=axis_name)
+    batch = _check_pair(za, zb, mask)
+    _check_scalar("logit_scale", logit_scale)
+    _check_scalar("logit_bias", logit_bias)
+    _check_mesh(mesh, axis_name, batch)
+    return _sigmoid_sharded(za, zb, _scalar(logit_scale), _scalar(logit_bias),
+                            _valid(mask, batch), mesh=mesh, axis_name=axis_name)

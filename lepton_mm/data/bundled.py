@@ -47,8 +47,14 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> tuple[Pa
     Returns:
       ``(path, source)`` where ``source`` is ``"data_dir argument"``,
       ``"$LEPTON_MM_DATA"`` or ``"repository data/"``.
+
+    Raises:
+      TypeError: ``data_dir`` is not a path.
     """
     if data_dir is not None:
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise TypeError(f"data_dir: expected a str, an os.PathLike or None, got "
+                            f"{type(data_dir).__name__}.")
         return Path(data_dir).expanduser(), "data_dir argument"
     env = os.environ.get(ENV_VAR)
     if env:

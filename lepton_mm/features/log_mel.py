@@ -91,6 +91,11 @@ def _mel_filterbank_cached(
 
 
 def _check_positive_real(name: str, value: Any) -> float:
+    if hasattr(value, "shape") and not isinstance(value, (np.generic, float, int)):
+        # A (jax) array: its repr would read its value from the device; say what it is.
+        raise ValueError(
+            f"{name}: expected a positive finite Python number (static), got a "
+            f"{type(value).__name__} of shape {tuple(value.shape)}.")
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or not math.isfinite(value) or value <= 0):
         raise ValueError(f"{name}: expected a positive finite number, got {value!r}.")

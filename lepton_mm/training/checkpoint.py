@@ -94,6 +94,12 @@ def model_fingerprint(model_or_state: nnx.Module | nnx.State) -> dict[str, Any]:
     Works on concrete models and on ``nnx.eval_shape`` ones (nothing is computed).
     Two models have the same fingerprint iff their variables have the same paths,
     variable types, shapes and dtypes.
+
+    Args:
+      model_or_state: an ``nnx.Module`` (concrete or abstract) or its ``nnx.State``.
+
+    Returns:
+      ``{"hash": str, "variables": [[path, type, shape, dtype], ...]}``.
     """
     state = (nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module)
              else model_or_state)
@@ -328,8 +334,9 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=args)
         except Exception as e:  # Orbax/TensorStore/JSON errors of damaged files
+            detail = " ".join(str(e).split())[:400]  # TensorStore errors span many lines
             raise self._corrupt(step, f"its files cannot be read ({type(e).__name__}: "
-                                      f"{str(e)[:500]}).") from e
+                                      f"{detail}).") from e
 
     def _verified_meta(self, step: int, raw: Mapping[str, Any]
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -432,8 +439,9 @@ class Checkpointer:
             self._remove_partial(step)
             kept = (f"the previous checkpoint {self.step_path(previous)} (step {previous}) "
                     "is intact" if previous is not None else "no earlier checkpoint exists")
+            detail = " ".join(str(e).split())[:400]
             message = (f"saving checkpoint step {step} to {self.directory} failed "
-                       f"({type(e).__name__}: {str(e)[:500]}); step {step} was not written "
+                       f"({type(e).__name__}: {detail}); step {step} was not written "
                        f"and {kept}.")
             code = e.errno if isinstance(e, OSError) else _os_error_code(e)
             if code is None and not isinstance(e, OSError):

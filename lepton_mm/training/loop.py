@@ -63,6 +63,12 @@ def seed_rngs(seed: int) -> nnx.Rngs:
 
     Parameter initialisation uses the ``params`` stream and dropout the ``dropout``
     stream (forked into each dropout layer, whose state is checkpointed).
+
+    Args:
+      seed: the run's integer seed.
+
+    Returns:
+      ``nnx.Rngs`` with ``params`` and ``dropout`` streams folded from ``seed``.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}.")
@@ -74,7 +80,16 @@ def seed_rngs(seed: int) -> nnx.Rngs:
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled example order of ``epoch``: a function of ``(seed, epoch)`` only."""
+    """The shuffled example order of ``epoch``: a function of ``(seed, epoch)`` only.
+
+    Args:
+      n: number of examples.
+      seed: the run's seed.
+      epoch: the epoch index.
+
+    Returns:
+      int ``[n]``, a permutation of ``range(n)``.
+    """
     return np.random.default_rng([int(seed), int(epoch), _SHUFFLE_TAG]).permutation(n)
 
 
@@ -189,7 +204,13 @@ class _TraceCount:
 
 
 class TrainState(NamedTuple):
-    """What the train step updates: pure ``nnx.State``s and the optax state."""
+    """What the train step updates: pure ``nnx.State``s and the optax state.
+
+    Attributes:
+      params: ``nnx.State`` of the ``nnx.Param`` arrays.
+      rest: ``nnx.State`` of the other variables (batch stats, RNG keys and counts).
+      opt_state: the optax state.
+    """
 
     params: Any  # nnx.State of arrays: the nnx.Param variables
     rest: Any  # nnx.State of arrays: batch stats, RNG stream keys and counts, ...
@@ -210,6 +231,17 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
     ``stats`` holds float32 ``loss`` and ``grad_norm`` and bool ``finite``; when the loss
     or the gradient is not finite the returned state is the input state (the update is
     skipped). ``state`` is donated.
+
+    Args:
+      graphdef: the model's ``nnx.GraphDef`` (from ``nnx.split``).
+      tx: the optax transformation.
+      task: a task from ``lepton_mm.models`` (its ``loss`` is minimised).
+      modality_dropout: rate of whole-modality dropout at train time.
+      seed: the run's seed (modality dropout keys are folded from it and the step).
+      mesh: ``None`` or a mesh with a ``data`` axis (batch sharded, state replicated).
+
+    Returns:
+      The jitted step function.
     """
     md_key = jax.random.fold_in(jax.random.key(seed), _MODALITY_DROPOUT_TAG)
 
@@ -244,7 +276,15 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
 
 
 def make_eval_step(graphdef: Any, *, mesh: Any = None) -> Any:
-    """The compiled prediction step ``(params, rest, batch) -> outputs`` (eval mode)."""
+    """The compiled prediction step ``(params, rest, batch) -> outputs`` (eval mode).
+
+    Args:
+      graphdef: the model's ``nnx.GraphDef``.
+      mesh: ``None`` or a mesh with a ``data`` axis.
+
+    Returns:
+      The jitted prediction function.
+    """
 
     def predict(params, rest, batch):
         traced.count += 1
@@ -298,6 +338,16 @@ def evaluate(model: nnx.Module, task: Any, data: ArrayDataset | Mapping[str, Any
 
     Metrics are computed once over the whole dataset (not averaged over batches), so
     F1, Pearson's r and retrieval recall are exact. The model's mode is left unchanged.
+
+    Args:
+      model: the model to evaluate.
+      task: a task from ``lepton_mm.models``.
+      data: an ``ArrayDataset`` or a dict of arrays with a shared leading axis.
+      batch_size: evaluation batch size (the last batch is padded and masked).
+      mesh: ``None``, ``"auto"`` or a mesh with a ``data`` axis.
+
+    Returns:
+      ``{metric name: float}``, including ``loss``.
     """
     data = as_dataset(data, "data")
     mesh = sharding_lib.resolve_mesh(mesh)
@@ -571,10 +621,15 @@ def fit(
 
     Raises:
       ValueError / TypeError: bad arguments, unknown names, a batch without a modality
-        the model needs — all before any computation.
+        the model needs, data the model or task cannot take (found by tracing the model
+        and loss abstractly on two examples: dtypes, shapes; class labels out of range)
+        — all before any compilation. Messages start with the argument's name.
       CheckpointMismatchError: ``workdir`` holds a checkpoint of a different model (or
         of a run with a different task, optimizer, batch size, seed, ...).
+      CheckpointCorruptError: the checkpoint to resume from is damaged (named).
       FloatingPointError: non-finite loss or gradient with ``nan_policy="raise"``.
+      OSError: a checkpoint could not be written (disk full, read-only); the previous
+        one is intact and re-running resumes from it.
     """
     # ---- validate everything before any computation
     workdir = _check_workdir(workdir)
