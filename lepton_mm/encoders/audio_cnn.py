@@ -23,10 +23,12 @@ from lepton_mm.encoders._conv import (
     MaskedBatchNorm,
     check_float_input,
     check_widths,
+    conv_block,
     conv_kernel_init,
     masked_max_pool_time,
     max_pool_ceil,
     per_layer,
+    to_channels_first,
 )
 from lepton_mm.types import EncoderOutput
 
@@ -214,11 +216,42 @@ class AudioSpectrogramCNN(nnx.Module):
         """
         dims = {"n_mels": self.n_mels}
         check_float_input("log_mel", log_mel, "batch time n_mels", dims, _DTYPE_HINT)
-        if mask is None:
-            mask = jnp.ones(log_mel.shape[:2], dtype=bool)
-        else:
+        if mask is not None:
             check_array("mask", mask, "batch time", kind="bool", dims=dims)
 
+        tokens, mask = self._tokens(log_mel, mask, rngs=rngs, fused=True)
+        if self.proj is not None:
+            tokens = self.proj(tokens)
+        return EncoderOutput.from_tokens(tokens, mask)
+
+    def _tokens(self, log_mel: Array, mask: Array | None, *, rngs: nnx.Rngs | None,
+                fused: bool) -> tuple[Array, Array]:
+        """Frequency-averaged last block output ``[batch, time', widths[-1]]`` and its
+        mask (no projection). ``mask`` None means every frame is real.
+
+        ``fused=True`` (what ``__call__`` uses) runs each block as one
+        ``_conv.conv_block`` on ``[channels, time, freq, batch]`` activations;
+        ``fused=False`` is the layer-by-layer reference (``nnx.Conv``,
+        ``MaskedBatchNorm``, ReLU, ``masked_max_pool_time``, ``max_pool_ceil``) it is
+        tested against. Both compute the same function, the same batch-norm updates and
+        the same dropout masks at valid positions.
+        """
+        if fused:
+            x = to_channels_first(log_mel[..., None])  # [1, time, freq, batch]
+            rows = None if mask is None else jnp.transpose(mask)  # [time, batch]
+            for i, conv in enumerate(self.convs):
+                norm = self.norms[i] if self.norms is not None else None
+                x, rows = conv_block(
+                    x, conv, norm, pool=(self.time_pool[i], self.freq_pool[i]),
+                    floor=False, row_mask=rows, dtype=conv.dtype)
+                if self.dropout is not None:  # masks drawn as in the reference layout
+                    x = jnp.transpose(self.dropout(jnp.transpose(x, (3, 1, 2, 0)), rngs=rngs),
+                                      (3, 1, 2, 0))
+            mask = (jnp.ones((x.shape[3], x.shape[1]), dtype=bool) if rows is None
+                    else jnp.transpose(rows))
+            return jnp.transpose(jnp.mean(x, axis=2), (2, 1, 0)), mask
+        if mask is None:
+            mask = jnp.ones(log_mel.shape[:2], dtype=bool)
         x = log_mel[..., None]  # [batch, time, freq, 1]
         for i, conv in enumerate(self.convs):
             x = conv(jnp.where(mask[:, :, None, None], x, 0))
@@ -229,7 +262,4 @@ class AudioSpectrogramCNN(nnx.Module):
             x = max_pool_ceil(x, axis=2, window=self.freq_pool[i])
             if self.dropout is not None:
                 x = self.dropout(x, rngs=rngs)
-        tokens = jnp.mean(x, axis=2)  # [batch, time', widths[-1]]
-        if self.proj is not None:
-            tokens = self.proj(tokens)
-        return EncoderOutput.from_tokens(tokens, mask)
+        return jnp.mean(x, axis=2), mask  # [batch, time', widths[-1]]

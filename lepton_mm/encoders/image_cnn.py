@@ -20,8 +20,10 @@ from lepton_mm.encoders._conv import (
     BN_MOMENTUM,
     check_float_input,
     check_widths,
+    conv_block,
     conv_kernel_init,
     per_layer,
+    to_channels_first,
 )
 from lepton_mm.types import EncoderOutput
 
@@ -196,6 +198,32 @@ class ImageCNN(nnx.Module):
                 f"images: height and width must be at least {need} (the product of the "
                 f"pooling windows {self.pool}), got {height}x{width}.")
 
+        tokens = self._feature_map(images, rngs=rngs, fused=True)
+        tokens = tokens.reshape(tokens.shape[0], h * w, tokens.shape[-1])
+        if self.proj is not None:
+            tokens = self.proj(tokens)
+        mask = jnp.ones(tokens.shape[:2], dtype=bool)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=jnp.mean(tokens, axis=1))
+
+    def _feature_map(self, images: Array, *, rngs: nnx.Rngs | None, fused: bool) -> Array:
+        """The last block's output ``[batch, h, w, widths[-1]]`` (no projection).
+
+        ``fused=True`` (what ``__call__`` uses) runs each block as one
+        ``_conv.conv_block`` on ``[channels, height, width, batch]`` activations;
+        ``fused=False`` is the layer-by-layer reference (``nnx.Conv``, batch norm, ReLU,
+        ``nnx.max_pool``) it is tested against. Both compute the same function, the
+        same batch-norm updates and the same dropout masks.
+        """
+        if fused:
+            x = to_channels_first(images)  # [channels, height, width, batch]
+            for i, conv in enumerate(self.convs):
+                norm = self.norms[i] if self.norms is not None else None
+                p = self.pool[i]
+                x, _ = conv_block(x, conv, norm, pool=(p, p), floor=True, dtype=conv.dtype)
+                if self.dropout is not None:  # masks drawn as in the reference layout
+                    x = jnp.transpose(self.dropout(jnp.transpose(x, (3, 1, 2, 0)), rngs=rngs),
+                                      (3, 1, 2, 0))
+            return jnp.transpose(x, (3, 1, 2, 0))
         x = images
         for i, conv in enumerate(self.convs):
             x = conv(x)
@@ -207,8 +235,4 @@ class ImageCNN(nnx.Module):
                 x = nnx.max_pool(x, (p, p), strides=(p, p), padding="VALID")
             if self.dropout is not None:
                 x = self.dropout(x, rngs=rngs)
-        tokens = x.reshape(x.shape[0], h * w, x.shape[-1])
-        if self.proj is not None:
-            tokens = self.proj(tokens)
-        mask = jnp.ones(tokens.shape[:2], dtype=bool)
-        return EncoderOutput(tokens=tokens, mask=mask, pooled=jnp.mean(tokens, axis=1))
+        return x

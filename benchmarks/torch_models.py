@@ -1,0 +1,304 @@
+"""PyTorch twins of the lepton_mm models that ``run.py`` trains side by side.
+
+Each class mirrors one lepton_mm module layer for layer: same shapes, same parameter
+count (``run.py`` asserts it), batch norm in training mode, float32. They are written
+the way a PyTorch user would write them (NCHW convolutions, ``nn.BatchNorm2d``,
+``nn.MaxPool2d``, ``F.scaled_dot_product_attention``), not as transliterations of the
+JAX code, so the comparison is against idiomatic PyTorch.
+
+Only imported when torch is installed (``pip install -e '.[bench]'``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _block(c_in: int, c_out: int, kernel: int, *, ceil_mode: bool) -> nn.Sequential:
+    """conv ("same", no bias) -> BatchNorm2d -> ReLU -> 2x2 max pool."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out, eps=1e-5, momentum=0.1),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=ceil_mode),
+    )
+
+
+class LeNetImage(nn.Module):
+    """``ImageCNN.lenet()``: widths 6, 12, 24, 48 (5x5 then 3x3), floor pooling.
+
+    ``forward(images [b, 1, 28, 28]) -> pooled [b, 48]`` (the one remaining cell).
+    """
+
+    def __init__(self, in_channels: int = 1, channels: int = 6, additional_layers: int = 3):
+        super().__init__()
+        widths = [channels * 2**i for i in range(additional_layers + 1)]
+        kernels = [5] + [3] * additional_layers
+        self.blocks = nn.Sequential(*[
+            _block(c_in, c_out, k, ceil_mode=False)
+            for c_in, c_out, k in zip([in_channels, *widths[:-1]], widths, kernels,
+                                      strict=True)
+        ])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(images)  # [b, 48, h, w]
+        return x.mean(dim=(2, 3))  # tokens are the h*w cells; pooled = their mean
+
+
+class LeNetAudio(nn.Module):
+    """``AudioSpectrogramCNN.lenet(64)``: widths 12 ... 384, ceil pooling on both axes.
+
+    ``forward(log_mel [b, time, mels]) -> pooled [b, 384]``: frequency averaged after the
+    last block, then time averaged (all frames valid).
+    """
+
+    def __init__(self, n_mels: int = 64, channels: int = 12, additional_layers: int = 5):
+        super().__init__()
+        widths = [channels * 2**i for i in range(additional_layers + 1)]
+        kernels = [5] + [3] * additional_layers
+        freq = n_mels
+        for _ in widths:  # lepton_mm pools frequency by 2 while more than one bin is left
+            if freq <= 1:
+                raise ValueError("this twin assumes frequency is pooled in every block")
+            freq = -(-freq // 2)
+        self.blocks = nn.Sequential(*[
+            _block(c_in, c_out, k, ceil_mode=True)
+            for c_in, c_out, k in zip([1, *widths[:-1]], widths, kernels, strict=True)
+        ])
+
+    def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(log_mel.unsqueeze(1))  # [b, 384, time', freq']
+        return x.mean(dim=3).mean(dim=2)
+
+
+class ConcatFusion(nn.Module):
+    """``fusion.build("concat", dims, out_dim)``: concat pooled (sorted names) -> Linear."""
+
+    def __init__(self, dims: dict[str, int], out_dim: int):
+        super().__init__()
+        self.names = sorted(dims)
+        self.linear = nn.Linear(sum(dims.values()), out_dim)
+
+    def forward(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(torch.cat([pooled[m] for m in self.names], dim=1))
+
+
+class LowRankFusion(nn.Module):
+    """``fusion.build("low_rank", dims, out_dim, rank=r)`` (LMF, Liu et al. 2018)."""
+
+    def __init__(self, dims: dict[str, int], out_dim: int, rank: int = 4):
+        super().__init__()
+        self.names = sorted(dims)
+        self.factors = nn.ParameterList([
+            nn.Parameter(torch.randn(rank, dims[m] + 1, out_dim) * 0.05) for m in self.names
+        ])
+        self.fusion_weights = nn.Parameter(torch.randn(rank) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+
+    def forward(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        prod = None
+        for factor, m in zip(self.factors, self.names, strict=True):
+            z = pooled[m]
+            z = torch.cat([torch.ones_like(z[:, :1]), z], dim=1)
+            f = torch.einsum("bd,rdo->bro", z, factor)
+            prod = f if prod is None else prod * f
+        return torch.einsum("r,bro->bo", self.fusion_weights, prod) + self.bias
+
+
+class AVClassifier(nn.Module):
+    """Image LeNet + audio LeNet -> fusion -> Linear head (``build_classifier`` twin).
+
+    ``image`` / ``audio``: the LeNets' ``(channels, additional_layers)``.
+    """
+
+    def __init__(self, fusion: str, *, fusion_dim: int = 64, num_classes: int = 10,
+                 n_mels: int = 64, rank: int = 4, image: tuple[int, int] = (6, 3),
+                 audio: tuple[int, int] = (12, 5)):
+        super().__init__()
+        self.image = LeNetImage(1, *image)
+        self.audio = LeNetAudio(n_mels, *audio)
+        dims = {"audio": audio[0] * 2**audio[1], "image": image[0] * 2**image[1]}
+        if fusion == "concat":
+            self.fusion = ConcatFusion(dims, fusion_dim)
+        elif fusion == "low_rank":
+            self.fusion = LowRankFusion(dims, fusion_dim, rank=rank)
+        else:
+            raise ValueError(f"Unrecognized fusion: {fusion!r}.")
+        self.head = nn.Linear(fusion_dim, num_classes)
+
+    def forward(self, images: torch.Tensor, log_mel: torch.Tensor) -> torch.Tensor:
+        pooled = {"audio": self.audio(log_mel), "image": self.image(images)}
+        return self.head(self.fusion(pooled))
+
+
+# ----------------------------------------------------------------------------------------
+# MulT (lepton_mm.fusion.CrossAttentionFusion) and the linear token "encoders".
+
+
+def _valid_positions(mask: torch.Tensor) -> torch.Tensor:
+    return (torch.cumsum(mask.to(torch.int32), dim=1) - 1).clamp_min(0)
+
+
+def _sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    scale = math.log(10000.0) / max(half - 1, 1)
+    freqs = torch.exp(-scale * torch.arange(half, dtype=torch.float32))
+    angles = positions.to(torch.float32)[..., None] * freqs
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context, context_mask):
+        b, tq, d = x.shape
+        tk = context.shape[1]
+        h = self.num_heads
+        context = context * context_mask[..., None]
+        q = self.query(x).view(b, tq, h, d // h).transpose(1, 2)
+        k = self.key(context).view(b, tk, h, d // h).transpose(1, 2)
+        v = self.value(context).view(b, tk, h, d // h).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, None, :])
+        y = self.out(y.transpose(1, 2).reshape(b, tq, d))
+        return y * context_mask.any(dim=1)[:, None, None]
+
+
+class _Block(nn.Module):
+    """Pre-LN block: x + attn(LN(x), LN_kv(context)); x + W2 gelu(W1 LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, cross: bool):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.context_norm = nn.LayerNorm(dim, eps=1e-6) if cross else None
+        self.attention = _Attention(dim, num_heads)
+        self.mlp_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp_in = nn.Linear(dim, mlp_dim)
+        self.mlp_out = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x, mask, context=None, context_mask=None):
+        h = self.attention_norm(x)
+        if self.context_norm is not None:
+            kv, kv_mask = self.context_norm(context), context_mask
+        else:
+            kv, kv_mask = h, mask
+        x = x + self.attention(h, kv, kv_mask)
+        return x + self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x))))
+
+
+class _Stack(nn.Module):
+    def __init__(self, layers: int, dim: int, num_heads: int, mlp_dim: int, cross: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [_Block(dim, num_heads, mlp_dim, cross) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, mask, context=None, context_mask=None):
+        for layer in self.layers:
+            x = layer(x, mask, context, context_mask)
+        return self.norm(x)
+
+
+def _last_valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    index = torch.where(mask, torch.arange(mask.shape[1])[None, :], 0).amax(dim=1)
+    picked = x[torch.arange(x.shape[0]), index]
+    return picked * mask.any(dim=1)[:, None]
+
+
+class CrossAttentionFusion(nn.Module):
+    """``fusion.build("cross_attention", dims, out_dim, ...)`` with dropout off.
+
+    Conv1d projection (no bias) * sqrt(width) + sinusoidal positions; a cross-modal
+    stack per (target, source) pair; a self-attention stack per target over the
+    concatenated branches; the last valid token; MulT's residual output block.
+    """
+
+    def __init__(self, dims: dict[str, int], out_dim: int, *, width: int = 32,
+                 num_layers: int = 2, num_self_layers: int = 1, num_heads: int = 2,
+                 mlp_dim: int | None = None, kernel_size: int = 1):
+        super().__init__()
+        self.names = sorted(dims)
+        self.width = width
+        mlp_dim = 4 * width if mlp_dim is None else mlp_dim
+        others = len(self.names) - 1
+        self.projections = nn.ModuleDict({
+            m: nn.Conv1d(dims[m], width, kernel_size, padding=kernel_size // 2, bias=False)
+            for m in self.names
+        })
+        self.cross = nn.ModuleDict({
+            t: nn.ModuleDict({s: _Stack(num_layers, width, num_heads, mlp_dim, True)
+                              for s in self.names if s != t})
+            for t in self.names
+        })
+        self.self_attention = nn.ModuleDict({
+            t: _Stack(num_self_layers, others * width, num_heads, others * mlp_dim, False)
+            for t in self.names
+        })
+        combined = len(self.names) * others * width
+        self.head_in = nn.Linear(combined, combined)
+        self.head_hidden = nn.Linear(combined, combined)
+        self.head_out = nn.Linear(combined, out_dim)
+
+    def forward(self, tokens: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]):
+        embedded = {}
+        for m in self.names:
+            x = tokens[m] * masks[m][..., None]
+            h = self.projections[m](x.transpose(1, 2)).transpose(1, 2) * math.sqrt(self.width)
+            h = h + _sinusoidal(_valid_positions(masks[m]), self.width)
+            embedded[m] = h * masks[m][..., None]
+        pooled = []
+        for t in self.names:
+            branches = []
+            for s in self.names:
+                if s == t:
+                    continue
+                h = self.cross[t][s](embedded[t], masks[t], embedded[s], masks[s])
+                branches.append(h * masks[s].any(dim=1)[:, None, None])
+            h = self.self_attention[t](torch.cat(branches, dim=-1), masks[t])
+            pooled.append(_last_valid(h, masks[t]))
+        h = torch.cat(pooled, dim=-1)
+        return self.head_out(h + self.head_hidden(F.relu(self.head_in(h))))
+
+
+class AttentionClassifier(nn.Module):
+    """Linear token "encoders" -> MulT fusion -> Linear head.
+
+    Image ``[b, 1, 28, 28]`` -> 4x4 patches -> 49 tokens via ``Linear(16, width)``;
+    log-mel ``[b, time, mels]`` -> one token per frame via ``Linear(mels, width)``.
+    """
+
+    def __init__(self, *, width: int = 32, n_mels: int = 64, patch: int = 4,
+                 fusion_dim: int = 64, num_classes: int = 10, **fusion_kwargs):
+        super().__init__()
+        self.patch = patch
+        self.image = nn.Linear(patch * patch, width)
+        self.audio = nn.Linear(n_mels, width)
+        self.fusion = CrossAttentionFusion({"audio": width, "image": width}, fusion_dim,
+                                           width=width, **fusion_kwargs)
+        self.head = nn.Linear(fusion_dim, num_classes)
+
+    def forward(self, images: torch.Tensor, log_mel: torch.Tensor) -> torch.Tensor:
+        b, _, hgt, wid = images.shape
+        p = self.patch
+        patches = images.reshape(b, hgt // p, p, wid // p, p).permute(0, 1, 3, 2, 4)
+        patches = patches.reshape(b, (hgt // p) * (wid // p), p * p)
+        tokens = {"audio": self.audio(log_mel), "image": self.image(patches)}
+        masks = {m: torch.ones(t.shape[:2], dtype=torch.bool) for m, t in tokens.items()}
+        return self.head(self.fusion(tokens, masks))
+
+
+def param_count(model: nn.Module) -> int:
+    """Trainable parameters (BatchNorm running statistics are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
