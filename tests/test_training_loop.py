@@ -338,3 +338,27 @@ def test_non_finite_gradient_with_finite_loss_and_checkpoints_stay_finite(tmp_pa
             for a, b in zip(model_leaves + opt_leaves, previous[0] + previous[1], strict=True):
                 np.testing.assert_array_equal(a, b)
     assert _all_finite(params_of(model))
+
+
+def test_relative_workdir_is_resolved_against_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, result = run("runs/relative", epochs=1)
+    assert (tmp_path / "runs" / "relative" / "log.jsonl").exists()
+    assert result.best_step > 0
+
+
+def test_repeated_evaluate_reuses_the_compiled_step(trained):
+    from lepton_mm.training import loop
+
+    _, model, _ = trained
+    data = make_data(12, seed=1)
+    first = evaluate(model, Classification(3), data, batch_size=BATCH)
+    graphdef, _, _ = loop._split_eval(model)
+    step = loop._cached_eval_step(graphdef, None)
+    traces = step.traces.count
+    assert traces >= 1
+    # Another dataset of the same shapes, and the same one again: no retrace.
+    other = evaluate(model, Classification(3), make_data(12, seed=2), batch_size=BATCH)
+    again = evaluate(model, Classification(3), data, batch_size=BATCH)
+    assert step.traces.count == traces
+    assert again == first and other != first

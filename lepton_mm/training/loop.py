@@ -25,6 +25,7 @@ exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -297,26 +298,51 @@ def make_eval_step(graphdef: Any, *, mesh: Any = None) -> Any:
     return traced.wrap(jax.jit(predict, in_shardings=(rep, rep, data)))
 
 
+def _metrics_fn(task: Any, n: int) -> Any:
+    """Jitted ``(outputs, target) -> {metric: value}`` over all ``n`` examples."""
+
+    def metrics(outputs, target):
+        valid = jnp.ones((n,), bool)
+        values = dict(task.metrics(outputs, target, valid))
+        values["loss"] = task.loss(outputs, target, valid)
+        return values
+
+    return jax.jit(metrics)
+
+
+def _cached(fn: Any) -> Any:
+    """``fn`` memoised on its (hashable) arguments; unhashable ones bypass the cache."""
+    cached = functools.lru_cache(maxsize=32)(fn)
+
+    def call(*args):
+        try:
+            return cached(*args)
+        except TypeError:  # an unhashable task or graph: build afresh
+            return fn(*args)
+
+    return call
+
+
+# ``evaluate`` called repeatedly on one model (sweeps, notebooks) reuses its compiled
+# steps: a new ``jax.jit`` wrapper per call would retrace and recompile every time.
+_cached_eval_step = _cached(lambda graphdef, mesh: make_eval_step(graphdef, mesh=mesh))
+_cached_metrics = _cached(_metrics_fn)
+
+
 class _Evaluator:
     """Runs the eval step over a dataset and computes the task's metrics on all of it."""
 
     def __init__(self, graphdef: Any, task: Any, data: ArrayDataset, batch_size: int,
-                 mesh: Any):
+                 mesh: Any, *, cached: bool = False):
         self.task, self.data, self.batch_size, self.mesh = task, data, batch_size, mesh
-        self.predict = make_eval_step(graphdef, mesh=mesh)
+        self.predict = (_cached_eval_step(graphdef, mesh) if cached
+                        else make_eval_step(graphdef, mesh=mesh))
         rows = sharding_lib.process_batch_slice(batch_size)
         self.rows = rows if jax.process_count() > 1 else None
         target = {k: v for k, v in data.arrays.items() if k == "label"}
         self.target = target
-        n = len(data)
-
-        def metrics(outputs, target):
-            valid = jnp.ones((n,), bool)
-            values = dict(task.metrics(outputs, target, valid))
-            values["loss"] = task.loss(outputs, target, valid)
-            return values
-
-        self.metrics = jax.jit(metrics)
+        self.metrics = (_cached_metrics(task, len(data)) if cached
+                        else _metrics_fn(task, len(data)))
 
     def __call__(self, params: Any, rest: Any) -> dict[str, float]:
         chunks = []
@@ -354,7 +380,8 @@ def evaluate(model: nnx.Module, task: Any, data: ArrayDataset | Mapping[str, Any
     sharding_lib.check_batch_size(batch_size, mesh)
     graphdef_eval, params, rest = _split_eval(model)
     params, rest = sharding_lib.replicate((params, rest), mesh)
-    return _Evaluator(graphdef_eval, task, data, batch_size, mesh)(params, rest)
+    evaluator = _Evaluator(graphdef_eval, task, data, batch_size, mesh, cached=True)
+    return evaluator(params, rest)
 
 
 def _split_eval(model: nnx.Module) -> tuple[Any, Any, Any]:
@@ -446,7 +473,7 @@ def _check_workdir(workdir: Any) -> Path:
     if not isinstance(workdir, (str, os.PathLike)):
         raise TypeError(f"workdir: expected a str or os.PathLike, got "
                         f"{type(workdir).__name__}.")
-    path = Path(workdir)
+    path = Path(workdir).absolute()  # Orbax refuses relative checkpoint paths
     if path.exists() and not path.is_dir():
         raise ValueError(f"workdir: {path} exists and is not a directory.")
     return path
