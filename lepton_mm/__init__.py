@@ -15,6 +15,8 @@ Public API at a glance:
   lepton_mm.alignment            clip_loss, sigmoid_loss, cca_loss, ProjectionHead, ...
   lepton_mm.models               MultimodalClassifier, TwoTower, tasks
   lepton_mm.metrics              accuracy, F1, MAE, Pearson, MOSI Acc-2/7, recall@k (pure)
+  lepton_mm.robustness           mark_absent, add_gaussian_noise, MultiBench's relative and
+                                 effective robustness (pure)
   lepton_mm.training             fit, OptimizerConfig, checkpoints, sharding
   lepton_mm.export               save / load a model as serialised StableHLO
 """
@@ -30,7 +32,7 @@ __version__ = "0.1.0.dev0"
 
 _SUBPACKAGES = (
     "alignment", "data", "encoders", "export", "features", "fusion", "metrics", "models",
-    "pretrained", "training",
+    "pretrained", "robustness", "training",
 )
 
 __all__ = ["EncoderOutput", "masked_mean", *_SUBPACKAGES]

@@ -1,0 +1,290 @@
+"""Robustness evaluation: absent modalities, input noise, MultiBench's robustness scores.
+
+Pure functions for testing a trained model on imperfect data:
+
+* ``mark_absent`` marks whole modalities absent in a batch, through the batch format's
+  ``present`` flags (the model masks them out; no zeros are fed as data).
+* ``add_gaussian_noise`` corrupts an input (e.g. images) with seeded white Gaussian
+  noise whose draw per example does not depend on the batch it is in.
+* ``relative_robustness`` and ``effective_robustness`` summarise an accuracy curve over
+  increasing imperfection as MultiBench does; ``minmax_normalize`` is its final
+  normalisation across methods.
+
+Nothing here imports Flax or the training code: batches are dicts of arrays (numpy or
+JAX), curves are sequences of floats.
+
+References:
+  Liang, Lyu, Fan, Wu, Cheng, Wu, Chen, Wu, Lee, Zhu, Salakhutdinov and Morency,
+  "MultiBench: Multiscale Benchmarks for Multimodal Representation Learning", NeurIPS
+  2021 Datasets and Benchmarks; code ``pliang279/MultiBench``,
+  ``eval_scripts/robustness.py`` (the two scores and their normalisation) and
+  ``robustness/`` (the noise functions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "add_gaussian_noise",
+    "effective_robustness",
+    "mark_absent",
+    "minmax_normalize",
+    "relative_robustness",
+]
+
+Array = jax.Array
+
+# The batch keys that are not modalities: ``lepton_mm.models.RESERVED_KEYS`` (repeated
+# here so that this module does not import Flax; tests/test_robustness.py checks it).
+_RESERVED_KEYS = ("label", "present", "valid")
+
+
+# ------------------------------------------------------------------------- absence
+
+
+def _batch_size(batch: Mapping[str, Any], modality: str) -> int:
+    leaves = jax.tree_util.tree_leaves(batch[modality])
+    if not leaves or np.ndim(leaves[0]) == 0:
+        raise ValueError(f"batch[{modality!r}]: expected arrays with a leading batch axis, "
+                         f"got {batch[modality]!r}.")
+    return int(np.shape(leaves[0])[0])
+
+
+def mark_absent(batch: Mapping[str, Any], modalities: str | Iterable[str]) -> dict[str, Any]:
+    """A copy of ``batch`` in which ``modalities`` are absent for every example.
+
+    Absence goes through the batch format's flags: ``present[m]`` becomes bool
+    ``[batch]`` all False, so ``MultimodalClassifier`` AND-s it into the encoder's mask
+    and zeroes that modality's tokens and pooled features before fusion. The data of
+    the modality is left in place (the encoder still runs: shapes stay static and
+    nothing recompiles). Other modalities keep their ``present`` flags.
+
+    Args:
+      batch: a batch dict (``lepton_mm.models``): modality name -> array or tuple of
+        arrays with a leading ``[batch]`` axis, plus optional ``"label"``, ``"present"``
+        (modality -> bool ``[batch]``) and ``"valid"``.
+      modalities: a modality name or several; each must be a modality key of ``batch``.
+
+    Returns:
+      A new dict: the same arrays (not copied) and a new ``"present"`` dict with
+      ``present[m] = numpy bool [batch]`` of False for each ``m`` in ``modalities``.
+      ``batch`` is not modified.
+
+    Raises:
+      TypeError: ``batch`` is not a mapping, or ``present`` is not a mapping.
+      ValueError: a name is not a modality of ``batch`` (the error lists the ones it
+        has), or is a reserved key.
+
+    Examples:
+      >>> import numpy as np
+      >>> batch = {"image": np.zeros((3, 2, 2, 1)), "audio": (np.zeros((3, 5, 4)),
+      ...          np.ones((3, 5), bool)), "label": np.arange(3)}
+      >>> out = mark_absent(batch, "audio")
+      >>> out["present"]["audio"].tolist(), "present" in batch
+      ([False, False, False], False)
+      >>> mark_absent(batch, ["text"])
+      Traceback (most recent call last):
+      ...
+      ValueError: Unrecognized modality: 'text'. The batch has modalities ['audio', 'image'].
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch: expected a dict modality name -> arrays, got "
+                        f"{type(batch).__name__}.")
+    names = [modalities] if isinstance(modalities, str) else list(modalities)
+    known = sorted(k for k in batch if k not in _RESERVED_KEYS)
+    for m in names:
+        if m in _RESERVED_KEYS:
+            raise ValueError(f"Unrecognized modality: {m!r} is a reserved batch key "
+                             f"({list(_RESERVED_KEYS)}). The batch has modalities {known}.")
+        if m not in batch:
+            raise ValueError(f"Unrecognized modality: {m!r}. The batch has modalities "
+                             f"{known}.")
+    present = batch.get("present") or {}
+    if not isinstance(present, Mapping):
+        raise TypeError(f"batch['present']: expected a dict modality -> bool [batch], got "
+                        f"{type(present).__name__}.")
+    present = dict(present)
+    for m in names:
+        present[m] = np.zeros(_batch_size(batch, m), bool)
+    return {**batch, "present": present}
+
+
+# -------------------------------------------------------------------------- noise
+
+
+def add_gaussian_noise(x: Array | np.ndarray, sigma: float, *, key: Array,
+                       example_index: Array | np.ndarray | None = None) -> Array:
+    """``x + sigma * N(0, 1)``: additive white Gaussian noise, seeded per example.
+
+    Row ``i`` draws its noise from ``fold_in(key, example_index[i])``, so an example
+    gets the same noise whatever batch or subset it is evaluated in, and the same
+    standard-normal draw at every ``sigma`` (a sweep over ``sigma`` scales one noise
+    pattern, which makes the accuracy curve smooth). Values are not clipped.
+
+    Args:
+      x: float ``[batch, ...]``, e.g. images ``[batch, height, width, channels]``.
+      sigma: noise standard deviation (>= 0), in the units of ``x``.
+      key: a PRNG key (``jax.random.key(seed)``); the caller owns the seed.
+      example_index: int ``[batch]``, the examples' positions in their dataset
+        (default ``arange(batch)``).
+
+    Returns:
+      float ``[batch, ...]`` with the dtype of ``x``.
+
+    Raises:
+      ValueError: negative or non-finite ``sigma``, or ``example_index`` not ``[batch]``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.zeros((2, 3))
+      >>> noisy = add_gaussian_noise(x, 0.5, key=jax.random.key(0))
+      >>> noisy.shape, bool(jnp.all(add_gaussian_noise(x, 0.0, key=jax.random.key(0)) == x))
+      ((2, 3), True)
+      >>> row = add_gaussian_noise(x[1:], 0.5, key=jax.random.key(0), example_index=[1])
+      >>> bool(jnp.all(row == noisy[1:]))  # example 1 gets the same noise on its own
+      True
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim == 0:
+        raise ValueError(f"x: expected a float array with a leading batch axis, got dtype "
+                         f"{x.dtype} shape {x.shape}.")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating,
+                                                         np.integer)):
+        raise TypeError(f"sigma: expected a number, got {type(sigma).__name__}.")
+    if not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma: expected a finite number >= 0, got {sigma!r}.")
+    index = (jnp.arange(x.shape[0]) if example_index is None
+             else jnp.asarray(example_index))
+    if index.shape != (x.shape[0],) or not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"example_index: expected int [{x.shape[0]}], got dtype "
+                         f"{index.dtype} shape {index.shape}.")
+    return _noisy(x, jnp.asarray(sigma, x.dtype), key, index.astype(jnp.int32))
+
+
+@jax.jit
+def _noisy(x: Array, sigma: Array, key: Array, index: Array) -> Array:
+    def one(i):
+        return jax.random.normal(jax.random.fold_in(key, i), x.shape[1:], x.dtype)
+
+    return x + sigma * jax.vmap(one)(index)
+
+
+# ------------------------------------------------------------------------ scores
+
+
+def _curve(name: str, values: Sequence[float]) -> np.ndarray:
+    curve = np.asarray(values, np.float64)
+    if curve.ndim != 1 or curve.size < 2:
+        raise ValueError(f"{name}: expected a 1-D curve of at least 2 levels, got shape "
+                         f"{curve.shape}.")
+    if not np.all(np.isfinite(curve)):
+        raise ValueError(f"{name}: expected finite values, got {curve.tolist()}.")
+    return curve
+
+
+def relative_robustness(accuracy: Sequence[float], *, spacing: float | None = None) -> float:
+    """MultiBench's relative robustness: the area under the accuracy-imperfection curve.
+
+    ``sum_i (a[i] + a[i+1]) * spacing / 2`` (the trapezoidal rule), with the levels
+    ordered from least to most imperfect and equally spaced ``spacing`` apart.
+    MultiBench (``relative_robustness_helper`` in ``eval_scripts/robustness.py``) uses
+    11 noise levels 0, 0.1, ..., 1 and ``spacing = 0.1``; the default here,
+    ``1 / (levels - 1)``, is that for 11 levels and in general puts the levels on
+    [0, 1], so the score is the mean accuracy over the sweep (in [0, 1] for accuracies
+    in [0, 1]) whatever the number of levels.
+
+    Args:
+      accuracy: float ``[levels]`` (>= 2), e.g. test accuracy at each noise level.
+      spacing: distance between consecutive levels (default ``1 / (levels - 1)``).
+
+    Returns:
+      The area, a float. Higher is more robust.
+
+    Examples:
+      >>> relative_robustness([1.0, 0.5, 0.0])  # levels at 0, 0.5, 1
+      0.5
+      >>> round(relative_robustness([0.8, 0.6, 0.4, 0.2], spacing=0.1), 6)  # MultiBench's
+      0.15
+    """
+    curve = _curve("accuracy", accuracy)
+    step = 1.0 / (curve.size - 1) if spacing is None else float(spacing)
+    if not math.isfinite(step) or step <= 0:
+        raise ValueError(f"spacing: expected a positive number, got {spacing!r}.")
+    return float(np.sum((curve[:-1] + curve[1:]) * step / 2))
+
+
+def effective_robustness(accuracy: Sequence[float], reference: Sequence[float]) -> float:
+    """MultiBench's effective robustness: accuracy beyond a baseline shifted to match.
+
+    The baseline curve (MultiBench: late fusion, "LF") is shifted so that it starts at
+    the method's accuracy, ``beta = reference + (accuracy[0] - reference[0])``, and the
+    score is ``sum_l (accuracy[l] - beta[l])``: how much less (positive) or more
+    (negative) the method loses than the baseline as imperfection grows, independent of
+    their clean accuracies. The reference itself scores 0. This is
+    ``effective_robustness_helper`` in MultiBench's ``eval_scripts/robustness.py``
+    (a sum over levels, not a mean; level 0 always contributes 0).
+
+    Args:
+      accuracy: float ``[levels]`` (>= 2), the method's curve, least imperfect first.
+      reference: float ``[levels]``, the baseline's curve at the same levels.
+
+    Returns:
+      A float; positive means more robust than the baseline.
+
+    Raises:
+      ValueError: curves of different lengths, shorter than 2, or not finite.
+
+    Examples:
+      >>> round(effective_robustness([0.9, 0.8, 0.6], [0.8, 0.6, 0.3]), 6)  # beta: .9 .7 .4
+      0.3
+      >>> effective_robustness([0.8, 0.6, 0.3], [0.8, 0.6, 0.3])
+      0.0
+    """
+    f = _curve("accuracy", accuracy)
+    lf = _curve("reference", reference)
+    if f.shape != lf.shape:
+        raise ValueError(f"reference: expected {f.size} levels like accuracy, got {lf.size}.")
+    beta = lf + (f[0] - lf[0])
+    return float(np.sum(f - beta))
+
+
+def minmax_normalize(scores: Mapping[str, float], *,
+                     higher_is_better: bool = True) -> dict[str, float]:
+    """Scores rescaled to [0, 1] across methods: ``(s - min) / (max - min)``.
+
+    MultiBench reports each robustness score normalised this way over the methods
+    compared on a task (``maxmin_normalize`` in ``eval_scripts/robustness.py``; scores
+    where lower is better are negated first). A normalised score is only meaningful
+    relative to the set of methods it was computed over.
+
+    Args:
+      scores: method name -> raw score.
+      higher_is_better: False negates the scores first (errors, losses).
+
+    Returns:
+      Method name -> normalised score; NaN for every method when all scores are equal
+      (0 / 0, as in MultiBench), and for a single method.
+
+    Examples:
+      >>> minmax_normalize({"a": 0.25, "b": 0.75, "c": 0.5})
+      {'a': 0.0, 'b': 1.0, 'c': 0.5}
+    """
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError(f"scores: expected a non-empty dict method -> score, got "
+                         f"{scores!r}.")
+    values = np.array([float(v) for v in scores.values()], np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"scores: expected finite values, got {dict(scores)}.")
+    if not higher_is_better:
+        values = -values
+    span = values.max() - values.min()
+    if span == 0:
+        return {k: math.nan for k in scores}
+    return {k: float(v) for k, v in zip(scores, (values - values.min()) / span, strict=True)}

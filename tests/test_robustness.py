@@ -1,0 +1,160 @@
+"""lepton_mm.robustness: absence flags, seeded noise and MultiBench's robustness scores."""
+
+import doctest
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lepton_mm import robustness
+from lepton_mm.robustness import (
+    add_gaussian_noise,
+    effective_robustness,
+    mark_absent,
+    minmax_normalize,
+    relative_robustness,
+)
+
+
+def _batch(n=4):
+    return {"image": np.ones((n, 6, 6, 1), np.float32),
+            "audio": (np.ones((n, 10, 8), np.float32), np.ones((n, 10), bool)),
+            "label": np.arange(n, dtype=np.int32) % 3}
+
+
+def test_docstring_examples_run():
+    results = doctest.testmod(robustness, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert results.attempted > 0 and results.failed == 0
+
+
+def test_reserved_keys_match_the_batch_format():
+    from lepton_mm.models import RESERVED_KEYS
+
+    assert robustness._RESERVED_KEYS == tuple(RESERVED_KEYS)
+
+
+def test_mark_absent_sets_flags_and_leaves_the_input_alone():
+    batch = _batch()
+    batch["present"] = {"image": np.array([True, False, True, True])}
+    out = mark_absent(batch, ["audio"])
+    assert out is not batch and out["present"] is not batch["present"]
+    assert set(batch["present"]) == {"image"}  # not modified
+    np.testing.assert_array_equal(out["present"]["audio"], np.zeros(4, bool))
+    assert out["present"]["audio"].dtype == bool and out["present"]["audio"].shape == (4,)
+    np.testing.assert_array_equal(out["present"]["image"], [True, False, True, True])
+    assert out["audio"] is batch["audio"] and out["image"] is batch["image"]  # no copies
+    both = mark_absent(batch, ("audio", "image"))
+    assert not both["present"]["audio"].any() and not both["present"]["image"].any()
+    assert mark_absent(batch, "image")["present"]["image"].tolist() == [False] * 4
+
+
+@pytest.mark.parametrize("name, match", [
+    ("text", r"Unrecognized modality: 'text'. The batch has modalities \['audio', 'image'\]"),
+    ("label", "reserved batch key"),
+    ("present", "reserved batch key"),
+])
+def test_mark_absent_rejects_unknown_modalities(name, match):
+    with pytest.raises(ValueError, match=match):
+        mark_absent(_batch(), [name])
+
+
+def test_mark_absent_rejects_bad_batches():
+    with pytest.raises(TypeError, match="batch"):
+        mark_absent([1, 2], "audio")
+    with pytest.raises(TypeError, match="present"):
+        mark_absent({**_batch(), "present": [True]}, "audio")
+
+
+def test_absence_through_the_model_equals_a_missing_modality():
+    """A model fed ``mark_absent(batch, "audio")`` ignores the audio values entirely."""
+    from flax import nnx
+
+    from lepton_mm.encoders import AudioSpectrogramCNN, ImageCNN
+    from lepton_mm.fusion import build
+    from lepton_mm.models import MultimodalClassifier
+
+    rngs = nnx.Rngs(0)
+    encoders = {"image": ImageCNN(1, dim=8, widths=(4,), rngs=rngs),
+                "audio": AudioSpectrogramCNN(8, dim=8, widths=(4,), rngs=rngs)}
+    model = MultimodalClassifier(
+        encoders, build("concat", {"image": 8, "audio": 8}, 6, rngs=rngs),
+        nnx.Linear(6, 3, rngs=rngs))
+    batch = _batch()
+    other = {**batch, "audio": (np.full((4, 10, 8), 7.0, np.float32), batch["audio"][1])}
+    a = model(mark_absent(batch, "audio"))
+    b = model(mark_absent(other, "audio"))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(model(batch), model(other))
+
+
+def test_gaussian_noise_is_seeded_per_example():
+    key = jax.random.key(3)
+    x = jnp.zeros((5, 4, 4, 1))
+    a = add_gaussian_noise(x, 1.0, key=key)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    np.testing.assert_array_equal(a, add_gaussian_noise(x, 1.0, key=key))  # deterministic
+    # Row i depends on (key, example_index[i]) only: any subset or order gives its rows.
+    sub = add_gaussian_noise(x[:2], 1.0, key=key, example_index=np.array([3, 1]))
+    np.testing.assert_array_equal(sub, a[np.array([3, 1])])
+    # One draw, scaled by sigma; shifted by x.
+    half = add_gaussian_noise(x + 2.0, 0.5, key=key)
+    np.testing.assert_allclose(half, 2.0 + 0.5 * a, rtol=1e-6)
+    np.testing.assert_array_equal(add_gaussian_noise(x, 0.0, key=key), x)
+    assert not np.array_equal(a, add_gaussian_noise(x, 1.0, key=jax.random.key(4)))
+    big = add_gaussian_noise(jnp.zeros((200, 28, 28, 1)), 0.3, key=key)
+    assert abs(float(jnp.std(big)) - 0.3) < 0.005 and abs(float(jnp.mean(big))) < 0.005
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"sigma": -0.1}, ValueError), ({"sigma": math.nan}, ValueError),
+    ({"sigma": "1"}, TypeError), ({"sigma": 1.0, "example_index": np.arange(3)}, ValueError),
+])
+def test_gaussian_noise_rejects_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        add_gaussian_noise(jnp.zeros((2, 3)), key=jax.random.key(0), **kwargs)
+    with pytest.raises(ValueError, match="float"):
+        add_gaussian_noise(jnp.zeros((2, 3), jnp.int32), 1.0, key=jax.random.key(0))
+
+
+def test_relative_robustness_hand_computed():
+    # MultiBench: sum_i (a_i + a_{i+1}) * 0.1 / 2 over 11 levels 0, 0.1, ..., 1.
+    curve = [0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1]
+    expected = sum((curve[i] + curve[i + 1]) * 0.1 / 2 for i in range(10))
+    assert relative_robustness(curve) == pytest.approx(expected, abs=1e-12)
+    assert relative_robustness(curve, spacing=0.1) == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx(0.5)  # by hand: 0.1 * (0.9/2 + 4.5 + 0.1/2)
+    # 7 levels: spacing 1/6, the mean of the trapezoids.
+    assert relative_robustness([0.6] * 7) == pytest.approx(0.6)
+    assert relative_robustness([1.0, 0.0], spacing=2.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        relative_robustness([0.5])
+    with pytest.raises(ValueError, match="spacing"):
+        relative_robustness([0.5, 0.4], spacing=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        relative_robustness([0.5, math.nan])
+
+
+def test_effective_robustness_hand_computed():
+    # beta = lf + (f0 - lf0) = [0.7, 0.6, 0.4, 0.2] + 0.1; f - beta = [0, 0.05, 0, -0.1]
+    f = [0.8, 0.75, 0.5, 0.2]
+    lf = [0.7, 0.6, 0.4, 0.2]
+    assert effective_robustness(f, lf) == pytest.approx(-0.05, abs=1e-12)
+    assert effective_robustness(lf, lf) == 0.0
+    # A constant curve against a falling reference gains exactly the reference's drops.
+    assert effective_robustness([0.5] * 4, lf) == pytest.approx(0.1 + 0.3 + 0.5)
+    # Shifting a curve up or down leaves it unchanged (it only measures the drops).
+    assert effective_robustness(np.array(f) - 0.3, lf) == pytest.approx(-0.05)
+    with pytest.raises(ValueError, match="levels"):
+        effective_robustness(f, lf[:3])
+
+
+def test_minmax_normalize_hand_computed():
+    assert minmax_normalize({"a": 1.0, "b": 3.0, "c": 2.5}) == {"a": 0.0, "b": 1.0,
+                                                                  "c": 0.75}
+    assert minmax_normalize({"a": 1.0, "b": 3.0}, higher_is_better=False) == {
+        "a": 1.0, "b": 0.0}
+    assert all(math.isnan(v) for v in minmax_normalize({"a": 0.2, "b": 0.2}).values())
+    with pytest.raises(ValueError):
+        minmax_normalize({})
