@@ -9,14 +9,14 @@ evaluated on the test split. Per (method, seed) the run lives in
 summary goes to ``WORKDIR/results.json`` and ``WORKDIR/results.md``. Re-running a
 command skips finished runs and resumes interrupted ones.
 
-Every trained model is also tested on imperfect data (``docs/results_robustness.md``):
+Every trained model is also tested on imperfect data (``docs/results.md``):
 with the audio or the image marked absent (through ``batch["present"]``), under an
 audio SNR sweep and an image Gaussian-noise sweep, scored by MultiBench's relative and
 effective robustness; the sweeps are plotted to ``WORKDIR/audio_snr_sweep.png`` and
 ``WORKDIR/image_noise_sweep.png``. ``--modality-dropout P`` also trains every fusion
 method with modality dropout, as ``<method>+mdrop``, in the same tables.
 
-    python experiments/avmnist.py --quick --workdir runs/avmnist_quick     # ~6 CPU-min
+    python experiments/avmnist.py --quick --workdir runs/avmnist_quick     # ~3 min, 2 cores
     python experiments/avmnist.py --fusion all --seeds 0,1,2 --workdir runs/avmnist
     python experiments/avmnist.py --fusion image_only,concat --epochs 3 --seeds 0
     python experiments/avmnist.py --fusion concat,gated --modality-dropout 0.3
@@ -50,7 +50,7 @@ REFERENCE_METHOD = "concat"
 SNR_SWEEP = (20.0, 10.0, 0.0, -5.0, -10.0, -15.0, -20.0)
 #: Image noise sweep: standard deviations of white Gaussian noise added to each pixel
 #: of the PCA-reconstructed test images (whose pixels span roughly [0, 1]; per-image
-#: pixel standard deviation ~0.2), least noisy first. See docs/results_robustness.md.
+#: pixel standard deviation ~0.2), least noisy first. See docs/results.md.
 IMAGE_NOISE_SWEEP = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 # fold_in tag of the image-noise key under key(data_seed) (AV-MNIST's own keys fold in
 # the split ids 0-2 there).
@@ -145,8 +145,8 @@ class AVMNISTConfig:
 def quick_config(**overrides: Any) -> AVMNISTConfig:
     """``--quick``: a subset, one seed, five methods, progress bars (~6 CPU-minutes).
 
-    Measured: 6 min 6 s of CPU time, 12 min 40 s wall on 2 cores 4x oversubscribed by
-    other jobs (an estimated 4-5 min wall on 2 idle cores; docs/results_robustness.md).
+    Measured: 2 min 53 s wall on 2 idle cores, robustness sweeps included, with the
+    allocator tuned as the script does (docs/results.md).
 
     At the benchmark's -15 dB: the first 12 000 / 1000 / 2000 examples, one epoch of 750
     steps of batch 16. Chosen on validation accuracy (seed 0, data seed 0; image / audio
@@ -156,7 +156,7 @@ def quick_config(**overrides: Any) -> AVMNISTConfig:
     concat's margin over the image alone grows from 0.8 to 2.8 points. The previous
     6000 examples in 150 steps of batch 40 left the audio at 28 % and concat below the
     image. On the test split of this budget low_rank and gated beat both modalities,
-    concat does not (58.2 vs 59.6 % for the image; docs/results_robustness.md).
+    concat does not (58.2 vs 59.6 % for the image; docs/results.md).
     """
     base = dict(methods=QUICK_METHODS, seeds=(0,), epochs=1, batch_size=16,
                 eval_batch_size=40, num_train=12000, num_val=1000, num_test=2000,
@@ -913,4 +913,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from lepton_mm.training import tune_glibc_malloc
+
+    tune_glibc_malloc()  # reuse freed step buffers (faster steps); docs/performance.md
     sys.exit(main())

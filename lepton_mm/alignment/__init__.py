@@ -11,11 +11,20 @@ match); modules hold the parameters:
   ProjectionHead        Linear/MLP into the shared space, L2-normalised
   LogitScale            learned temperature (log-parametrised, clamped) and bias
   CrossModalAligner     masked cross-attention resampling a source onto a target's time
+  class_recall_at_k     retrieval recall@k where a hit is any item of the query's class
+  zero_shot_classify    labels from class-prompt embeddings by cosine similarity
 """
 
 from lepton_mm.alignment.aligner import CrossModalAligner
 from lepton_mm.alignment.heads import LogitScale, ProjectionHead
 from lepton_mm.alignment.losses import cca_loss, clip_loss, sigmoid_loss
+from lepton_mm.alignment.retrieval import (
+    chance_class_recall_at_k,
+    class_recall_at_k,
+    first_match_rank,
+    zero_shot_classify,
+    zero_shot_logits,
+)
 from lepton_mm.alignment.sharded import clip_loss_sharded, sigmoid_loss_sharded
 
 __all__ = [
@@ -23,8 +32,13 @@ __all__ = [
     "LogitScale",
     "ProjectionHead",
     "cca_loss",
+    "chance_class_recall_at_k",
+    "class_recall_at_k",
     "clip_loss",
     "clip_loss_sharded",
+    "first_match_rank",
     "sigmoid_loss",
     "sigmoid_loss_sharded",
+    "zero_shot_classify",
+    "zero_shot_logits",
 ]

@@ -22,6 +22,7 @@ from lepton_mm.metrics import (
     precision_recall_f1,
     recall_at_k,
 )
+from lepton_mm.training.allocator import tune_glibc_malloc
 from lepton_mm.training.checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
@@ -102,4 +103,5 @@ __all__ = [
     "seed_rngs",
     "shard_batch",
     "trainable_mask",
+    "tune_glibc_malloc",
 ]

@@ -4,13 +4,15 @@ A CPU training step allocates its large activation buffers afresh on every call.
 glibc's defaults each such buffer is served by a new ``mmap`` (blocks over the dynamic
 mmap threshold, at most 32 MiB) or by a per-thread arena that is trimmed back to the OS
 when freed, so every step pays a page fault, and a zeroed page, per 4 KiB touched. On a
-2-core AMD EPYC VM this cost more than the arithmetic: the AV-MNIST LeNet training step
-(batch 128) took 0.37 s with the defaults and 0.22 s after ``tune_glibc_malloc()``; the
-same PyTorch step went from 0.35 s to 0.20 s (docs/performance.md).
+2-core AMD EPYC VM this cost nearly as much as the arithmetic: the AV-MNIST LeNet + concat
+training step (batch 128) took 188 ms with the defaults and 108 ms after
+``tune_glibc_malloc()``; the same PyTorch step went from 150 ms to 99 ms
+(``benchmarks/ablation.py``, docs/performance.md).
 
-This changes a process-wide setting, so lepton_mm never calls it for you: call it once,
-early, in a training script (``benchmarks/run.py`` does, for both frameworks it
-compares). Freed memory then stays in the process (RSS no longer shrinks after a peak).
+This changes a process-wide setting, so the library never calls it behind your back:
+call it once, early, in a training script. lepton_mm's experiment scripts and
+``benchmarks/run.py`` (for both frameworks it compares) do. Freed memory then stays in
+the process (RSS no longer shrinks after a peak).
 """
 
 from __future__ import annotations
