@@ -118,7 +118,7 @@ SCRIPT = textwrap.dedent('''
                 "audio": Frames(4, 8, rngs)}
     model = build_classifier(encoders, "concat", num_outputs=3, fusion_dim=8, rngs=rngs)
     result = fit(model, Classification(3), Paced(data(24, 0)), eval_data=data(12, 1),
-                 workdir=workdir, epochs=4, batch_size=4, seed=3,
+                 workdir=workdir, epochs=8, batch_size=4, seed=3,
                  optimizer=OptimizerConfig(name="adam", learning_rate=0.01),
                  modality_dropout=0.3, checkpoint_every=2, keep_checkpoints=2,
                  monitor="loss", mode="min", tensorboard=False)

@@ -43,6 +43,7 @@ MODULES = (
     "lepton_mm.models",
     "lepton_mm.training",
     "lepton_mm.metrics",
+    "lepton_mm.robustness",
     "lepton_mm.export",
 )
 
