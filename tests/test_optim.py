@@ -256,6 +256,9 @@ def test_sgd_momentum_two_steps_by_hand(nesterov, expected):
     ({"clip_norm": 0.0}, "clip_norm"),
     ({"freeze": ("(",)}, "freeze"),
     ({"no_decay": ("[",)}, "no_decay"),
+    ({"lr_multipliers": {"(": 0.1}}, "lr_multipliers"),
+    ({"lr_multipliers": {"^a/": -0.1}}, "lr_multipliers"),
+    ({"lr_multipliers": {"^a/": float("inf")}}, "lr_multipliers"),
 ])
 def test_bad_config_raises_naming_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"OptimizerConfig\.{field}\b"):
@@ -271,6 +274,53 @@ def test_config_is_hashable_and_lists_become_tuples():
         OptimizerConfig(freeze="^a/")
     with pytest.raises(TypeError, match="config"):
         make_optimizer({"name": "adam"})
+
+
+# --- per-parameter learning rates ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_lr_multiplier_equals_training_with_the_scaled_rate(name):
+    """A parameter with factor f follows exactly the trajectory of a run at f * lr (weight
+    decay, momentum and the schedule included); the others are untouched by the factor."""
+    rng = np.random.default_rng(0)
+    params = {"text": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}}
+    grads = [jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)), params) for i in range(3)]
+    common = {"name": name, "weight_decay": 0.1, "warmup_steps": 2}
+
+    def run(config):
+        tx, p = make_optimizer(config), params
+        state = tx.init(p)
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    mixed = run(OptimizerConfig(learning_rate=0.1, **common,
+                                lr_multipliers={"^text/": 0.25, "text": 9.0}))
+    slow = run(OptimizerConfig(learning_rate=0.025, **common))
+    plain = run(OptimizerConfig(learning_rate=0.1, **common))
+    np.testing.assert_allclose(mixed["text"]["kernel"], slow["text"]["kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(mixed["head"]["kernel"], plain["head"]["kernel"])
+    assert not np.allclose(mixed["text"]["kernel"], plain["text"]["kernel"])
+
+
+def test_lr_multipliers_compose_with_freezing_and_are_hashable():
+    config = OptimizerConfig(learning_rate=0.1, freeze=("^head/",),
+                             lr_multipliers=[("^text/", 0.0)])
+    assert config.lr_multipliers == (("^text/", 0.0),)
+    assert hash(config) == hash(OptimizerConfig(learning_rate=0.1, freeze=("^head/",),
+                                                lr_multipliers={"^text/": 0.0}))
+    params = {"text": {"kernel": jnp.ones(2)}, "head": {"kernel": jnp.ones(2)},
+              "other": {"kernel": jnp.ones(2)}}
+    tx = make_optimizer(config)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    assert float(jnp.abs(updates["text"]["kernel"]).max()) == 0.0  # factor 0
+    assert float(jnp.abs(updates["head"]["kernel"]).max()) == 0.0  # frozen
+    assert float(jnp.abs(updates["other"]["kernel"]).min()) > 0.0
+    with pytest.raises(TypeError, match="OptimizerConfig.lr_multipliers"):
+        OptimizerConfig(lr_multipliers=("^a/", 0.1))
 
 
 def test_docstring_examples():

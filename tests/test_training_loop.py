@@ -362,3 +362,16 @@ def test_repeated_evaluate_reuses_the_compiled_step(trained):
     again = evaluate(model, Classification(3), data, batch_size=BATCH)
     assert step.traces.count == traces
     assert again == first and other != first
+
+
+def test_checkpoints_from_before_a_new_optimizer_field_still_match():
+    import dataclasses
+
+    from lepton_mm.training import loop
+
+    current = loop._plain(dataclasses.asdict(OptimizerConfig(learning_rate=0.02)))
+    old = {k: v for k, v in current.items() if k != "lr_multipliers"}  # older version
+    assert loop._saved_setting({"optimizer": old}, "optimizer") == current
+    changed = {**old, "learning_rate": 0.5}
+    assert loop._saved_setting({"optimizer": changed}, "optimizer") != current
+    assert loop._saved_setting({"seed": 3}, "seed") == 3

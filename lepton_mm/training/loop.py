@@ -429,6 +429,19 @@ def _task_config(task: Any) -> dict[str, Any]:
     return {"type": type(task).__name__, **{k: _plain(v) for k, v in fields.items()}}
 
 
+def _saved_setting(saved: Mapping[str, Any], key: str) -> Any:
+    """``saved[key]`` of a checkpoint's run config, as this version would write it.
+
+    Optimiser fields added after the checkpoint was written (absent from it) take their
+    defaults, which reproduce the old behaviour, so such runs still resume.
+    """
+    value = saved.get(key)
+    if key == "optimizer" and isinstance(value, Mapping):
+        defaults = _plain(dataclasses.asdict(OptimizerConfig()))
+        value = {**{k: v for k, v in defaults.items() if k not in value}, **value}
+    return value
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
@@ -685,7 +698,7 @@ def fit(
         meta = ckpt.read_meta(latest)
         saved = meta.get("config", {})
         for key in _RESUME_KEYS:
-            if saved.get(key) != run_config[key]:
+            if _saved_setting(saved, key) != run_config[key]:
                 ckpt.close()
                 raise CheckpointMismatchError(
                     f"{workdir}: holds a checkpoint (step {latest}) of a run with a "

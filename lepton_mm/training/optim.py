@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -94,6 +94,11 @@ class OptimizerConfig:
         frozen: zero update, no optimiser state.
       no_decay: regex patterns of parameters excluded from weight decay;
         ``DEFAULT_NO_DECAY`` (biases, norm scales, temperatures) by default.
+      lr_multipliers: ``(regex, factor)`` pairs (or a dict): a parameter whose path
+        matches a regex (``re.search``; the first matching pair wins) trains with
+        ``factor`` times the scheduled learning rate, weight decay included (e.g.
+        ``{"^encoders/text/": 0.1}`` for a pretrained tower). Factors are finite and
+        ``>= 0``; unmatched parameters use factor 1.
 
     Raises:
       ValueError: a field is out of range or inconsistent; the message names it.
@@ -126,9 +131,19 @@ class OptimizerConfig:
     clip_norm: float | None = None
     freeze: tuple[str, ...] = ()
     no_decay: tuple[str, ...] = DEFAULT_NO_DECAY
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        # Lists are accepted for convenience but stored as tuples (hashability).
+        # Lists and dicts are accepted for convenience but stored as tuples (hashability).
+        multipliers = self.lr_multipliers
+        if isinstance(multipliers, Mapping):
+            multipliers = tuple(multipliers.items())
+        if isinstance(multipliers, (str, bytes)) or not isinstance(multipliers, Sequence) \
+                or any(not isinstance(pair, Sequence) or isinstance(pair, (str, bytes))
+                       or len(pair) != 2 for pair in multipliers):
+            raise TypeError("OptimizerConfig.lr_multipliers: expected (regex, factor) pairs "
+                            f"or a dict, got {self.lr_multipliers!r}.")
+        object.__setattr__(self, "lr_multipliers", tuple(tuple(p) for p in multipliers))
         for field in ("decay_steps", "freeze", "no_decay"):
             value = getattr(self, field)
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -200,8 +215,15 @@ def _check_config(c: OptimizerConfig) -> None:
         _fail("decay_factor", f"expected a number in (0, 1], got {c.decay_factor!r}.")
     if c.clip_norm is not None and (not _is_real(c.clip_norm) or c.clip_norm <= 0):
         _fail("clip_norm", f"expected None or a number > 0, got {c.clip_norm!r}.")
-    for field in ("freeze", "no_decay"):
-        for pattern in getattr(c, field):
+    for pattern, factor in c.lr_multipliers:
+        if not _is_real(factor) or factor < 0:
+            _fail("lr_multipliers", f"factor for {pattern!r}: expected a finite number "
+                  f">= 0, got {factor!r}.")
+    for field in ("freeze", "no_decay", "lr_multipliers"):
+        patterns = getattr(c, field)
+        if field == "lr_multipliers":
+            patterns = [pattern for pattern, _ in patterns]
+        for pattern in patterns:
             if not isinstance(pattern, str):
                 _fail(field, f"expected regex strings, got {pattern!r}.")
             try:
@@ -379,6 +401,28 @@ def _base_optimizer(config: OptimizerConfig, schedule: optax.Schedule,
     return tx
 
 
+def _scale_by_path(multipliers: tuple[tuple[str, float], ...]
+                   ) -> optax.GradientTransformation:
+    """Multiplies each parameter's final update by its path's factor (first match).
+
+    Every base optimiser here ends by scaling with the learning rate (decoupled decay
+    included), so this equals training those parameters with ``factor * lr``.
+    """
+    compiled = [(re.compile(pattern), float(factor)) for pattern, factor in multipliers]
+
+    def factor_of(path: str) -> float:
+        return next((f for p, f in compiled if p.search(path)), 1.0)
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda keypath, u: u if (f := factor_of(param_path(keypath))) == 1.0
+            else u * jnp.asarray(f, u.dtype), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     """Builds the Optax transformation described by ``config``.
 
@@ -418,6 +462,8 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     if config.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
     parts.append(_base_optimizer(config, learning_rate_schedule(config), decay_mask))
+    if config.lr_multipliers:
+        parts.append(_scale_by_path(config.lr_multipliers))
     tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
     if not config.freeze:
         return tx
