@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import resource
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lepton_mm.experiment import NUMERICS
 
 UNIMODAL = ("image_only", "audio_only")
 #: ``--quick`` trains these (the fusion zoo's classic representatives).
@@ -69,7 +69,9 @@ class AVMNISTConfig:
       data_seed: the data set's seed (pairing and noise; ``load_avmnist``).
       snr_db: the audio noise level; the benchmark is -15 dB (higher = easier, for
         fast pipeline checks only).
-      workdir: root of the runs and the summary.
+      workdir: root of the runs' checkpoints (local, not committed).
+      results: root of the run ledger (``<results>/avmnist/<method>/seed<k>.json``,
+        committed); ``--quick`` keeps its records under the workdir instead.
       epochs: passes over the training split; the best validation epoch is kept.
       batch_size: training batch size (MultiBench: 40).
       eval_batch_size: batch size for validation and test (None: ``batch_size``). On
@@ -98,6 +100,7 @@ class AVMNISTConfig:
     data_seed: int = 0
     snr_db: float = -15.0
     workdir: str = "runs/avmnist"
+    results: str = "results"
     epochs: int = 5
     batch_size: int = 40
     eval_batch_size: int | None = None
@@ -327,85 +330,6 @@ def build_model(config: AVMNISTConfig, method: str, rngs: Any) -> Any:
 # ------------------------------------------------------------------------- robustness
 
 
-class ConditionEvaluator:
-    """Accuracy of one trained classifier on test batches, each modality encoded once.
-
-    ``accuracy(batch)`` equals the accuracy of ``model(batch)`` (argmax against
-    ``batch["label"]``) and honours ``batch["present"]`` like the model: a modality
-    flagged absent has its ``EncoderOutput`` masked by
-    ``lepton_mm.models.classifier.apply_presence`` before the fusion layer. The work is
-    split the way the model computes it, encoders then fusion and head, so that an
-    encoder's output for an input array already seen (the same array object) is reused:
-    a sweep over the image noise re-runs only the (cheap) image encoder, and marking a
-    modality absent re-runs no encoder at all. Batches are processed ``batch_size``
-    examples at a time (the last chunk padded), so nothing recompiles between
-    conditions.
-
-    Args:
-      model: a ``MultimodalClassifier``; it is put in eval mode.
-      batch_size: examples per compiled call.
-    """
-
-    def __init__(self, model: Any, batch_size: int):
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        from lepton_mm.models.classifier import apply_presence, encode_modalities
-
-        model.eval()
-        self.modalities = model.modalities
-        self.batch_size = int(batch_size)
-        graphdef, state = nnx.split(model)
-        self._state = nnx.as_pure(state)
-        self._cache: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-        def encode(state, inputs, modality):
-            m = nnx.merge(graphdef, state)
-            return encode_modalities(m.encoders, {modality: inputs}, (modality,))[modality]
-
-        def classify(state, encoded, present):
-            m = nnx.merge(graphdef, state)
-            encoded = {k: apply_presence(v, present.get(k)) for k, v in encoded.items()}
-            return jnp.argmax(m.head(m.fusion(encoded)), axis=-1)
-
-        self._encode = jax.jit(encode, static_argnames="modality")
-        self._classify = jax.jit(classify)
-
-    def _chunked(self, fn: Callable[[Any], Any], tree: Any, n: int) -> Any:
-        import jax
-
-        out = []
-        for i in range(0, n, self.batch_size):
-            rows = np.arange(i, i + self.batch_size) % n  # pad with repeats
-            out.append(jax.device_get(fn(jax.tree.map(lambda a, r=rows: a[r], tree))))
-        return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *out)
-
-    def _encoded(self, modality: str, inputs: Any, n: int) -> Any:
-        import jax
-
-        leaf = jax.tree_util.tree_leaves(inputs)[0]
-        key = (modality, id(leaf))
-        hit = self._cache.get(key)
-        if hit is None or hit[0] is not leaf:
-            hit = (leaf, self._chunked(
-                lambda x: self._encode(self._state, x, modality=modality), inputs, n))
-            self._cache[key] = hit
-        return hit[1]
-
-    def accuracy(self, batch: Mapping[str, Any]) -> float:
-        """Fraction of ``batch``'s examples classified correctly (a batch-format dict)."""
-        labels = np.asarray(batch["label"])
-        n = len(labels)
-        present = batch.get("present") or {}
-        tree = {"encoded": {m: self._encoded(m, batch[m], n) for m in self.modalities},
-                "present": {m: np.asarray(present[m]) for m in self.modalities
-                            if m in present}}
-        preds = self._chunked(
-            lambda t: self._classify(self._state, t["encoded"], t["present"]), tree, n)
-        return float(np.mean(preds == labels))
-
-
 def robustness_protocol(config: AVMNISTConfig, num_test: int) -> dict[str, Any]:
     """What a run's robustness results depend on (recomputed when it changes)."""
     return {"snr_db": list(config.snr_sweep), "image_noise_sigma":
@@ -415,11 +339,13 @@ def robustness_protocol(config: AVMNISTConfig, num_test: int) -> dict[str, Any]:
 
 
 def robustness_results(config: AVMNISTConfig, method: str, model: Any,
-                       data: dict[str, Any]) -> dict[str, Any]:
+                       data: dict[str, Any], *, full: bool = True) -> dict[str, Any]:
     """Test accuracy of a trained model under every robustness condition.
 
     Returns ``{"protocol", "both", "audio_absent", "image_absent", "audio_snr",
-    "image_noise", "time_s"}``: accuracies (fractions) on the test split with both
+    "image_noise", "time_s", "test_predictions"}`` (``full=False``: the clean test
+    split only, i.e. ``both`` and the predictions): accuracies (fractions) on the test
+    split with both
     modalities, with the audio / the image marked absent (``mark_absent``: through
     ``batch["present"]``, never zeros fed as data), and the lists over
     ``config.snr_sweep`` and ``config.image_noise_sweep``. Conditions that do not apply
@@ -427,13 +353,16 @@ def robustness_results(config: AVMNISTConfig, method: str, model: Any,
     """
     from tqdm import tqdm
 
-    from lepton_mm.robustness import mark_absent
+    from lepton_mm.robustness import ConditionEvaluator, mark_absent
 
     base, _ = split_method(method)
     test = data["test"]
-    sweep = sweep_data(config, data)
     has_image, has_audio = base != "audio_only", base != "image_only"
     conditions: list[tuple[str, Any, dict[str, Any]]] = [("both", None, test)]
+    if not full:
+        has_image = has_audio = False
+    else:
+        sweep = sweep_data(config, data)
     if has_image and has_audio:
         conditions += [("audio_absent", None, mark_absent(test, "audio")),
                        ("image_absent", None, mark_absent(test, "image"))]
@@ -445,6 +374,7 @@ def robustness_results(config: AVMNISTConfig, method: str, model: Any,
                        for i, sigma in enumerate(config.image_noise_sweep)]
     start = time.perf_counter()
     evaluator = ConditionEvaluator(model, config.eval_batch_size or config.batch_size)
+    labels = np.asarray(test["label"])
     out: dict[str, Any] = {
         "protocol": robustness_protocol(config, len(test["label"])),
         "both": None, "audio_absent": None, "image_absent": None,
@@ -453,7 +383,10 @@ def robustness_results(config: AVMNISTConfig, method: str, model: Any,
     show = sys.stdout.isatty() if config.progress is None else bool(config.progress)
     for name, i, batch in tqdm(conditions, desc="robustness", leave=False,
                                disable=not show, dynamic_ncols=True):
-        acc = evaluator.accuracy(batch)
+        predictions = evaluator.predictions(batch)
+        acc = float(np.mean(predictions == labels))
+        if name == "both":
+            out["test_predictions"] = predictions  # the table's test accuracy: this pass
         if i is None:
             out[name] = acc
         else:
@@ -462,84 +395,75 @@ def robustness_results(config: AVMNISTConfig, method: str, model: Any,
     return out
 
 
-def _robustness_current(config: AVMNISTConfig, result: Mapping[str, Any]) -> bool:
-    """Whether ``result`` holds robustness results made with ``config``'s protocol."""
-    from lepton_mm.data.avmnist import SPLIT_SIZES
-
-    rob = result.get("robustness")
-    num_test = config.num_test or SPLIT_SIZES["test"]
-    return bool(rob) and rob.get("protocol") == robustness_protocol(config, num_test)
-
-
 # -------------------------------------------------------------------------------- run
 
-
-def _reset_peak_memory() -> bool:
-    """Resets the process's peak RSS (Linux ``clear_refs``); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB
-
-
-_NOT_TRAINING = ("methods", "seeds", "workdir", "progress", "checkpoint_every",
+#: Experiment name in the ledger: records at ``results/avmnist/<method>/seed<k>.json``.
+EXPERIMENT = "avmnist"
+_NOT_TRAINING = ("methods", "seeds", "workdir", "results", "progress", "checkpoint_every",
                  "modality_dropout", "robustness", "snr_sweep", "image_noise_sweep")
 
 
-def _run_key(config: AVMNISTConfig, method: str = "") -> dict[str, Any]:
-    """The settings a finished run's result depends on (not methods/seeds/workdir).
+def run_config(config: AVMNISTConfig, method: str) -> dict[str, Any]:
+    """Everything one run's record depends on (its ``config``; hashed into the key).
 
-    The robustness settings are not part of it (they are re-evaluated on the stored
-    checkpoint); the modality-dropout rate is, for ``+mdrop`` runs only.
+    The training settings (not methods, seeds, paths or progress bars), the
+    modality-dropout rate for ``+mdrop`` runs only, and the robustness protocol.
     """
-    key = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_TRAINING}
+    from lepton_mm.data.avmnist import SPLIT_SIZES
+
+    out = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_TRAINING}
+    out["method"] = method
     if split_method(method)[1]:
-        key["modality_dropout"] = config.modality_dropout
-    return key
+        out["modality_dropout"] = config.modality_dropout
+    if config.robustness:
+        out["robustness"] = robustness_protocol(config, config.num_test or
+                                                SPLIT_SIZES["test"])
+    return out
 
 
-def run_one(config: AVMNISTConfig, method: str, seed: int, data: dict[str, Any] | None,
+def run_command(config: AVMNISTConfig, method: str, seed: int) -> str:
+    """The command line (from the repository root) that trains just this run again."""
+    defaults = quick_config() if config.quick else AVMNISTConfig()
+    parts = ["python experiments/avmnist.py"]
+    if config.quick:
+        parts.append("--quick")
+    base, mdrop = split_method(method)
+    parts += [f"--fusion {base}", f"--seeds {seed}"]
+    if mdrop:
+        parts.append(f"--modality-dropout {config.modality_dropout:g}")
+    flags = {"data_seed": "--data-seed", "snr_db": "--snr-db", "epochs": "--epochs",
+             "batch_size": "--batch-size", "learning_rate": "--learning-rate",
+             "num_train": "--num-train", "num_val": "--num-val", "num_test": "--num-test"}
+    for field, flag in flags.items():
+        value = getattr(config, field)
+        if value != getattr(defaults, field):
+            parts.append(f"{flag} {value:g}" if isinstance(value, float) else
+                         f"{flag} {value}")
+    if not config.robustness:
+        parts.append("--no-robustness")
+    if config.snr_sweep != defaults.snr_sweep:
+        parts.append("--snr-sweep=" + ",".join(f"{v:g}" for v in config.snr_sweep))
+    if config.image_noise_sweep != defaults.image_noise_sweep:
+        parts.append("--image-noise " + ",".join(f"{v:g}" for v in config.image_noise_sweep))
+    return " ".join([*parts, "--force"])
+
+
+def run_one(config: AVMNISTConfig, method: str, seed: int, data: dict[str, Any],
             workdir: Path) -> dict[str, Any]:
-    """Trains (or resumes) one method with one seed; returns and writes its result.
+    """Trains (or resumes from ``workdir``'s checkpoint) one run; returns its record.
 
-    A run finished earlier is not retrained; if its robustness results are missing or
-    were made with other sweep settings, they are computed from its best checkpoint.
+    The test split is scored once, by the robustness pass's both-modalities condition
+    (the table's test accuracy and the sweep's training-SNR point are the same number).
     """
+    from lepton_mm import experiment as ledger
     from lepton_mm.models import Classification
-    from lepton_mm.training import OptimizerConfig, evaluate, fit, seed_rngs
+    from lepton_mm.training import OptimizerConfig, fit, seed_rngs
 
     base, mdrop = split_method(method)
-    done = finished_result(config, workdir, method)
-    if done is not None:
-        if config.robustness and not _robustness_current(config, done):
-            model = _load_best(config, method, seed, workdir)
-            if model is not None:
-                done["robustness"] = robustness_results(config, method, model, data)
-                (workdir / "result.json").write_text(json.dumps(done, indent=2) + "\n")
-        return done
-    key = _run_key(config, method)
-    # fit checks the optimiser, batch size and seed of a checkpoint it resumes, not the
-    # data: refuse to continue a run made with other settings (more epochs are fine).
-    key_path = workdir / "run_key.json"
-    if key_path.exists():
-        old = json.loads(key_path.read_text())
-        changed = sorted(k for k in {*old, *key} if k != "epochs" and old.get(k) != key.get(k))
-        if changed:
-            raise ValueError(f"{workdir}: holds a run with different {changed} "
-                             f"({[old.get(k) for k in changed]} there, "
-                             f"{[key.get(k) for k in changed]} now); use a fresh --workdir.")
-    workdir.mkdir(parents=True, exist_ok=True)
-    key_path.write_text(json.dumps(key, indent=2) + "\n")
+    settings = run_config(config, method)
     task = Classification(NUM_CLASSES)
     eval_batch_size = config.eval_batch_size or config.batch_size
-    memory_scoped = _reset_peak_memory()
+    memory_scoped = ledger.reset_peak_rss()
     start = time.perf_counter()
     model = build_model(config, base, seed_rngs(seed))
     fitted = fit(
@@ -551,68 +475,43 @@ def run_one(config: AVMNISTConfig, method: str, seed: int, data: dict[str, Any] 
         eval_batch_size=eval_batch_size, seed=seed, monitor="accuracy", mode="max",
         modality_dropout=config.modality_dropout if mdrop else 0.0,
         checkpoint_every=config.checkpoint_every, progress=config.progress,
-        tensorboard=False, config={**key, "method": method})
+        tensorboard=False, config={"hash": ledger.config_hash(settings)})
     fit_time = time.perf_counter() - start
-    test = evaluate(model, task, data["test"], batch_size=eval_batch_size)
     resumed = fitted.resumed_from or 0
     epochs_here = sum(1 for r in fitted.history if r["step"] > resumed)
     best_epoch = next(r["epoch"] for r in fitted.history if r["step"] == fitted.best_step)
-    result = {
-        "method": method, "seed": seed, "run_key": key,
-        "test_accuracy": test["accuracy"], "test_f1": test["f1"],
-        "val_accuracy": fitted.best_metrics["accuracy"], "best_epoch": best_epoch,
-        "epochs": len(fitted.history), "num_params": fitted.num_params,
-        # Wall time of fit (training, per-epoch validation and compilation) per epoch
-        # trained by this call; None if this call only restored a finished run.
-        "epoch_time_s": fit_time / epochs_here if epochs_here else None,
-        "peak_rss_mb": _peak_rss_mb(),
-        "peak_rss_scope": "run" if memory_scoped else "process",
-        "history": list(fitted.history),
-        "resumed_from": fitted.resumed_from,
+    rob = robustness_results(config, method, model, data, full=config.robustness)
+    predictions = rob.pop("test_predictions")
+    metrics = {
+        "test_accuracy": float(np.mean(predictions == np.asarray(data["test"]["label"]))),
+        "val_accuracy": float(fitted.best_metrics["accuracy"]),
+        "best_epoch": best_epoch, "epochs": len(fitted.history),
+        "history": [{"epoch": r["epoch"], "train_loss": round(r["train_loss"], 6),
+                     "val_accuracy": r["eval"]["accuracy"]} for r in fitted.history],
     }
-    if config.robustness:
-        result["robustness"] = robustness_results(config, method, model, data)
-    (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    import jax
 
-
-def _load_best(config: AVMNISTConfig, method: str, seed: int, workdir: Path) -> Any:
-    """The best checkpoint of a finished run as a model, or None (with a warning)."""
-    from lepton_mm.training import load_model, seed_rngs
-
-    base, _ = split_method(method)
-    try:
-        return load_model(workdir, lambda: build_model(config, base, seed_rngs(seed)))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"        warning: {workdir}: no robustness results and no usable best "
-              f"checkpoint to compute them from ({type(e).__name__}: {e})", flush=True)
-        return None
-
-
-def finished_result(config: AVMNISTConfig, workdir: Path,
-                    method: str = "") -> dict[str, Any] | None:
-    """The stored result of a run finished with these settings, else None."""
-    path = workdir / "result.json"
-    if not path.exists():
-        return None
-    done = json.loads(path.read_text())
-    return done if done.get("run_key") == _run_key(config, method) else None
-
-
-def _needs_work(config: AVMNISTConfig, workdir: Path, method: str) -> bool:
-    done = finished_result(config, workdir, method)
-    return done is None or (config.robustness and not _robustness_current(config, done))
+    return ledger.make_record(
+        ledger.RunKey(EXPERIMENT, method, seed, config.data_seed),
+        command=run_command(config, method, seed), config=settings, numerics=NUMERICS,
+        metrics=metrics, robustness=rob if config.robustness else None,
+        params=fitted.num_params,
+        # fit's wall time (training, validation, compilation) per epoch trained by this
+        # call; None when the call only restored a finished run.
+        seconds_per_epoch=round(fit_time / epochs_here, 2) if epochs_here else None,
+        peak_rss_mb=round(ledger.peak_rss_mb(), 1),
+        machine=ledger.machine_info(device_kind=jax.devices()[0].device_kind),
+        extra={"peak_rss_scope": "run" if memory_scoped else "process",
+               "resumed_from": fitted.resumed_from})
 
 
 # ---------------------------------------------------------------------------- summary
 
 
 def _stats(values: Mapping[str, float]) -> dict[str, Any]:
-    """``{"mean", "std" (over seeds; None for one), "per_seed"}``."""
-    x = np.array(list(values.values()), float)
-    return {"mean": float(x.mean()),
-            "std": float(x.std(ddof=1)) if len(x) > 1 else None,
-            "per_seed": dict(values)}
+    from lepton_mm.experiment import seed_stats
+
+    return seed_stats(values)
 
 
 def _sweep_summary(runs: Sequence[Mapping[str, Any]], sweep: str) -> dict[str, Any] | None:
@@ -651,13 +550,15 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for method, runs in results.items():
         entry = {
-            "test_accuracy": _stats({str(r["seed"]): r["test_accuracy"] for r in runs}),
-            "val_accuracy": _stats({str(r["seed"]): r["val_accuracy"] for r in runs}),
-            "num_params": runs[0]["num_params"],
-            "epoch_time_s": mean_of(runs, "epoch_time_s"),
+            "test_accuracy": _stats({str(r["seed"]): r["metrics"]["test_accuracy"]
+                                     for r in runs}),
+            "val_accuracy": _stats({str(r["seed"]): r["metrics"]["val_accuracy"]
+                                    for r in runs}),
+            "num_params": runs[0]["params"],
+            "epoch_time_s": mean_of(runs, "seconds_per_epoch"),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "best_epoch": {str(r["seed"]): r["best_epoch"] for r in runs},
-            "modality_dropout": runs[0]["run_key"].get("modality_dropout", 0.0),
+            "best_epoch": {str(r["seed"]): r["metrics"]["best_epoch"] for r in runs},
+            "modality_dropout": runs[0]["config"].get("modality_dropout", 0.0),
         }
         if all(r.get("robustness") for r in runs):
             for cond in ("audio_absent", "image_absent"):
@@ -801,37 +702,177 @@ def plot_sweeps(summary: Mapping[str, Any], workdir: str | Path,
     return written
 
 
-def run(config: AVMNISTConfig) -> dict[str, Any]:
-    """Runs every (method, seed) not finished yet; writes and returns the summary."""
-    methods = resolve_methods(config)
-    root = Path(config.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(
-        json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    todo = [(m, s) for m in methods for s in config.seeds
-            if _needs_work(config, root / m / f"seed_{s}", m)]
+def expected_keys(config: AVMNISTConfig) -> list[Any]:
+    """The ``RunKey`` of every (method, seed) the config asks for."""
+    from lepton_mm.experiment import RunKey
+
+    return [RunKey(EXPERIMENT, m, s, config.data_seed)
+            for m in resolve_methods(config) for s in config.seeds]
+
+
+def run(config: AVMNISTConfig, *, shard: str | None = None,
+        force: bool = False) -> dict[str, Any]:
+    """Trains every run whose record is missing or stale, writing each as it finishes.
+
+    Records go to ``config.results`` (``results/avmnist/<method>/seed<k>.json``);
+    checkpoints to ``WORKDIR/<method>/seed<k>-<hash>/`` (the hash of the run's config
+    and numerics, so a changed config never resumes an old checkpoint). ``shard``
+    ``"i/n"`` takes every n-th run still to do; ``force`` retrains current runs too.
+    Returns the report over the records (``report``).
+    """
+    from lepton_mm import experiment as ledger
+
+    book = ledger.Ledger(config.results, EXPERIMENT)
+    keys = expected_keys(config)
+    hashes = {m: ledger.config_hash(run_config(config, m)) for m in resolve_methods(config)}
+    todo = keys if force else book.todo(keys, config_hashes=hashes, numerics=NUMERICS)
+    todo = ledger.shard(todo, shard)
+    print(f"{len(keys) - len(book.todo(keys, config_hashes=hashes, numerics=NUMERICS))} "
+          f"of {len(keys)} runs have a current record; training {len(todo)}"
+          + (f" (shard {shard})" if shard else ""), flush=True)
     data = make_data(config) if todo else None  # a finished table needs no data
-    results: dict[str, list[dict[str, Any]]] = {}
-    total, count = len(methods) * len(config.seeds), 0
-    for method in methods:
+    if todo and config.robustness:
+        sweep_data(config, data)  # built once, before the runs' peak memory is measured
+    for count, key in enumerate(todo, 1):
+        print(f"[{count}/{len(todo)}] {key.label()}", flush=True)
+        record = run_one(config, key.method, key.seed, data, run_workdir(config, key))
+        path = book.write(record)
+        m = record["metrics"]
+        line = (f"        test accuracy {100 * m['test_accuracy']:.2f} %  (val "
+                f"{100 * m['val_accuracy']:.2f} %, best epoch {m['best_epoch']}, "
+                f"{record['seconds_per_epoch']} s/epoch) -> {path}")
+        rob = record.get("robustness")
+        if rob and rob.get("audio_absent") is not None:
+            line += (f"; audio absent {100 * rob['audio_absent']:.2f} %, image absent "
+                     f"{100 * rob['image_absent']:.2f} %")
+        print(line, flush=True)
+    return report(config, config.workdir)
+
+
+def run_workdir(config: AVMNISTConfig, key: Any) -> Path:
+    """``WORKDIR/<method>/seed<k>[-data<d>]-<hash>``: the run's checkpoints and log; the
+    hash covers its config and the numerics version (a changed run never resumes)."""
+    from lepton_mm import experiment as ledger
+
+    tag = ledger.config_hash({"config": ledger.config_hash(run_config(config, key.method)),
+                              "numerics": NUMERICS})[:8]
+    return Path(config.workdir) / key.method / f"{key.file_name()[:-5]}-{tag}"
+
+
+def report(config: AVMNISTConfig, out: str | Path) -> dict[str, Any]:
+    """Reads the ledger (trains nothing); writes ``results.json``, ``results.md`` and the
+    sweep figures to ``out``; returns the ``results.json`` content.
+
+    ``results.json``: per method the ``summarize`` entry, plus ``complete`` (every
+    expected run has a current record), ``missing`` and ``stale`` (run labels; a stale
+    record, made with another config or numerics version, is never in a table).
+    The same records give byte-identical files.
+    """
+    from lepton_mm import experiment as ledger
+
+    out = Path(out)
+    book = ledger.Ledger(config.results, EXPERIMENT)
+    keys = expected_keys(config)
+    hashes = {m: ledger.config_hash(run_config(config, m)) for m in resolve_methods(config)}
+    collected = ledger.collect(book, keys, config_hashes=hashes, numerics=NUMERICS)
+    current = {m: runs for m, runs in collected.current.items() if runs}
+    summary = summarize(current)
+    result = {"methods": summary, "complete": collected.complete,
+              "expected_runs": len(keys),
+              "current_runs": sum(len(r) for r in current.values()),
+              "missing": collected.missing, "stale": collected.stale,
+              "numerics": NUMERICS}
+    out.mkdir(parents=True, exist_ok=True)
+    ledger.write_json(result, out / "results.json")
+    head = (f"{result['current_runs']} of {len(keys)} runs have a current record"
+            + ("" if collected.complete else f"; missing: {len(collected.missing)}")
+            + (f"; stale (not in the tables): {len(collected.stale)}"
+               if collected.stale else "") + ".\n\n")
+    ledger.write_text(head + (markdown_table(summary) if summary else ""),
+                      out / "results.md")
+    if config.robustness and summary:
+        plot_sweeps(summary, out, train_snr_db=config.snr_db)
+    return result
+
+
+#: Extra levels printed by ``--validate-image-noise`` between and beyond the sweep's.
+_NOISE_PROBE = (0.05, 0.15, 0.4, 0.6, 1.5)
+# fold_in tag of the validation noise key (the test sweep uses _IMAGE_NOISE_TAG).
+_VAL_NOISE_TAG = 2000
+
+
+def validate_image_noise(config: AVMNISTConfig) -> dict[str, dict[float, float]]:
+    """Validation accuracy of each finished run's best checkpoint under image noise.
+
+    For every method and seed in ``config`` with a checkpoint in the workdir: accuracy
+    on the validation split with noise of each sweep level (and ``_NOISE_PROBE``) added,
+    from the key ``fold_in(key(data_seed), 2000)`` (not the test sweep's draw). This is
+    how the sweep's levels were checked (docs/results.md). Returns and prints
+    ``{"<method>/seed<k>": {sigma: accuracy}}``.
+    """
+    import jax
+
+    from lepton_mm import experiment as ledger
+    from lepton_mm.robustness import ConditionEvaluator, add_gaussian_noise
+    from lepton_mm.training import load_model, seed_rngs
+
+    val = make_data(config)["val"]
+    n = len(val["label"])
+    key = jax.random.fold_in(jax.random.key(config.data_seed), _VAL_NOISE_TAG)
+    sigmas = sorted({*config.image_noise_sweep, *_NOISE_PROBE})
+    out = {}
+    for method in resolve_methods(config):
+        if method == "audio_only":
+            continue
         for seed in config.seeds:
-            count += 1
-            print(f"[{count}/{total}] {method} seed {seed}", flush=True)
-            r = run_one(config, method, seed, data, root / method / f"seed_{seed}")
-            results.setdefault(method, []).append(r)
-            line = (f"        test accuracy {100 * r['test_accuracy']:.2f} %  (val "
-                    f"{100 * r['val_accuracy']:.2f} %, best epoch {r['best_epoch']})")
-            rob = r.get("robustness")
-            if rob and rob.get("audio_absent") is not None:
-                line += (f"; audio absent {100 * rob['audio_absent']:.2f} %, image absent "
-                         f"{100 * rob['image_absent']:.2f} %")
-            print(line, flush=True)
-            summary = summarize(results)
-            (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-            (root / "results.md").write_text(markdown_table(summary))
-    if config.robustness:
-        plot_sweeps(summary, root, train_snr_db=config.snr_db)
-    return summary
+            k = ledger.RunKey(EXPERIMENT, method, seed, config.data_seed)
+            workdir = run_workdir(config, k)
+            if not workdir.exists():
+                print(f"{k.label()}: no checkpoint in {workdir}")
+                continue
+            base, _ = split_method(method)
+            model = load_model(workdir, lambda b=base, s=seed: build_model(
+                config, b, seed_rngs(s)))
+            evaluator = ConditionEvaluator(model, config.eval_batch_size or
+                                           config.batch_size)
+            curve = {}
+            for sigma in sigmas:
+                images = val["image"] if sigma == 0 else np.asarray(add_gaussian_noise(
+                    val["image"], sigma, key=key, example_index=np.arange(n)))
+                curve[sigma] = evaluator.accuracy({**val, "image": images})
+            out[f"{method}/seed{seed}"] = curve
+            print(f"{k.label()} validation accuracy (%): " + ", ".join(
+                f"σ {s:g}: {100 * a:.1f}" for s, a in curve.items()), flush=True)
+    return out
+
+
+DOCS_BEGIN = "<!-- avmnist-report:begin -->"
+DOCS_END = "<!-- avmnist-report:end -->"
+_DOC_FIGURES = ("audio_snr_sweep.png", "image_noise_sweep.png")
+
+
+def docs_block(report_dir: Path) -> str:
+    """What ``update_docs`` puts between the markers: the report's ``results.md``."""
+    return f"{DOCS_BEGIN}\n{(report_dir / 'results.md').read_text()}{DOCS_END}"
+
+
+def update_docs(report_dir: Path, doc: Path) -> None:
+    """Replaces the marked block of ``doc`` with the report in ``report_dir`` and copies
+    its figures to ``doc``'s ``figures/avmnist_*.png``."""
+    import shutil
+
+    from lepton_mm.experiment import write_text
+
+    text = doc.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise ValueError(f"--docs: {doc} has no {DOCS_BEGIN} ... {DOCS_END} block.")
+    head, rest = text.split(DOCS_BEGIN, 1)
+    tail = rest.split(DOCS_END, 1)[1]
+    write_text(head + docs_block(report_dir) + tail, doc)
+    for name in _DOC_FIGURES:
+        if (report_dir / name).exists():
+            (doc.parent / "figures").mkdir(exist_ok=True)
+            shutil.copyfile(report_dir / name, doc.parent / "figures" / f"avmnist_{name}")
 
 
 # ------------------------------------------------------------------------------- main
@@ -845,8 +886,8 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(s) for s in text.split(",") if s.strip())
 
 
-def parse_args(argv: list[str] | None = None) -> AVMNISTConfig:
-    """Command line → ``AVMNISTConfig``."""
+def parse_args(argv: list[str] | None = None) -> tuple[AVMNISTConfig, argparse.Namespace]:
+    """Command line → ``(AVMNISTConfig, the parsed arguments)``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fusion", default=None,
                         help="'all' or comma-separated methods: image_only, audio_only, "
@@ -875,7 +916,32 @@ def parse_args(argv: list[str] | None = None) -> AVMNISTConfig:
     parser.add_argument("--image-noise", type=_floats, default=None,
                         help="image noise standard deviations, increasing, e.g. 0,0.5,1")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--results", default=None,
+                        help="ledger root (default: results; --quick: WORKDIR/results)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="train every N-th run still to do, starting at I (0-based)")
+    parser.add_argument("--force", action="store_true",
+                        help="retrain runs whose record is current too")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write the report of the ledger to --out")
+    parser.add_argument("--out", default=None,
+                        help="report directory (default: the workdir)")
+    parser.add_argument("--validate-image-noise", action="store_true",
+                        help="print the validation accuracy of each trained image-bearing "
+                             "run's best checkpoint under the image-noise levels (how "
+                             "the levels were checked)")
+    parser.add_argument("--docs", default=None, metavar="MARKDOWN",
+                        help="with --report: also put the report's tables between the "
+                             "avmnist-report markers of this file (docs/results.md) and "
+                             "its figures into the file's figures/ folder")
     args = parser.parse_args(argv)
+    if args.shard is not None:
+        from lepton_mm.experiment import shard
+
+        try:
+            shard([], args.shard)
+        except ValueError as e:
+            parser.error(str(e))
     if args.seed is not None and args.seeds is not None:
         parser.error("give --seed or --seeds, not both")
     overrides: dict[str, Any] = {"data_seed": args.data_seed, "snr_db": args.snr_db,
@@ -889,6 +955,8 @@ def parse_args(argv: list[str] | None = None) -> AVMNISTConfig:
         overrides["seeds"] = (args.seed,) if args.seed is not None else args.seeds
     overrides["workdir"] = args.workdir or ("runs/avmnist_quick" if args.quick
                                             else "runs/avmnist")
+    overrides["results"] = args.results or (str(Path(overrides["workdir"]) / "results")
+                                            if args.quick else "results")
     if args.snr_sweep is not None:
         overrides["snr_sweep"] = args.snr_sweep
     if args.image_noise is not None:
@@ -897,19 +965,44 @@ def parse_args(argv: list[str] | None = None) -> AVMNISTConfig:
                  "num_test"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    return quick_config(**overrides) if args.quick else AVMNISTConfig(**overrides)
+    config = quick_config(**overrides) if args.quick else AVMNISTConfig(**overrides)
+    return config, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    resolve_methods(config)
+    config, args = parse_args(argv)
+    try:
+        resolve_methods(config)
+    except ValueError as e:
+        print(f"avmnist.py: error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    summary = run(config)
+    if args.validate_image_noise:
+        validate_image_noise(config)
+        return 0
+    if args.report:
+        result = report(config, args.out or config.workdir)
+        if args.docs:
+            update_docs(Path(args.out or config.workdir), Path(args.docs))
+    else:
+        _enable_compilation_cache(Path(config.workdir) / "jax_cache")
+        run(config, shard=args.shard, force=args.force)
+        result = report(config, args.out or config.workdir)
+    out = Path(args.out or config.workdir)
     print()
-    print(markdown_table(summary), end="")
-    print(f"\n{Path(config.workdir) / 'results.json'}  ({time.perf_counter() - start:.0f} s)")
-    return 0 if all(math.isfinite(s["test_accuracy"]["mean"]) for s in summary.values()) \
-        else 1
+    print((out / "results.md").read_text(), end="")
+    print(f"\n{out / 'results.json'}  complete: {str(result['complete']).lower()}  "
+          f"({time.perf_counter() - start:.0f} s)")
+    means = [s["test_accuracy"]["mean"] for s in result["methods"].values()]
+    return 0 if all(math.isfinite(m) for m in means) else 1
+
+
+def _enable_compilation_cache(path: Path) -> None:
+    """JAX's persistent compilation cache: later runs (seeds) reuse compiled steps."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ Public API at a glance:
   lepton_mm.alignment            clip_loss, sigmoid_loss, cca_loss, ProjectionHead, ...
   lepton_mm.models               MultimodalClassifier, TwoTower, tasks
   lepton_mm.metrics              accuracy, F1, MAE, Pearson, MOSI Acc-2/7, recall@k (pure)
-  lepton_mm.robustness           mark_absent, add_gaussian_noise, MultiBench's relative and
-                                 effective robustness (pure)
+  lepton_mm.robustness           mark_absent, add_gaussian_noise, ConditionEvaluator,
+                                 MultiBench's relative and effective robustness
   lepton_mm.training             fit, OptimizerConfig, checkpoints, sharding
   lepton_mm.export               save / load a model as serialised StableHLO
+  lepton_mm.experiment           the run ledger: committed JSON records, stale detection,
+                                 shards, seed statistics
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from lepton_mm.types import EncoderOutput, masked_mean
 __version__ = "0.1.0.dev0"
 
 _SUBPACKAGES = (
-    "alignment", "data", "encoders", "export", "features", "fusion", "metrics", "models",
+    "alignment", "data", "encoders", "experiment", "export", "features", "fusion", "metrics",
+    "models",
     "pretrained", "robustness", "training",
 )
 

@@ -39,11 +39,23 @@ def test_pca_keeps_four_components_for_a_quarter_of_the_variance(data):
     assert np.all(np.diff(ratio) <= 0) and abs(ratio.sum() - 1) < 1e-12
 
 
+def test_pca_is_fitted_on_the_training_split_only(data, mnist):
+    train_images = mnist.x_train[data.train.mnist_index]
+    assert len(train_images) == 55000
+    expected = av.fit_image_pca(train_images)
+    for got, want in zip(data.pca, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    # Not on all 60 000 MNIST training images (train + val): the means differ.
+    all_mean = mnist.x_train.reshape(60000, 784).mean(axis=0) / 255.0
+    assert np.abs(data.pca.mean - all_mean).max() > 1e-3
+    assert np.intersect1d(data.train.mnist_index, data.val.mnist_index).size == 0
+
+
 def test_pca_components_are_the_principal_axes(data, mnist):
-    # Coefficients of the 60 000 training images are uncorrelated, and their variances
-    # are the retained eigenvalues, as fractions of the total pixel variance.
-    x = mnist.x_train.reshape(60000, 784) / 255.0
-    coeffs = np.concatenate([data.train.coefficients, data.val.coefficients])
+    # Coefficients of the 55 000 training-split images are uncorrelated, and their
+    # variances are the retained eigenvalues, as fractions of the total pixel variance.
+    x = mnist.x_train[data.train.mnist_index].reshape(55000, 784) / 255.0
+    coeffs = data.train.coefficients
     cov = np.cov(coeffs, rowvar=False, bias=True)
     total = x.var(axis=0).sum()
     np.testing.assert_allclose(np.diag(cov) / total, data.pca.explained_variance_ratio[:4],

@@ -167,3 +167,15 @@ def test_load_model_builds_abstractly_and_allocates_once(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 9"):
         load_model(tmp_path, build, step=9)
+
+
+def test_load_model_accepts_a_relative_workdir(tmp_path, monkeypatch):
+    model, _, opt_state = _trained_state()
+    ckpt = Checkpointer(tmp_path / "run")
+    ckpt.save(2, model_state=nnx.state(model), opt_state=opt_state,
+              meta={"fingerprint": model_fingerprint(model), "loop": {"best_step": 2}})
+    ckpt.close()
+    monkeypatch.chdir(tmp_path)  # Orbax refused relative paths at restore time
+    loaded = load_model("run", lambda: Net(nnx.Rngs(123)))
+    for a, b in zip(_leaves(nnx.state(loaded)), _leaves(nnx.state(model)), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -21,7 +21,9 @@ from lepton_mm.models import (
     Regression,
     TwoTower,
     TwoTowerOutput,
+    apply_presence,
     build_classifier,
+    encode_modalities,
 )
 from lepton_mm.types import EncoderOutput
 
@@ -88,6 +90,26 @@ def test_absent_rows_may_hold_nan():
     image = batch["image"].at[1].set(jnp.nan)
     batch = dict(batch, image=image, present={"image": jnp.array([True, False, True, True])})
     assert bool(jnp.all(jnp.isfinite(model(batch))))
+
+
+def test_apply_presence_and_encode_modalities_are_the_models_encoding():
+    tokens = jnp.arange(12, dtype=jnp.float32).reshape(2, 3, 2)
+    mask = jnp.array([[True, True, False], [True, False, True]])
+    out = EncoderOutput(tokens, mask, jnp.array([[1.0, 2.0], [jnp.nan, 4.0]]))
+    assert apply_presence(out, None) is out
+    got = apply_presence(out, jnp.array([True, False]))
+    np.testing.assert_array_equal(got.mask, [[True, True, False], [False, False, False]])
+    np.testing.assert_array_equal(got.tokens, [[[0, 1], [2, 3], [0, 0]], [[0, 0]] * 3])
+    np.testing.assert_array_equal(got.pooled, [[1.0, 2.0], [0.0, 0.0]])  # NaN selected away
+    model = _model()
+    batch = dict(_batch(), present={"audio": jnp.array([True, False, True, False])})
+    encoded = encode_modalities(model.encoders, batch, model.modalities)
+    reference = model.encode(batch)
+    assert set(encoded) == {"audio", "image"}
+    for m in model.modalities:
+        for a, b in zip(encoded[m], reference[m], strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.head(model.fusion(encoded)), model(batch))
 
 
 def test_unimodal_baseline_uses_pooled_features():

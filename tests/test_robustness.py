@@ -10,6 +10,7 @@ import pytest
 
 from lepton_mm import robustness
 from lepton_mm.robustness import (
+    ConditionEvaluator,
     add_gaussian_noise,
     effective_robustness,
     mark_absent,
@@ -87,6 +88,120 @@ def test_absence_through_the_model_equals_a_missing_modality():
     b = model(mark_absent(other, "audio"))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(model(batch), model(other))
+
+
+def _bimodal_model(seed=0):
+    """Image + audio encoders (batch norm), concat with dropout, 3 classes; train mode."""
+    from flax import nnx
+
+    from lepton_mm.encoders import AudioSpectrogramCNN, ImageCNN
+    from lepton_mm.fusion import build
+    from lepton_mm.models import MultimodalClassifier
+
+    rngs = nnx.Rngs(seed)
+    encoders = {"image": ImageCNN(1, dim=8, widths=(4,), rngs=rngs),
+                "audio": AudioSpectrogramCNN(8, dim=8, widths=(4,), rngs=rngs)}
+    return MultimodalClassifier(
+        encoders, build("concat", {"image": 8, "audio": 8}, 6, hidden=(6,), dropout=0.5,
+                        rngs=rngs),
+        nnx.Linear(6, 3, rngs=rngs))
+
+
+def _random_batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(n, 6, 6, 1)).astype(np.float32),
+            "audio": (rng.normal(size=(n, 10, 8)).astype(np.float32),
+                      np.arange(10)[None, :] < rng.integers(2, 11, (n, 1))),
+            "label": np.zeros(n, np.int32)}
+
+
+def _train_flags(model):
+    from flax import nnx
+
+    return [m.use_running_average for _, m in nnx.iter_modules(model)
+            if hasattr(m, "use_running_average")]
+
+
+def test_condition_evaluator_equals_the_model_under_every_condition():
+    model = _bimodal_model()
+    n = 13  # not a multiple of batch_size: the last chunk is padded with repeats
+    batch = _random_batch(n)
+    evaluator = ConditionEvaluator(model, batch_size=5)
+    assert _train_flags(model) and not any(_train_flags(model))  # caller's model untouched
+    model.eval()  # the reference: the model's own forward pass in eval mode
+    rng = np.random.default_rng(1)
+    mixed = {**batch, "present": {"audio": rng.random(n) < 0.5,
+                                  "image": rng.random(n) < 0.5}}
+    noisy = {**batch, "image": batch["image"] + rng.normal(size=batch["image"].shape)
+             .astype(np.float32)}
+    conditions = {"both": batch, "audio_absent": mark_absent(batch, "audio"),
+                  "image_absent": mark_absent(batch, "image"), "mixed": mixed,
+                  "noisy_image": noisy, "noisy_audio_absent": mark_absent(noisy, "audio")}
+    for name, condition in conditions.items():
+        expected = np.asarray(jnp.argmax(model(condition), axis=-1))
+        preds = evaluator.predictions(condition)
+        assert preds.shape == (n,) and np.issubdtype(preds.dtype, np.integer), name
+        np.testing.assert_array_equal(preds, expected, err_msg=name)
+        labels = expected.copy()
+        labels[:4] = (labels[:4] + 1) % 3  # exactly 9 of 13 correct
+        assert evaluator.accuracy({**condition, "label": labels}) == pytest.approx(
+            9 / 13), name
+    # The conditions do change the predictions (else the test could not fail).
+    assert len({evaluator.predictions(c).tobytes() for c in conditions.values()}) > 2
+
+
+def test_condition_evaluator_encodes_each_input_once():
+    model = _bimodal_model()
+    batch = _random_batch(7)
+    evaluator = ConditionEvaluator(model, batch_size=4)
+    calls = []
+    encode = evaluator._encode
+
+    def counting(*args, modality):
+        calls.append(modality)
+        return encode(*args, modality=modality)
+
+    evaluator._encode = counting
+    first = evaluator.predictions(batch)
+    assert sorted(calls) == ["audio", "audio", "image", "image"]  # 2 chunks each
+    calls.clear()
+    evaluator.accuracy(mark_absent(batch, ["audio", "image"]))
+    np.testing.assert_array_equal(evaluator.predictions(batch), first)
+    assert calls == []  # the same arrays: no encoder re-runs
+    evaluator.predictions({**batch, "image": batch["image"] + 1})
+    assert calls == ["image", "image"]
+    calls.clear()
+    log_mel, mask = batch["audio"]
+    evaluator.predictions({**batch, "audio": (log_mel, mask.copy())})  # any new leaf
+    assert calls == ["audio", "audio"]
+
+
+def test_condition_evaluator_unimodal_model_and_errors():
+    from flax import nnx
+
+    from lepton_mm.encoders import ImageCNN
+    from lepton_mm.models import MultimodalClassifier
+
+    rngs = nnx.Rngs(0)
+    model = MultimodalClassifier({"image": ImageCNN(1, dim=8, widths=(4,), rngs=rngs)},
+                                 None, nnx.Linear(8, 4, rngs=rngs))
+    model.eval()
+    batch = _random_batch(3)  # the audio is ignored; batch_size > n is fine
+    evaluator = ConditionEvaluator(model, batch_size=8)
+    np.testing.assert_array_equal(evaluator.predictions(batch),
+                                  np.asarray(jnp.argmax(model(batch), axis=-1)))
+    with pytest.raises(TypeError, match="MultimodalClassifier"):
+        ConditionEvaluator(model.encoders["image"], batch_size=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        ConditionEvaluator(model, batch_size=0)
+    with pytest.raises(ValueError, match="missing modality 'image'"):
+        evaluator.predictions({"audio": batch["audio"], "label": batch["label"]})
+    with pytest.raises(ValueError, match="label"):
+        evaluator.accuracy({"image": batch["image"]})
+    with pytest.raises(ValueError, match="label"):
+        evaluator.accuracy({**batch, "label": np.zeros(2, np.int32)})
+    with pytest.raises(ValueError, match="at least one example"):
+        evaluator.predictions({"image": batch["image"][:0]})
 
 
 def test_gaussian_noise_is_seeded_per_example():

@@ -45,6 +45,7 @@ MODULES = (
     "lepton_mm.metrics",
     "lepton_mm.robustness",
     "lepton_mm.export",
+    "lepton_mm.experiment",
 )
 
 _SECTION = re.compile(

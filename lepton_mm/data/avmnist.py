@@ -7,8 +7,9 @@ module rebuilds the benchmark from the repository's data, with seeded white Gaus
 noise; ``docs/avmnist.md`` gives the full definition and the differences.
 
 * Images: MNIST's official split, pixels / 255, projected onto the fewest leading
-  principal components (PCA fitted on the 60 000 training images) whose cumulative
-  explained variance reaches 25 % (k = 4), and reconstructed from them.
+  principal components (PCA fitted on the 55 000 images of the training split only,
+  MNIST train 0-54 999, so validation images play no part) whose cumulative explained
+  variance reaches 25 % (k = 4), and reconstructed from them.
 * Audio: FSDD split by take (0–4 test, 5–9 validation, 10–49 train); each clip scaled
   by its maximum absolute value, centred in a 1 s window (8000 samples, zero-padded or
   centre-cropped), white Gaussian noise at -15 dB SNR (relative to the clip's RMS) added
@@ -50,7 +51,8 @@ TAKES = {"train": tuple(range(10, 50)), "val": tuple(range(5, 10)), "test": tupl
 #: Examples per split (MultiBench's sizes): validation = the last 5000 MNIST train images.
 SPLIT_SIZES = {"train": 55_000, "val": 5_000, "test": 10_000}
 PCA_VARIANCE = 0.25
-#: The number of components that PCA_VARIANCE selects on MNIST (checked at build time).
+#: The number of components that PCA_VARIANCE selects on the training split's images
+#: (checked at build time).
 PCA_COMPONENTS = 4
 SNR_DB = -15.0
 SAMPLE_RATE = 8000
@@ -71,7 +73,7 @@ class ImagePCA(NamedTuple):
     """Principal components of flattened images (float64).
 
     Attributes:
-      mean: ``[d]`` the training mean.
+      mean: ``[d]`` the mean of the images it was fitted on.
       components: ``[d, k]`` the ``k`` leading unit eigenvectors of the covariance, as
         columns, in decreasing order of variance.
       explained_variance_ratio: ``[d]`` every eigenvalue over their sum, decreasing.
@@ -432,7 +434,8 @@ class AVMNIST(NamedTuple):
       train: 55 000 examples (MNIST train 0-54 999, FSDD takes 10-49).
       val: 5000 examples (MNIST train 55 000-59 999, FSDD takes 5-9).
       test: 10 000 examples (MNIST test, FSDD takes 0-4).
-      pca: the ``ImagePCA`` fitted on the 60 000 MNIST training images.
+      pca: the ``ImagePCA`` fitted on the training split's 55 000 images (MNIST train
+        0-54 999; not the validation images).
     """
 
     train: AVMNISTSplit
@@ -455,16 +458,17 @@ class _Sources(NamedTuple):
 def _sources(mnist_path: str, fsdd_path: str) -> _Sources:
     """Everything that does not depend on ``data_seed`` (cached per data folder)."""
     mnist = load_mnist(data_dir=Path(mnist_path).parent)
-    pca = fit_image_pca(mnist.x_train, variance=PCA_VARIANCE)
-    if pca.num_components != PCA_COMPONENTS:
-        raise AssertionError(
-            f"AV-MNIST: {PCA_VARIANCE:.0%} of MNIST's variance needs "
-            f"{pca.num_components} components, expected {PCA_COMPONENTS}; is {mnist_path} "
-            "the official MNIST?")
     n_train = SPLIT_SIZES["train"]
     train_idx = np.arange(n_train)
     val_idx = np.arange(n_train, n_train + SPLIT_SIZES["val"])
     test_idx = np.arange(SPLIT_SIZES["test"])
+    # Fitted on the training split only: validation images must not shape the features.
+    pca = fit_image_pca(mnist.x_train[train_idx], variance=PCA_VARIANCE)
+    if pca.num_components != PCA_COMPONENTS:
+        raise AssertionError(
+            f"AV-MNIST: {PCA_VARIANCE:.0%} of the variance of MNIST's first {n_train} "
+            f"training images needs {pca.num_components} components, expected "
+            f"{PCA_COMPONENTS}; is {mnist_path} the official MNIST?")
     mnist_index = {"train": train_idx, "val": val_idx, "test": test_idx}
     pixels = {"train": mnist.x_train[train_idx], "val": mnist.x_train[val_idx],
               "test": mnist.x_test}

@@ -14,12 +14,22 @@ that, but with channels last the 12-channel maps of the first layers vectorise b
 and the pooling gradient (reduce-window) dominated. ``conv_block`` therefore:
 
 * keeps activations ``[channels, height, width, batch]``: elementwise and reduction
-  passes run over long contiguous rows, and im2col is a single gather whose every
-  index copies a contiguous ``batch``-long run (one fusion: few ops to compile);
-* computes the convolution as ``kernel^T [c_out, c_in*k*k] @ patches`` with the output
-  positions in pooling-phase order, ``[c_out, p_h*p_w, h', w', batch]``, so batch-norm
-  statistics are one reduction and max pooling is a max over a leading axis (its
-  gradient one elementwise pass); ReLU runs after the pool (they commute).
+  passes run over long contiguous rows;
+* computes the convolution as ``kernel^T [c_out, c_in*k*k] @ patches`` and lays the
+  output positions out in pooling-phase order, ``[c_out, p_h*p_w, h', w', batch]``, so
+  batch-norm statistics are one reduction and max pooling is a max over a leading axis
+  (its gradient one elementwise pass); ReLU runs after the pool (they commute).
+
+How the patches are made (measured at the AV-MNIST recipe's batch 40, 2-core AMD EPYC,
+audio LeNet train step; docs/performance.md): im2col as one gather in phase order
+(``conv_patches``, kept as the documented reference layout) copies ``batch``-long runs
+and its gradient is a scatter-add, which XLA:CPU runs serially: 71.5 ms per step. Now
+the patches are ``k*k`` shifted slices of the padded map in natural order (each a
+contiguous ``width * batch`` run per row; the gradient is padded adds, no scatter) and
+the ``c_out``-row output is transposed to phase order after the matmul; the first
+layer, with one input channel, skips im2col altogether (``k*k`` shifted multiply-adds
+forward, XLA's own convolution gradient backward): 51.3 ms. Compilation takes longer
+(more, smaller ops): about +4 s for the audio LeNet's train step.
 
 Masked positions (``row_mask``) are selected away with ``jnp.where`` before the matmul
 and in every statistic, exactly as ``MaskedBatchNorm`` and ``masked_max_pool_time`` do.
@@ -27,6 +37,7 @@ and in every statistic, exactly as ``MaskedBatchNorm`` and ``masked_max_pool_tim
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -248,6 +259,111 @@ def conv_patches(x: Array, kernel_size: tuple[int, int], pool: tuple[int, int]) 
     return patches.reshape(c * kh * kw, -1)
 
 
+def _conv_phase_ordered(x: Array, kernel: Array, kernel_size: tuple[int, int],
+                        pool: tuple[int, int]) -> Array:
+    """``[c_out, p_h * p_w, h', w', batch]`` float32 conv output in pooling-phase order.
+
+    im2col by ``k_h * k_w`` shifted slices of the padded map (each a contiguous
+    ``width * batch`` run per row) in natural position order, one matmul, then the
+    (``c_out``-row, so cheap) output transposed to phase order. Its gradient is a sum of
+    padded slices, never a scatter.
+    """
+    c, h, w, b = x.shape
+    (kh, kw), (ph, pw) = kernel_size, pool
+    h2, w2 = _phase_grid(h, w, pool)
+    rows, cols = h2 * ph, w2 * pw
+    (top, bottom), (left, right) = same_padding(kh), same_padding(kw)
+    xp = jnp.pad(x, ((0, 0), (top, bottom + rows - h), (left, right + cols - w), (0, 0)))
+    patches = jnp.stack([xp[:, i:i + rows, j:j + cols, :]
+                         for i in range(kh) for j in range(kw)], axis=1)
+    y = jax.lax.dot_general(kernel, patches.reshape(c * kh * kw, -1),
+                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    c_out = kernel.shape[1]
+    y = y.reshape(c_out, h2, ph, w2, pw, b).transpose(0, 2, 4, 1, 3, 5)
+    return y.reshape(c_out, ph * pw, h2, w2, b)
+
+
+def _single_channel_direct(xp: Array, kernel: Array, kernel_size: tuple[int, int],
+                           pool: tuple[int, int], grid: tuple[int, int]) -> Array:
+    (kh, kw), (ph, pw), (h2, w2) = kernel_size, pool, grid
+    kernel = kernel.astype(jnp.float32).reshape(kh, kw, -1)
+    xp = xp.astype(jnp.float32)
+    phases = []
+    for a in range(ph):
+        for d in range(pw):
+            acc = None
+            for i in range(kh):
+                for j in range(kw):
+                    window = jax.lax.slice(
+                        xp, (a + i, d + j, 0),
+                        (a + i + (h2 - 1) * ph + 1, d + j + (w2 - 1) * pw + 1, xp.shape[2]),
+                        (ph, pw, 1))  # [h', w', batch]
+                    term = kernel[i, j][:, None, None, None] * window[None]
+                    acc = term if acc is None else acc + term
+            phases.append(acc)
+    return jnp.stack(phases, axis=1)  # [c_out, p_h * p_w, h', w', batch]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_single_channel(x: Array, kernel: Array, kernel_size: tuple[int, int],
+                         pool: tuple[int, int]) -> Array:
+    """The first layer's conv (one input channel) in pooling-phase order, float32.
+
+    Args:
+      x: ``[height, width, batch]``.
+      kernel: ``[k_h * k_w, c_out]``.
+
+    Returns:
+      ``[c_out, p_h * p_w, h', w', batch]`` as ``conv_patches`` + matmul computes it.
+
+    Forward: ``k_h * k_w`` shifted multiply-adds per phase, one fused elementwise pass
+    (no im2col: with one input channel the patches would be ``k_h * k_w`` times the
+    input, written and read back). Backward: XLA's own convolution gradients on the
+    ``[batch, h, w, 1]`` layout (kernel gradient; the input gradient only when used).
+    """
+    return _single_channel_direct(_pad_single(x, kernel_size, pool), kernel, kernel_size,
+                                  pool, _phase_grid(x.shape[0], x.shape[1], pool))
+
+
+def _pad_single(x: Array, kernel_size: tuple[int, int], pool: tuple[int, int]) -> Array:
+    h, w, _ = x.shape
+    h2, w2 = _phase_grid(h, w, pool)
+    (top, bottom), (left, right) = (same_padding(k) for k in kernel_size)
+    return jnp.pad(x, ((top, bottom + h2 * pool[0] - h), (left, right + w2 * pool[1] - w),
+                       (0, 0)))
+
+
+def _conv_single_channel_fwd(x, kernel, kernel_size, pool):
+    return _conv_single_channel(x, kernel, kernel_size, pool), (x, kernel)
+
+
+def _conv_single_channel_bwd(kernel_size, pool, res, g):
+    x, kernel = res
+    (kh, kw), (ph, pw) = kernel_size, pool
+    h, w, b = x.shape
+    c_out = kernel.shape[1]
+    h2, w2 = _phase_grid(h, w, pool)
+    # [c_out, ph*pw, h', w', b] -> natural order [b, h'*ph, w'*pw, c_out]
+    g = g.reshape(c_out, ph, pw, h2, w2, b).transpose(5, 3, 1, 4, 2, 0)
+    g = g.reshape(b, h2 * ph, w2 * pw, c_out)
+
+    def conv(xp_nhwc, k):
+        return jax.lax.conv_general_dilated(
+            xp_nhwc, k.reshape(kh, kw, 1, c_out), (1, 1), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            preferred_element_type=jnp.float32)
+
+    xp = jnp.transpose(_pad_single(x, kernel_size, pool), (2, 0, 1))[..., None]
+    _, vjp = jax.vjp(conv, xp.astype(jnp.float32), kernel.astype(jnp.float32))
+    dxp, dk = vjp(g)
+    (top, _), (left, _) = same_padding(kh), same_padding(kw)
+    dx = jnp.transpose(dxp[..., 0], (1, 2, 0))[top:top + h, left:left + w]
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_conv_single_channel.defvjp(_conv_single_channel_fwd, _conv_single_channel_bwd)
+
+
 def _static_valid(height: int, width: int, pool: tuple[int, int]) -> np.ndarray | None:
     """bool ``[1, p_h * p_w, h', w', 1]``: which phase positions lie inside the map, or
     None when the map is a whole number of windows."""
@@ -302,16 +418,17 @@ def conv_block(
     c_in, height, width, batch = x.shape
     kh, kw, _, c_out = conv.kernel.shape
     ph, pw = pool
-    h2, w2 = _phase_grid(height, width, pool)
+    h2, _ = _phase_grid(height, width, pool)
     out_dtype = dtype or x.dtype
     if row_mask is not None:
         x = jnp.where(row_mask[None, :, None, :], x, jnp.zeros((), x.dtype))
     kernel = jnp.transpose(conv.kernel[...], (2, 0, 1, 3)).reshape(c_in * kh * kw, c_out)
     if dtype is not None:
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = jax.lax.dot_general(kernel, conv_patches(x, (kh, kw), pool),
-                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    y = y.reshape(c_out, ph * pw, h2, w2, batch)
+    if c_in == 1:
+        y = _conv_single_channel(x[0], kernel, (kh, kw), pool)
+    else:
+        y = _conv_phase_ordered(x, kernel, (kh, kw), pool)
     if conv.bias is not None:
         y = y + conv.bias[...].astype(jnp.float32).reshape(c_out, 1, 1, 1, 1)
 

@@ -26,6 +26,15 @@ from lepton_mm.types import EncoderOutput
 Array = jax.Array
 
 
+# PyTorch's ``nn.init.xavier_normal_`` (untruncated normal, ``std = sqrt(2 / (fan_in +
+# fan_out))``) with its fan rule for any rank >= 2: ``fan_in = shape[1] · Π shape[2:]``,
+# ``fan_out = shape[0] · Π shape[2:]``. JAX's ``glorot_normal`` differs in both: it draws
+# from a normal truncated at ±2 std (rescaled to the same variance), and its fans are
+# ``in_axis=-2, out_axis=-1``.
+_xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal", in_axis=1,
+                                                      out_axis=0)
+
+
 def _with_one(z: Array) -> Array:
     """``[batch, d]`` → ``[batch, d + 1]``: prepends the constant 1 of ``[1; z]``."""
     return jnp.concatenate([jnp.ones((z.shape[0], 1), z.dtype), z], axis=1)
@@ -157,10 +166,16 @@ class LowRankFusion(FusionLayer):
 
         h = Σ_i w_i · Π_m ([1; z_m] W_m^(i)) + b      (Π elementwise over out_dim).
 
-    Cost is linear in the number of modalities and in each ``d_m``. Factors use Glorot
-    normal initialisation per rank slice, ``w`` Glorot normal over ``[1, rank]`` and
-    ``b`` zeros, as in the reference implementation. The layer has no dropout (LMF's
-    dropout lives in its unimodal subnetworks, i.e. the encoders here).
+    Cost is linear in the number of modalities and in each ``d_m``. The layer has no
+    dropout (LMF's dropout lives in its unimodal subnetworks, i.e. the encoders here).
+
+    Initialisation is MultiBench's (``LowRankTensorFusion``): PyTorch's
+    ``xavier_normal_`` applied to each whole tensor, an untruncated normal with
+    ``std = sqrt(2 / (fan_in + fan_out))`` and PyTorch's fan rule for an n-d tensor
+    (``fan_in = shape[1] · Π shape[2:]``, ``fan_out = shape[0] · Π shape[2:]``). So each
+    factor ``[rank, d_m + 1, out_dim]`` has ``std = sqrt(2 / ((d_m + 1 + rank) ·
+    out_dim))`` (0.029 for ``rank=4, d_m=32, out_dim=64``), ``w`` (drawn as ``[1, rank]``)
+    ``std = sqrt(2 / (rank + 1))``, and ``b`` is zero.
 
     Missing modalities: an absent modality's ``z_m`` is the zero vector, so its factor
     contributes ``[1; 0] W_m^(i)`` (the first row of each factor), exactly as TFN's
@@ -203,14 +218,12 @@ class LowRankFusion(FusionLayer):
         """
         super().__init__(dims, out_dim)
         self.rank = check_positive_int("rank", rank)
-        factor_init = jax.nn.initializers.glorot_normal(in_axis=1, out_axis=2,
-                                                         batch_axis=0)
         self.factors = nnx.List([
-            nnx.Param(factor_init(rngs.params(), (self.rank, self.dims[m] + 1,
-                                                  self.out_dim), jnp.float32))
+            nnx.Param(_xavier_normal(rngs.params(), (self.rank, self.dims[m] + 1,
+                                                     self.out_dim), jnp.float32))
             for m in self.modalities
         ])
-        w = jax.nn.initializers.glorot_normal()(rngs.params(), (1, self.rank), jnp.float32)
+        w = _xavier_normal(rngs.params(), (1, self.rank), jnp.float32)
         self.fusion_weights = nnx.Param(w.reshape(self.rank))
         self.bias = nnx.Param(jnp.zeros((self.out_dim,), jnp.float32))
 

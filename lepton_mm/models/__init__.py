@@ -1,6 +1,8 @@
 """Models (compositions of encoders, fusion layers and heads) and training tasks.
 
   MultimodalClassifier, build_classifier    encoders by modality → fusion → head
+  encode_modalities, apply_presence         the classifier's encoding half, for code
+                                            that runs encoders and fusion separately
   PooledFusion                              the unimodal pass-through "fusion"
   TwoTower, TwoTowerOutput                  dual encoder for contrastive alignment
   Classification, Binary, MultiLabel,       objectives: loss(outputs, batch, valid)
@@ -25,7 +27,9 @@ from lepton_mm.models.classifier import (
     RESERVED_KEYS,
     MultimodalClassifier,
     PooledFusion,
+    apply_presence,
     build_classifier,
+    encode_modalities,
 )
 from lepton_mm.models.tasks import (
     TASKS,
@@ -49,6 +53,8 @@ __all__ = [
     "Regression",
     "TwoTower",
     "TwoTowerOutput",
+    "apply_presence",
     "build_classifier",
+    "encode_modalities",
     "l2_normalize",
 ]

@@ -114,9 +114,24 @@ def _call_encoder(encoder: nnx.Module, inputs: Any) -> Any:
 
 
 def apply_presence(out: EncoderOutput, present: Array | None) -> EncoderOutput:
-    """AND-s ``present`` (bool ``[batch]``) into ``out.mask``; zeroes absent rows.
+    """Marks the examples where a modality is absent in its encoder's output.
 
-    Absent rows are *selected* away (``jnp.where``), so NaN/Inf there cannot leak.
+    This is how ``MultimodalClassifier`` applies ``batch["present"][m]``: the flag is
+    AND-ed into every row of the mask, and the tokens at now-invalid positions and the
+    pooled vectors of absent examples become zero. Zeroing is a selection
+    (``jnp.where``), not a product, so NaN or Inf in an absent example cannot leak into
+    the result or its gradients. The fusion layers' masking does the rest.
+
+    Args:
+      out: an encoder's output: tokens ``[batch, time, dim]``, bool mask
+        ``[batch, time]``, pooled ``[batch, dim]``.
+      present: bool ``[batch]``, False where the modality is absent; ``None`` means
+        present everywhere.
+
+    Returns:
+      ``out`` itself when ``present`` is None, else a new ``EncoderOutput`` with mask
+      ``out.mask & present[:, None]`` and zeros where that mask (tokens) or
+      ``present`` (pooled) is False.
     """
     if present is None:
         return out
@@ -128,7 +143,28 @@ def apply_presence(out: EncoderOutput, present: Array | None) -> EncoderOutput:
 
 def encode_modalities(encoders: Mapping[str, nnx.Module], batch: Mapping[str, Any],
                       modalities: tuple[str, ...]) -> dict[str, EncoderOutput]:
-    """Runs each encoder on its modality of ``batch`` and applies ``batch['present']``."""
+    """Runs each encoder on its modality of ``batch`` and applies ``batch['present']``.
+
+    The encoding half of ``MultimodalClassifier`` (and ``TwoTower``): for each ``m`` in
+    ``modalities``, ``encoders[m](*batch[m])`` (or ``encoders[m](batch[m])`` for a
+    single array), checked by ``EncoderOutput.validate``, then ``apply_presence`` with
+    ``batch["present"][m]`` when the batch has that flag. Nothing is checked about the
+    batch itself; ``MultimodalClassifier.check_batch`` does that.
+
+    Args:
+      encoders: modality name → encoder module returning an ``EncoderOutput``.
+      batch: a batch dict (``lepton_mm.models``): modality name → that encoder's input(s)
+        with a leading ``[batch]`` axis, plus an optional ``"present"``.
+      modalities: the modalities to encode; each must be a key of ``encoders`` and of
+        ``batch``.
+
+    Returns:
+      ``{m: EncoderOutput}`` for ``m`` in ``modalities``: tokens ``[batch, time, dim]``,
+      mask ``[batch, time]``, pooled ``[batch, dim]``, with absence applied.
+
+    Raises:
+      TypeError: an encoder does not return an ``EncoderOutput``.
+    """
     present = batch.get("present") or {}
     outputs = {}
     for m in modalities:

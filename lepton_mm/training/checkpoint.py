@@ -296,7 +296,8 @@ class Checkpointer:
         if read_only and not self.directory.exists():
             raise FileNotFoundError(f"{self.workdir}: no checkpoints (expected "
                                     f"{self.directory}).")
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Orbax needs absolute paths (a relative workdir failed at restore time).
+        self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
 
     def steps(self) -> list[int]:
         """Complete checkpoint steps, ascending (temporary directories are ignored)."""
