@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -399,6 +400,9 @@ def robustness_results(config: AVMNISTConfig, method: str, model: Any,
 
 #: Experiment name in the ledger: records at ``results/avmnist/<method>/seed<k>.json``.
 EXPERIMENT = "avmnist"
+#: Rows of the PyTorch MultiBench-recipe peer (``benchmarks/peers/multibench_avmnist.py``)
+#: shown beside ours when their records exist (current: same numerics version).
+PEER_METHODS = ("peer_multibench_image", "peer_multibench_audio", "peer_multibench_concat")
 _NOT_TRAINING = ("methods", "seeds", "workdir", "results", "progress", "checkpoint_every",
                  "modality_dropout", "robustness", "snr_sweep", "image_noise_sweep")
 
@@ -717,7 +721,8 @@ def run(config: AVMNISTConfig, *, shard: str | None = None,
     Records go to ``config.results`` (``results/avmnist/<method>/seed<k>.json``);
     checkpoints to ``WORKDIR/<method>/seed<k>-<hash>/`` (the hash of the run's config
     and numerics, so a changed config never resumes an old checkpoint). ``shard``
-    ``"i/n"`` takes every n-th run still to do; ``force`` retrains current runs too.
+    ``"i/n"`` takes every n-th run still to do; ``force`` retrains current runs too,
+    from scratch (their checkpoints are deleted first).
     Returns the report over the records (``report``).
     """
     from lepton_mm import experiment as ledger
@@ -735,7 +740,10 @@ def run(config: AVMNISTConfig, *, shard: str | None = None,
         sweep_data(config, data)  # built once, before the runs' peak memory is measured
     for count, key in enumerate(todo, 1):
         print(f"[{count}/{len(todo)}] {key.label()}", flush=True)
-        record = run_one(config, key.method, key.seed, data, run_workdir(config, key))
+        workdir = run_workdir(config, key)
+        if force and workdir.exists():  # a forced run trains from scratch
+            shutil.rmtree(workdir)
+        record = run_one(config, key.method, key.seed, data, workdir)
         path = book.write(record)
         m = record["metrics"]
         line = (f"        test accuracy {100 * m['test_accuracy']:.2f} %  (val "
@@ -763,7 +771,8 @@ def report(config: AVMNISTConfig, out: str | Path) -> dict[str, Any]:
     """Reads the ledger (trains nothing); writes ``results.json``, ``results.md`` and the
     sweep figures to ``out``; returns the ``results.json`` content.
 
-    ``results.json``: per method the ``summarize`` entry, plus ``complete`` (every
+    ``results.json``: per method the ``summarize`` entry (the PyTorch peer's rows too,
+    ``PEER_METHODS``, when their records exist), plus ``complete`` (every
     expected run has a current record), ``missing`` and ``stale`` (run labels; a stale
     record, made with another config or numerics version, is never in a table).
     The same records give byte-identical files.
@@ -774,12 +783,14 @@ def report(config: AVMNISTConfig, out: str | Path) -> dict[str, Any]:
     book = ledger.Ledger(config.results, EXPERIMENT)
     keys = expected_keys(config)
     hashes = {m: ledger.config_hash(run_config(config, m)) for m in resolve_methods(config)}
-    collected = ledger.collect(book, keys, config_hashes=hashes, numerics=NUMERICS)
+    collected = ledger.collect(book, keys, config_hashes=hashes, numerics=NUMERICS,
+                               extra_methods=PEER_METHODS)
     current = {m: runs for m, runs in collected.current.items() if runs}
     summary = summarize(current)
     result = {"methods": summary, "complete": collected.complete,
               "expected_runs": len(keys),
-              "current_runs": sum(len(r) for r in current.values()),
+              "current_runs": sum(len(r) for m, r in current.items()
+                                  if m not in PEER_METHODS),
               "missing": collected.missing, "stale": collected.stale,
               "numerics": NUMERICS}
     out.mkdir(parents=True, exist_ok=True)
