@@ -1,5 +1,7 @@
-"""experiments/alignment.py: config, validation, and the quick pipeline end to end."""
+"""experiments/alignment.py: config, validation, run keys, and the quick pipeline end to end
+(ledger records, a re-run that trains nothing, a byte-identical report)."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -23,21 +25,26 @@ def alignment():
 
 
 def test_argparse_converts_to_a_typed_config(alignment):
-    config = alignment.parse_args(["--parts", "zero_shot,clip_loss", "--seeds", "0,1",
-                                   "--workdir", "w", "--epochs", "3", "--snr-db", "0"])
+    config, _ = alignment.parse_args(["--parts", "prompt_classifier,clip_loss", "--seeds",
+                                      "0,1", "--workdir", "w", "--epochs", "3", "--snr-db",
+                                      "0"])
     assert isinstance(config, alignment.AlignmentConfig)
     assert (config.seeds, config.epochs, config.workdir, config.snr_db) == ((0, 1), 3, "w",
                                                                           0.0)
-    assert alignment.resolve_parts(config) == ["zero_shot", "clip_loss"]
-    assert alignment.resolve_parts(alignment.parse_args([])) == list(alignment.PARTS)
-    quick = alignment.parse_args(["--quick"])
+    assert config.results == "results"
+    assert alignment.resolve_parts(config) == ["prompt_classifier", "clip_loss"]
+    assert alignment.resolve_parts(alignment.parse_args([])[0]) == list(alignment.PARTS)
+    quick, _ = alignment.parse_args(["--quick"])
     assert quick.quick and quick.num_train == 6000 and quick.workdir.endswith("_quick")
+    # quick records stay under the workdir, never in the committed ledger
+    assert quick.results == str(Path(quick.workdir) / "results")
+    assert alignment.parse_args(["--quick", "--workdir", "q"])[0].results == "q/results"
     with pytest.raises(Exception, match="frozen|cannot assign"):
         config.epochs = 1
 
 
 def test_bad_settings_fail_before_compute(alignment, tmp_path):
-    with pytest.raises(ValueError, match="Unrecognized part: 'nope'.*zero_shot"):
+    with pytest.raises(ValueError, match="Unrecognized part: 'nope'.*prompt_classifier"):
         alignment.main(["--quick", "--parts", "clip_loss,nope", "--workdir", str(tmp_path)])
     with pytest.raises(ValueError, match="seeds"):
         alignment.AlignmentConfig(seeds=(1, 1))
@@ -48,14 +55,32 @@ def test_bad_settings_fail_before_compute(alignment, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_run_with_other_settings_is_not_resumed(alignment, tmp_path):
+def test_each_part_is_keyed_by_the_settings_it_depends_on(alignment, tmp_path):
+    from lepton_mm.experiment import RunKey
+
     config = alignment.quick_config(workdir=str(tmp_path))
-    run_dir = tmp_path / "clip_loss" / "seed_0"
-    run_dir.mkdir(parents=True)
-    old = {**alignment._run_key(config), "embed_dim": 32, "epochs": 3}  # epochs may change
-    (run_dir / "run_key.json").write_text(json.dumps(old))
-    with pytest.raises(ValueError, match=r"different \['embed_dim'\]"):
-        alignment.run_retrieval(config, "clip_loss", 0, {"test": {}}, run_dir)
+
+    def workdirs(**changes):
+        changed = dataclasses.replace(config, **changes)
+        return {p: alignment.run_workdir(changed, RunKey("alignment", p, 0))
+                for p in alignment.PARTS}
+
+    base = workdirs()
+    assert all(path.is_absolute() and path.parent == tmp_path / p
+               for p, path in base.items())
+    # the projection size is a retrieval setting, the templates the prompt classifier's
+    other = workdirs(embed_dim=32)
+    assert [p for p in alignment.PARTS if other[p] != base[p]] == ["clip_loss",
+                                                                    "sigmoid_loss"]
+    other = workdirs(heldout_templates=("say {}",))
+    assert [p for p in alignment.PARTS if other[p] != base[p]] == ["prompt_classifier"]
+    assert all(a != b for a, b in zip(workdirs(epochs=2).values(), base.values(),
+                                      strict=True))
+    assert workdirs(progress=True, seeds=(0, 1)) == base  # no effect on a run's result
+    command = alignment.run_command(dataclasses.replace(config, num_train=500),
+                                    "clip_loss", 3)
+    assert command == ("python experiments/alignment.py --quick --parts clip_loss --seeds 3 "
+                       "--num-train 500 --force")
 
 
 @pytest.mark.slow
@@ -67,9 +92,10 @@ def test_quick_pipeline_learns_both_tasks(alignment, tmp_path, monkeypatch):
     config = alignment.quick_config(
         workdir=str(tmp_path), num_train=1536, num_val=64, num_test=384, snr_db=0.0,
         batch_size=32, epochs=2, learning_rate=3e-3, progress=False)
-    summary = alignment.run(config)
+    result = alignment.run(config)
+    summary = result["parts"]
 
-    assert list(summary) == list(alignment.PARTS)
+    assert list(summary) == list(alignment.PARTS) and result["complete"]
     for part in ("clip_loss", "sigmoid_loss"):
         s = summary[part]
         assert s["test_size"] == 384 and s["epochs"] == 2
@@ -82,28 +108,45 @@ def test_quick_pipeline_learns_both_tasks(alignment, tmp_path, monkeypatch):
             assert trained["recall@1"] > chance["recall@1"] + 0.1, (part, direction)
             assert trained["recall@1"] > untrained["recall@1"] + 0.1, (part, direction)
             assert trained["recall@5"] >= trained["recall@1"]
-    zero = summary["zero_shot"]
-    prompts = [*config.train_templates, *config.heldout_templates,
-               "ensemble of training templates"]
-    assert list(zero["trained"]) == prompts
-    assert zero["heldout_templates"] == list(config.heldout_templates)
-    assert zero["chance"]["uniform"] == 0.1
-    headline = zero["trained"]["the spoken digit {}"]["mean"]
-    assert headline > 0.25 and headline > zero["untrained"]["the spoken digit {}"]["mean"] + 0.1
-    assert zero["trained"]["ensemble of training templates"]["mean"] > 0.25
+    prompt = summary["prompt_classifier"]
+    prompts = [*config.train_templates, *config.heldout_templates, alignment.ENSEMBLE]
+    assert list(prompt["trained"]) == prompts
+    assert prompt["heldout_templates"] == list(config.heldout_templates)
+    assert prompt["chance"]["uniform"] == 0.1
+    headline = prompt["trained"]["the spoken digit {}"]["mean"]
+    assert headline > 0.25 and headline > prompt["untrained"]["the spoken digit {}"]["mean"] + 0.1
+    assert prompt["trained"][alignment.ENSEMBLE]["mean"] > 0.25
 
-    stored = json.loads((tmp_path / "results.json").read_text())
-    assert stored["results"] == json.loads(json.dumps(summary))
-    assert stored["config"]["num_train"] == 1536
-    assert stored["invocation_wall_time_s"] > 0 and stored["total_run_time_s"] > 0
+    # One ledger record per run, under the workdir (quick mode), with the headline
+    # numbers the docstring promises.
+    records = {p: json.loads((tmp_path / "results" / "alignment" / p / "seed0.json")
+                             .read_text()) for p in alignment.PARTS}
+    for part, record in records.items():
+        assert record["config"] == json.loads(json.dumps(alignment.run_config(config, part)))
+        assert record["config"]["num_train"] == 1536 and record["params"] > 0
+    r1 = {d: records["clip_loss"]["metrics"]["trained"][d]["recall@1"]
+          for d in ("image_to_audio", "audio_to_image")}
+    assert records["clip_loss"]["metrics"]["test_accuracy"] == pytest.approx(
+        (r1["image_to_audio"] + r1["audio_to_image"]) / 2)
+    assert records["prompt_classifier"]["metrics"]["test_accuracy"] == headline
     table = (tmp_path / "results.md").read_text()
+    assert table.startswith("3 of 3 runs have a current record.")
     assert "image→audio R@1" in table and "| **clip_loss** |" in table
     assert '"the spoken digit {}"' in table and "*(held out)*" in table
-    for part in alignment.PARTS:
-        result = json.loads((tmp_path / part / "seed_0" / "result.json").read_text())
-        assert result["run_key"] == json.loads(json.dumps(alignment._run_key(config)))
+    assert "prompt classifier" in table
 
-    # Re-running finds every run finished: no data, no training, the same summary.
+    # Re-running finds every record current: no data, no training, the same report,
+    # byte for byte; a report elsewhere reads the same records.
+    stored = [(p, p.read_bytes()) for p in sorted(tmp_path.glob("results/**/*.json"))]
+    report = [(tmp_path / n).read_bytes() for n in ("results.json", "results.md")]
     monkeypatch.setattr(alignment, "make_data", lambda config: pytest.fail("recomputed"))
-    assert alignment.run(config) == summary
-    assert np.isfinite(summary["zero_shot"]["num_params"])
+    assert alignment.run(config) == result
+    assert [(p, p.read_bytes()) for p in sorted(tmp_path.glob("results/**/*.json"))] == stored
+    assert [(tmp_path / n).read_bytes() for n in ("results.json", "results.md")] == report
+    assert alignment.main(["--quick", "--workdir", str(tmp_path), "--num-train", "1536",
+                           "--num-val", "64", "--num-test", "384", "--snr-db", "0",
+                           "--batch-size", "32", "--epochs", "2", "--report", "--out",
+                           str(tmp_path / "report")]) == 0
+    assert [(tmp_path / "report" / n).read_bytes()
+            for n in ("results.json", "results.md")] == report
+    assert np.isfinite(prompt["num_params"])

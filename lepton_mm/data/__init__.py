@@ -1,4 +1,8 @@
-"""Data: the bundled real data sets and readers for a researcher's own files.
+"""Data: the bundled data sets, readers for your own files, and batch sources for ``fit``.
+
+  BatchSource                     the protocol: ``len``, ``num_batches``, ``batches``
+  ArrayDataset, BucketedDataset   in-memory sources (one shape; length buckets)
+  epoch_permutation               an epoch's shuffled order, from (seed, epoch) only
 
 Numpy only (plus JAX for AV-MNIST's on-the-fly audio features): nothing here imports
 Flax, and nothing downloads.
@@ -12,6 +16,12 @@ from lepton_mm.data.avmnist import (
     load_avmnist,
     place_clip,
     window_frame_mask,
+)
+from lepton_mm.data.batching import (
+    ArrayDataset,
+    BatchSource,
+    BucketedDataset,
+    epoch_permutation,
 )
 from lepton_mm.data.bundled import (
     CHECKSUMS,
@@ -33,10 +43,14 @@ __all__ = [
     "FSDD",
     "MNIST",
     "AVMNISTSplit",
+    "ArrayDataset",
+    "BatchSource",
+    "BucketedDataset",
     "DataFileError",
     "ImagePCA",
     "MUStARD",
     "UnreadableFileError",
+    "epoch_permutation",
     "fit_image_pca",
     "load_audio",
     "load_avmnist",

@@ -5,6 +5,7 @@
                                             that runs encoders and fusion separately
   PooledFusion                              the unimodal pass-through "fusion"
   TwoTower, TwoTowerOutput                  dual encoder for contrastive alignment
+  PromptMatcher, PromptTable                classifier over frozen text-prompt embeddings
   Classification, Binary, MultiLabel,       objectives: loss(outputs, batch, valid)
   Regression, Contrastive                   and metrics(outputs, batch, valid)
 
@@ -31,6 +32,7 @@ from lepton_mm.models.classifier import (
     build_classifier,
     encode_modalities,
 )
+from lepton_mm.models.prompt_matcher import PromptMatcher, PromptTable
 from lepton_mm.models.tasks import (
     TASKS,
     Binary,
@@ -50,6 +52,8 @@ __all__ = [
     "MultiLabel",
     "MultimodalClassifier",
     "PooledFusion",
+    "PromptMatcher",
+    "PromptTable",
     "Regression",
     "TwoTower",
     "TwoTowerOutput",

@@ -3,8 +3,11 @@
   OptimizerConfig, make_optimizer,          optax optimisers from a frozen config
   learning_rate_schedule, count_params, ...
   accuracy, precision_recall_f1, mae, ...   metrics: pure functions with a ``valid`` mask
-  fit, FitResult, evaluate                  the training loop (exact resume, early stop)
-  ArrayDataset, seed_rngs                   in-memory data; model init from one seed
+  fit, FitResult, evaluate, predict         the training loop (exact resume, early stop)
+                                            over any ``lepton_mm.data.BatchSource``
+  seed_rngs                                 model init from one seed
+  ArrayDataset, epoch_permutation           re-exported from ``lepton_mm.data`` (where
+                                            the batch sources live) for older imports
   Checkpointer, load_model, ...             Orbax checkpoints
   make_mesh, initialize_distributed, ...    data parallelism, multi-host start-up
   RunLogger, read_log, plot_curves          ``log.jsonl`` and ``curves.png``
@@ -40,6 +43,7 @@ from lepton_mm.training.loop import (
     fit,
     make_eval_step,
     make_train_step,
+    predict,
     seed_rngs,
 )
 from lepton_mm.training.optim import (
@@ -97,6 +101,7 @@ __all__ = [
     "pearson",
     "plot_curves",
     "precision_recall_f1",
+    "predict",
     "read_log",
     "recall_at_k",
     "replicated",

@@ -1,5 +1,6 @@
 """The training loop: ``fit`` with exact resume, early stopping and best-checkpoint
-selection, plus ``evaluate`` and an in-memory ``ArrayDataset``.
+selection, plus ``evaluate`` and ``predict``, over any batch source
+(``lepton_mm.data.BatchSource``: ``ArrayDataset``, ``BucketedDataset``, your own).
 
 Steps are plain ``jax.jit`` functions over the state from ``nnx.split`` (graphdef
 closed over, ``(params, rest, opt_state)`` passed in and donated). On the quick smoke
@@ -9,17 +10,20 @@ model (2 CPU cores, batch 32) a step took 2.8 ms this way against 6.1 ms with
 --compare-steps``). A functional step also makes "skip a non-finite update", sharding
 and checkpointing plain pytree operations.
 
-Every batch has the same size: the last, partial batch of an epoch is filled up with
-repeats of real examples whose ``batch["valid"]`` is False, so neither step recompiles
-and losses/metrics (weighted by ``valid``) are unbiased. Batch-norm statistics in
-training do see the repeated rows (they are real examples, so the bias is small).
+Every batch has the same size: a source fills its partial batches up with repeats of
+real examples whose ``batch["valid"]`` is False, so neither step recompiles (a
+``BucketedDataset`` compiles once per length bucket) and losses/metrics (weighted by
+``valid``) are unbiased. Batch-norm statistics in training do see the repeated rows
+(they are real examples, so the bias is small). Compiled steps are cached across calls
+(keyed by the model's graph, the optax transformation, the task and the mesh), so
+``fit`` over folds or seeds of one model compiles once.
 
 Randomness comes from one integer ``seed``: the caller builds the model with
 ``seed_rngs(seed)`` (initialisation; dropout streams live in the model state and are
 checkpointed), epoch ``e`` is shuffled by ``numpy.random.default_rng([seed, e, 0])``,
-and modality dropout at step ``s`` uses ``fold_in(fold_in(key(seed), 1), s)``. So the
-data-iterator position ``(epoch, batch_index)`` is all the loop must save to resume
-exactly.
+and modality dropout at step ``s`` uses ``fold_in(fold_in(key(seed), 1), s)``. A batch
+source's epoch is a function of ``(seed, epoch)`` too, so the data-iterator position
+``(epoch, batch_index)`` is all the loop must save to resume exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numbers
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,14 +48,19 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from lepton_mm.data.batching import ArrayDataset, BatchSource, epoch_permutation
 from lepton_mm.training import sharding as sharding_lib
 from lepton_mm.training.checkpoint import Checkpointer, CheckpointMismatchError, model_fingerprint
 from lepton_mm.training.logging import CURVES_NAME, RunLogger, plot_curves
 from lepton_mm.training.optim import OptimizerConfig, count_params, make_optimizer
 
+# ``ArrayDataset`` and ``epoch_permutation`` live in ``lepton_mm.data.batching``; they are
+# imported here so that ``lepton_mm.training.loop.ArrayDataset`` keeps working.
+__all__ = ["ArrayDataset", "FitResult", "TrainState", "epoch_permutation", "evaluate", "fit",
+           "make_eval_step", "make_train_step", "predict", "seed_rngs"]
+
 Array = jax.Array
 
-_SHUFFLE_TAG = 0
 _MODALITY_DROPOUT_TAG = 1
 _NAN_POLICIES = ("raise", "skip")
 # fit reads step statistics back every this many steps (and at checkpoints, epoch ends).
@@ -79,114 +88,24 @@ def seed_rngs(seed: int) -> nnx.Rngs:
     return nnx.Rngs(params=jax.random.fold_in(root, 0), dropout=jax.random.fold_in(root, 1))
 
 
-# ---------------------------------------------------------------------------- dataset
+# ---------------------------------------------------------------------------- sources
 
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled example order of ``epoch``: a function of ``(seed, epoch)`` only.
-
-    Args:
-      n: number of examples.
-      seed: the run's seed.
-      epoch: the epoch index.
-
-    Returns:
-      int ``[n]``, a permutation of ``range(n)``.
-    """
-    return np.random.default_rng([int(seed), int(epoch), _SHUFFLE_TAG]).permutation(n)
-
-
-class ArrayDataset:
-    """An in-memory dataset: a pytree of numpy arrays sharing a leading example axis.
-
-    Args:
-      arrays: the batch-format dict (see ``lepton_mm.models``) holding *all* examples,
-        e.g. ``{"image": x, "text": (ids, mask), "label": y, "present": {"text": p}}``.
-
-    Examples:
-      >>> import numpy as np
-      >>> data = ArrayDataset({"x": np.arange(5.0), "label": np.arange(5)})
-      >>> len(data), data[1]["label"].item()
-      (5, 1)
-      >>> [b["valid"].tolist() for b in data.batches(2, seed=0, epoch=0, shuffle=False)]
-      [[True, True], [True, True], [True, False]]
-    """
-
-    def __init__(self, arrays: Mapping[str, Any]):
-        if not isinstance(arrays, Mapping):
-            raise TypeError(f"arrays: expected a dict of arrays, got {type(arrays).__name__}.")
-        if "valid" in arrays:
-            raise ValueError("arrays: 'valid' is added by batching; remove it.")
-        self.arrays = jax.tree.map(np.asarray, dict(arrays))
-        leaves = jax.tree_util.tree_leaves_with_path(self.arrays)
-        if not leaves:
-            raise ValueError("arrays: no arrays given.")
-        sizes = {}
-        for path, leaf in leaves:
-            if leaf.ndim == 0:
-                raise ValueError(f"arrays{jax.tree_util.keystr(path)}: expected a leading "
-                                 "example axis, got a scalar.")
-            sizes.setdefault(leaf.shape[0], jax.tree_util.keystr(path))
-        if len(sizes) != 1:
-            raise ValueError(f"arrays: leading sizes differ: "
-                             f"{ {p: n for n, p in sizes.items()} }.")
-        (self._n,) = sizes
-        if self._n == 0:
-            raise ValueError("arrays: the dataset is empty.")
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, index: Any) -> dict[str, Any]:
-        return jax.tree.map(lambda a: a[index], self.arrays)
-
-    def num_batches(self, batch_size: int) -> int:
-        """Batches per epoch (the last one padded)."""
-        return -(-self._n // batch_size)
-
-    def batch_indices(self, batch_size: int, *, seed: int, epoch: int,
-                      shuffle: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``[(indices [batch_size], valid [batch_size])]`` for one epoch."""
-        order = epoch_permutation(self._n, seed, epoch) if shuffle else np.arange(self._n)
-        pad = self.num_batches(batch_size) * batch_size - self._n
-        order = np.concatenate([order, np.resize(order, pad)])  # repeats real examples
-        valid = np.arange(order.size) < self._n
-        return [(order[i:i + batch_size], valid[i:i + batch_size])
-                for i in range(0, order.size, batch_size)]
-
-    def batches(self, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-                start: int = 0, rows: slice | None = None) -> Iterator[dict[str, Any]]:
-        """Yields the epoch's fixed-size batches from batch ``start`` on.
-
-        Args:
-          batch_size: rows per batch.
-          seed: the run seed.
-          epoch: the epoch number (selects the permutation).
-          shuffle: shuffle by ``epoch_permutation``; False keeps dataset order.
-          start: index of the first batch (to resume mid-epoch).
-          rows: the rows of each batch to return (multi-process: this process's share).
-
-        Yields:
-          The batch dict with ``batch["valid"]`` (bool ``[batch_size]``).
-        """
-        rows = rows or slice(None)
-        for idx, valid in self.batch_indices(batch_size, seed=seed, epoch=epoch,
-                                             shuffle=shuffle)[start:]:
-            batch = self[idx[rows]]
-            batch["valid"] = valid[rows]
-            yield batch
-
-
-def as_dataset(data: Any, name: str) -> ArrayDataset:
-    if isinstance(data, ArrayDataset):
+def _as_source(data: Any, name: str) -> BatchSource:
+    """``data`` as a batch source: a source as is, a dict of arrays as an ``ArrayDataset``."""
+    if isinstance(data, BatchSource):
         return data
     if isinstance(data, Mapping):
         try:
             return ArrayDataset(data)
         except (ValueError, TypeError) as e:  # name the argument, not ArrayDataset's
             raise type(e)(name + str(e).removeprefix("arrays")) from None
-    raise TypeError(f"{name}: expected an ArrayDataset or a dict of arrays, got "
-                    f"{type(data).__name__}.")
+    raise TypeError(f"{name}: expected a batch source (lepton_mm.data.BatchSource: "
+                    f"ArrayDataset, BucketedDataset, ...: len(), num_batches(), "
+                    f"batches()) or a dict of arrays, got {type(data).__name__}.")
+
+
+def _take_rows(batch: Any, rows: slice | None) -> Any:
+    return batch if rows is None else jax.tree.map(lambda a: a[rows], batch)
 
 
 # ------------------------------------------------------------------------------ steps
@@ -231,13 +150,18 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
                     mesh: Any = None) -> Any:
     """The compiled train step ``(state, batch, step[, alive]) -> (state, stats)``.
 
-    ``stats`` holds float32 ``loss`` and ``grad_norm`` and bool ``finite`` and ``alive``;
-    when the loss or the gradient is not finite the returned state is the input state
-    (the update is skipped). The optional bool scalar ``alive`` (default True) gates
-    every update: with ``alive`` False the state passes through unchanged, and
-    ``stats["alive"]`` is ``alive & finite``. Threading it from step to step lets a
-    caller queue steps without reading each one's statistics back and still stop
-    exactly at the first non-finite step (``fit`` does this). ``state`` is donated.
+    ``stats`` holds float32 ``loss`` and ``grad_norm``, bool ``finite`` and ``alive``
+    and int32 ``num_valid`` (the batch's valid rows); when the loss or the gradient is
+    not finite the returned state is the input state (the update is skipped). The
+    optional bool scalar ``alive`` (default True) gates every update: with ``alive``
+    False the state passes through unchanged, and ``stats["alive"]`` is ``alive &
+    finite``. Threading it from step to step lets a caller queue steps without reading
+    each one's statistics back and still stop exactly at the first non-finite step
+    (``fit`` does this). ``state`` is donated.
+
+    The compiled function is shared by every call with an equal graph, the same ``tx``
+    object, an equal task, rate and mesh (the seed is an input, not a constant), so
+    training the same model again (other folds, other seeds) does not recompile.
 
     Args:
       graphdef: the model's ``nnx.GraphDef`` (from ``nnx.split``).
@@ -248,13 +172,32 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
       mesh: ``None`` or a mesh with a ``data`` axis (batch sharded, state replicated).
 
     Returns:
-      The jitted step function.
+      The jitted step function; its ``traces.count`` counts the compilations.
     """
-    md_key = jax.random.fold_in(jax.random.key(seed), _MODALITY_DROPOUT_TAG)
+    compiled = _cached_train_step(graphdef, tx, task, float(modality_dropout), mesh)
+    # As raw key data: a typed key cannot be put on a multi-process mesh.
+    md_key = jax.random.key_data(
+        jax.random.fold_in(jax.random.key(seed), _MODALITY_DROPOUT_TAG))
+    alive_true = jnp.asarray(True)
+    if mesh is not None:
+        md_key, alive_true = jax.device_put((md_key, alive_true),
+                                            sharding_lib.replicated(mesh))
 
-    def step_fn(state: TrainState, batch: Mapping[str, Any], step: Array, alive: Array):
+    def with_alive(state, batch, step, alive=None):
+        return compiled(state, batch, step, alive_true if alive is None else alive, md_key)
+
+    with_alive.traces = compiled.traces
+    return with_alive
+
+
+def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
+                   modality_dropout: float, mesh: Any) -> Any:
+    """The jitted ``(state, batch, step, alive, md_key_data) -> (state, stats)``."""
+
+    def step_fn(state: TrainState, batch: Mapping[str, Any], step: Array, alive: Array,
+                md_key_data: Array):
         traced.count += 1
-        key = jax.random.fold_in(md_key, step)
+        key = jax.random.fold_in(jax.random.wrap_key_data(md_key_data), step)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.rest)
@@ -272,22 +215,16 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
         new_state = TrainState(new_params, new_rest, new_opt)
         new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_state, state)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-                           "alive": apply}
+                           "alive": apply,
+                           "num_valid": jnp.sum(batch["valid"], dtype=jnp.int32)}
 
     traced = _TraceCount()
     if mesh is None:
-        compiled = jax.jit(step_fn, donate_argnums=0)
-        alive_true = jnp.asarray(True)
-    else:
-        rep, data = sharding_lib.replicated(mesh), sharding_lib.data_sharding(mesh)
-        compiled = jax.jit(step_fn, donate_argnums=0,
-                           in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep))
-        alive_true = jax.device_put(jnp.asarray(True), rep)
-
-    def with_alive(state, batch, step, alive=None):
-        return compiled(state, batch, step, alive_true if alive is None else alive)
-
-    return traced.wrap(with_alive)
+        return traced.wrap(jax.jit(step_fn, donate_argnums=0))
+    rep, data = sharding_lib.replicated(mesh), sharding_lib.data_sharding(mesh)
+    return traced.wrap(jax.jit(step_fn, donate_argnums=0,
+                               in_shardings=(rep, data, rep, rep, rep),
+                               out_shardings=(rep, rep)))
 
 
 def make_eval_step(graphdef: Any, *, mesh: Any = None) -> Any:
@@ -337,42 +274,68 @@ def _cached(fn: Any) -> Any:
     return call
 
 
-# ``evaluate`` called repeatedly on one model (sweeps, notebooks) reuses its compiled
-# steps: a new ``jax.jit`` wrapper per call would retrace and recompile every time.
+# ``evaluate`` / ``predict`` called repeatedly on one model (sweeps, notebooks) reuse
+# their compiled steps: a new ``jax.jit`` wrapper per call would retrace and recompile every time.
 _cached_eval_step = _cached(lambda graphdef, mesh: make_eval_step(graphdef, mesh=mesh))
 _cached_metrics = _cached(_metrics_fn)
+# ``fit`` over folds or seeds of one model (and ``make_train_step`` callers) likewise.
+_cached_train_step = _cached(_train_step_fn)
+# One transformation object per optimiser config, so that the train step cache hits.
+_cached_optimizer = _cached(make_optimizer)
 
 
 class _Evaluator:
-    """Runs the eval step over a dataset and computes the task's metrics on all of it."""
+    """Runs the eval step over a batch source; the task's metrics over all its examples."""
 
-    def __init__(self, graphdef: Any, task: Any, data: ArrayDataset, batch_size: int,
-                 mesh: Any, *, cached: bool = False):
+    def __init__(self, graphdef: Any, task: Any, data: BatchSource, batch_size: int,
+                 mesh: Any):
         self.task, self.data, self.batch_size, self.mesh = task, data, batch_size, mesh
-        self.predict = (_cached_eval_step(graphdef, mesh) if cached
-                        else make_eval_step(graphdef, mesh=mesh))
-        rows = sharding_lib.process_batch_slice(batch_size)
-        self.rows = rows if jax.process_count() > 1 else None
-        target = {k: v for k, v in data.arrays.items() if k == "label"}
-        self.target = target
-        self.metrics = (_cached_metrics(task, len(data)) if cached
-                        else _metrics_fn(task, len(data)))
+        self.predict = _cached_eval_step(graphdef, mesh)
+        # Every process reads whole batches (their valid rows and labels are needed on
+        # every process) and feeds its own rows.
+        self.rows = (sharding_lib.process_batch_slice(batch_size)
+                     if jax.process_count() > 1 else None)
+
+    def outputs(self, params: Any, rest: Any) -> tuple[Any, dict[str, Any]]:
+        """(outputs, ``{"label": ...}`` or ``{}``) of every valid row, in the source's
+        unshuffled order."""
+        chunks, labels, valid = [], [], []
+        for batch in self.data.batches(self.batch_size, seed=0, epoch=0, shuffle=False):
+            valid.append(np.asarray(batch["valid"], bool))
+            if "label" in batch:
+                labels.append(batch["label"])
+            local = sharding_lib.shard_batch(_take_rows(batch, self.rows), self.mesh,
+                                             global_batch_size=self.batch_size)
+            chunks.append(sharding_lib.to_host(self.predict(params, rest, local)))
+        keep = np.concatenate(valid)
+        if int(keep.sum()) != len(self.data):
+            raise ValueError(f"data: its batches hold {int(keep.sum())} valid rows, but "
+                             f"len(data) is {len(self.data)}.")
+
+        def pick(*xs):
+            return xs[0] if np.ndim(xs[0]) == 0 else np.concatenate(xs)[keep]
+
+        target = {"label": jax.tree.map(pick, *labels)} if labels else {}
+        return jax.tree.map(pick, *chunks), target
 
     def __call__(self, params: Any, rest: Any) -> dict[str, float]:
-        chunks = []
-        for batch in self.data.batches(self.batch_size, seed=0, epoch=0, shuffle=False,
-                                       rows=self.rows):
-            batch = sharding_lib.shard_batch(batch, self.mesh,
-                                             global_batch_size=self.batch_size)
-            chunks.append(sharding_lib.to_host(self.predict(params, rest, batch)))
-        n = len(self.data)
-        outputs = jax.tree.map(
-            lambda *xs: xs[0] if np.ndim(xs[0]) == 0 else np.concatenate(xs)[:n], *chunks)
-        values = self.metrics(outputs, self.target)
+        outputs, target = self.outputs(params, rest)
+        values = _cached_metrics(self.task, len(self.data))(outputs, target)
         return {k: float(v) for k, v in sorted(values.items())}
 
 
-def evaluate(model: nnx.Module, task: Any, data: ArrayDataset | Mapping[str, Any], *,
+def _evaluator(model: nnx.Module, task: Any, data: Any, batch_size: int,
+               mesh: Any) -> tuple[_Evaluator, Any, Any]:
+    """The evaluator of ``model`` (eval mode) over ``data``, and its (params, rest)."""
+    data = _as_source(data, "data")
+    mesh = sharding_lib.resolve_mesh(mesh)
+    sharding_lib.check_batch_size(batch_size, mesh)
+    graphdef_eval, params, rest = _split_eval(model)
+    params, rest = sharding_lib.replicate((params, rest), mesh)
+    return _Evaluator(graphdef_eval, task, data, batch_size, mesh), params, rest
+
+
+def evaluate(model: nnx.Module, task: Any, data: BatchSource | Mapping[str, Any], *,
              batch_size: int = 256, mesh: Any = None) -> dict[str, float]:
     """The task's metrics (and ``loss``) of ``model`` in eval mode over all of ``data``.
 
@@ -382,20 +345,52 @@ def evaluate(model: nnx.Module, task: Any, data: ArrayDataset | Mapping[str, Any
     Args:
       model: the model to evaluate.
       task: a task from ``lepton_mm.models``.
-      data: an ``ArrayDataset`` or a dict of arrays with a shared leading axis.
-      batch_size: evaluation batch size (the last batch is padded and masked).
+      data: a batch source (``ArrayDataset``, ``BucketedDataset``, ...) or a dict of
+        arrays with a shared leading axis.
+      batch_size: evaluation batch size (partial batches are padded and masked).
       mesh: ``None``, ``"auto"`` or a mesh with a ``data`` axis.
 
     Returns:
       ``{metric name: float}``, including ``loss``.
     """
-    data = as_dataset(data, "data")
-    mesh = sharding_lib.resolve_mesh(mesh)
-    sharding_lib.check_batch_size(batch_size, mesh)
-    graphdef_eval, params, rest = _split_eval(model)
-    params, rest = sharding_lib.replicate((params, rest), mesh)
-    evaluator = _Evaluator(graphdef_eval, task, data, batch_size, mesh, cached=True)
+    evaluator, params, rest = _evaluator(model, task, data, batch_size, mesh)
     return evaluator(params, rest)
+
+
+def predict(model: nnx.Module, data: BatchSource | Mapping[str, Any], *,
+            batch_size: int = 256, mesh: Any = None) -> Any:
+    """``model``'s eval-mode outputs for every example of ``data``.
+
+    The rows come in the order of the source's unshuffled batches: the example order
+    for a dict of arrays or an ``ArrayDataset``; bucket by bucket for a
+    ``BucketedDataset`` (its ``batch_indices(..., shuffle=False)`` says which example
+    each row is). The model's mode is left unchanged; the compiled step is reused by
+    later calls on the same model.
+
+    Args:
+      model: the model.
+      data: a batch source or a dict of arrays with a shared leading axis.
+      batch_size: rows per compiled call (partial batches are padded).
+      mesh: ``None``, ``"auto"`` or a mesh with a ``data`` axis.
+
+    Returns:
+      The model's outputs as numpy arrays with a leading axis of ``len(data)``, e.g.
+      float32 logits ``[n, num_classes]`` (scalar outputs, such as a ``TwoTower``'s
+      scale, as they are).
+
+    Examples:
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from lepton_mm.encoders import ImageCNN
+      >>> from lepton_mm.models import build_classifier
+      >>> model = build_classifier({"image": ImageCNN(1, dim=4, widths=(2,),
+      ...                                             rngs=nnx.Rngs(0))}, None,
+      ...                          num_outputs=3, rngs=nnx.Rngs(0))
+      >>> predict(model, {"image": np.zeros((5, 8, 8, 1), np.float32)}, batch_size=4).shape
+      (5, 3)
+    """
+    evaluator, params, rest = _evaluator(model, None, data, batch_size, mesh)
+    return evaluator.outputs(params, rest)[0]
 
 
 def _split_eval(model: nnx.Module) -> tuple[Any, Any, Any]:
@@ -447,7 +442,8 @@ def _saved_setting(saved: Mapping[str, Any], key: str) -> Any:
     """``saved[key]`` of a checkpoint's run config, as this version would write it.
 
     Optimiser fields added after the checkpoint was written (absent from it) take their
-    defaults, which reproduce the old behaviour, so such runs still resume.
+    defaults, which reproduce the old behaviour, so such runs still resume. (A run with
+    a raw optax transformation stores its ``optimizer_name``, a str, instead.)
     """
     value = saved.get(key)
     if key == "optimizer" and isinstance(value, Mapping):
@@ -528,21 +524,45 @@ def _check_traces(model: nnx.Module, task: Any, sample: Mapping[str, Any],
     jax.eval_shape(loss, state, batch)
 
 
-def _check_fit_args(model, task, train_data, eval_data, *, optimizer, epochs, batch_size,
-                    eval_batch_size, seed, early_stopping_patience, monitor, mode,
-                    modality_dropout, nan_policy, checkpoint_every, keep_checkpoints,
-                    config):
+def _check_optimizer(optimizer: Any, optimizer_name: Any) -> tuple[Any, Any]:
+    """(the optax transformation, the run config's ``optimizer`` entry)."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        if not isinstance(optimizer_name, str) or not optimizer_name.strip():
+            raise ValueError(
+                "optimizer_name: a raw optax transformation needs a stable name (e.g. "
+                "optimizer_name='adamw-lr1e-3'): resuming compares it with the "
+                f"checkpoint's, as it compares an OptimizerConfig; got {optimizer_name!r}.")
+        return optimizer, optimizer_name
+    if optimizer_name is not None:
+        raise ValueError("optimizer_name: only for a raw optax transformation (an "
+                         "OptimizerConfig is stored by its fields).")
+    optimizer = OptimizerConfig() if optimizer is None else optimizer
+    if not isinstance(optimizer, OptimizerConfig):
+        raise TypeError(f"optimizer: expected an OptimizerConfig or an "
+                        f"optax.GradientTransformation, got {type(optimizer).__name__}.")
+    return _cached_optimizer(optimizer), _plain(dataclasses.asdict(optimizer))
+
+
+def _first_rows(data: BatchSource) -> dict[str, Any]:
+    """The first (up to) two examples of ``data``'s unshuffled first batch, no "valid"."""
+    n = min(2, len(data))
+    batch = dict(next(iter(data.batches(n, seed=0, epoch=0, shuffle=False))))
+    del batch["valid"]
+    return batch
+
+
+def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_name,
+                    epochs, batch_size, eval_batch_size, seed, early_stopping_patience,
+                    monitor, mode, modality_dropout, nan_policy, checkpoint_every,
+                    keep_checkpoints, config):
     """Validates ``fit``'s arguments (no computation); returns the data, the optax
     transformation and the run config (normalised arguments, JSON-serialisable)."""
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}.")
     _check_task(task)
-    optimizer = OptimizerConfig() if optimizer is None else optimizer
-    if not isinstance(optimizer, OptimizerConfig):
-        raise TypeError(f"optimizer: expected an OptimizerConfig, got "
-                        f"{type(optimizer).__name__}.")
-    train_data = as_dataset(train_data, "train_data")
-    eval_data = None if eval_data is None else as_dataset(eval_data, "eval_data")
+    tx, optimizer_setting = _check_optimizer(optimizer, optimizer_name)
+    train_data = _as_source(train_data, "train_data")
+    eval_data = None if eval_data is None else _as_source(eval_data, "eval_data")
     batch_size = _check_int("batch_size", batch_size, minimum=1)
     if checkpoint_every is not None:
         checkpoint_every = _check_int("checkpoint_every", checkpoint_every, minimum=1)
@@ -575,12 +595,17 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, epochs, ba
     traced = set()
     for name, data in (("train_data", train_data), ("eval_data", eval_data)):
         if data is not None:
-            sample = data[np.arange(min(2, len(data)))]
             try:
-                # Static checks see the whole data (e.g. every label is in range), the
-                # abstract trace a two-example sample (once per distinct signature).
-                _check_batch_for_model(model, data.arrays)
-                task.check_batch(data.arrays)
+                if len(data) < 1:
+                    raise ValueError("the source holds no examples.")
+                sample = _first_rows(data)
+                # Static checks see the whole data where the source holds it in memory
+                # (e.g. every label is in range), else the first batch; the abstract
+                # trace a two-example sample (once per distinct signature).
+                arrays = getattr(data, "arrays", None)
+                arrays = arrays if isinstance(arrays, Mapping) else sample
+                _check_batch_for_model(model, arrays)
+                task.check_batch(arrays)
                 signature = _signature(sample)
                 if signature not in traced:
                     _check_traces(model, task, sample, float(modality_dropout))
@@ -588,7 +613,7 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, epochs, ba
             except (ValueError, TypeError) as e:
                 raise type(e)(f"{name}: {e}") from None
     run_config = {
-        "task": _task_config(task), "optimizer": _plain(dataclasses.asdict(optimizer)),
+        "task": _task_config(task), "optimizer": optimizer_setting,
         "batch_size": batch_size,
         "eval_batch_size": _check_int("eval_batch_size", eval_batch_size or batch_size,
                                       minimum=1),
@@ -606,17 +631,18 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, epochs, ba
         json.dumps(run_config["user"])
     except (TypeError, ValueError) as e:
         raise TypeError(f"config: expected JSON-serialisable settings ({e}).") from None
-    return train_data, eval_data, make_optimizer(optimizer), run_config
+    return train_data, eval_data, tx, run_config
 
 
 def fit(
     model: nnx.Module,
     task: Any,
-    train_data: ArrayDataset | Mapping[str, Any],
+    train_data: BatchSource | Mapping[str, Any],
     *,
     workdir: str | Path,
-    eval_data: ArrayDataset | Mapping[str, Any] | None = None,
-    optimizer: OptimizerConfig | None = None,
+    eval_data: BatchSource | Mapping[str, Any] | None = None,
+    optimizer: OptimizerConfig | optax.GradientTransformation | None = None,
+    optimizer_name: str | None = None,
     epochs: int = 1,
     batch_size: int = 32,
     eval_batch_size: int | None = None,
@@ -644,10 +670,16 @@ def fit(
       model: an NNX model called as ``model(batch)`` (``MultimodalClassifier``,
         ``TwoTower``), built with ``seed_rngs(seed)`` for full reproducibility.
       task: a ``lepton_mm.models.tasks`` task (loss and metrics).
-      train_data: ``ArrayDataset`` or dict of arrays in the batch format.
+      train_data: a batch source (``lepton_mm.data.BatchSource``: ``ArrayDataset``,
+        ``BucketedDataset``, ...) or a dict of arrays in the batch format.
       workdir: run directory: ``checkpoints/``, ``log.jsonl``, ``curves.png``.
       eval_data: evaluated after every epoch; drives early stopping and best selection.
-      optimizer: ``OptimizerConfig`` (default: Adam, lr 1e-3).
+      optimizer: an ``OptimizerConfig`` (default: Adam, lr 1e-3) or any
+        ``optax.GradientTransformation`` over the ``nnx.Param`` state (e.g. an
+        ``optax.multi_transform`` of per-group rates); pass the same object again to
+        reuse the compiled step.
+      optimizer_name: required with a raw transformation, forbidden otherwise: the
+        stable name stored for it in the run config (resuming needs the same name).
       epochs: number of passes over ``train_data``.
       batch_size: global batch size (a multiple of the mesh's device count).
       eval_batch_size: defaults to ``batch_size``.
@@ -674,8 +706,9 @@ def fit(
       A ``FitResult``.
 
     Raises:
-      ValueError / TypeError: bad arguments, unknown names, a batch without a modality
-        the model needs, data the model or task cannot take (found by tracing the model
+      ValueError / TypeError: bad arguments, unknown names, data that is not a batch
+        source, a raw transformation without ``optimizer_name``, a batch without a
+        modality the model needs, data the model or task cannot take (found by tracing the model
         and loss abstractly on two examples: dtypes, shapes; class labels out of range)
         — all before any compilation. Messages start with the argument's name.
       CheckpointMismatchError: ``workdir`` holds a checkpoint of a different model (or
@@ -688,7 +721,8 @@ def fit(
     # ---- validate everything before any computation
     workdir = _check_workdir(workdir)
     train_data, eval_data, tx, run_config = _check_fit_args(
-        model, task, train_data, eval_data, optimizer=optimizer, epochs=epochs,
+        model, task, train_data, eval_data, optimizer=optimizer,
+        optimizer_name=optimizer_name, epochs=epochs,
         batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
         early_stopping_patience=early_stopping_patience, monitor=monitor, mode=mode,
         modality_dropout=modality_dropout, nan_policy=nan_policy,
@@ -748,6 +782,9 @@ def fit(
                                  seed=seed, mesh=mesh)
     evaluator = None if eval_data is None else _Evaluator(
         graphdef_eval, task, eval_data, eval_batch_size, mesh)
+    # compilations by this call (the compiled steps are shared between calls)
+    traces_before = (train_step.traces.count,
+                     0 if evaluator is None else evaluator.predict.traces.count)
     logger = RunLogger(workdir, resume_step=step if meta else None,
                        tensorboard=tensorboard, enabled=primary)
     steps_per_epoch = train_data.num_batches(batch_size)
@@ -777,14 +814,14 @@ def fit(
     # non-finite step, so the error is raised with exactly the state of a per-step check.
     alive = jax.device_put(jnp.asarray(True), None if mesh is None
                            else sharding_lib.replicated(mesh))
-    pending: list[tuple[int, int, int, int, Any]] = []
+    pending: list[tuple[int, int, int, Any]] = []
 
     def drain() -> None:
         fetched = jax.device_get([p[-1] for p in pending])
         queued = list(pending)
         pending.clear()
-        for (at, ep, bi, n_valid, _), stats in zip(queued, fetched, strict=True):
-            loss = float(stats["loss"])
+        for (at, ep, bi, _), stats in zip(queued, fetched, strict=True):
+            loss, n_valid = float(stats["loss"]), int(stats["num_valid"])
             if not bool(stats["finite"]):
                 if nan_policy == "raise":
                     raise FloatingPointError(
@@ -808,7 +845,6 @@ def fit(
             start, loop["batch_index"] = int(loop["batch_index"]), 0
             for bi, batch in enumerate(train_data.batches(
                     batch_size, seed=seed, epoch=epoch, start=start, rows=rows), start):
-                n_valid = min(batch_size, len(train_data) - bi * batch_size)
                 device_batch = sharding_lib.shard_batch(batch, mesh,
                                                         global_batch_size=batch_size)
                 state, stats = train_step(state, device_batch, jnp.asarray(step, jnp.int32),
@@ -816,7 +852,7 @@ def fit(
                 if nan_policy == "raise":
                     alive = stats["alive"]  # a non-finite step freezes the state
                 step += 1
-                pending.append((step, epoch, bi, n_valid, stats))
+                pending.append((step, epoch, bi, stats))
                 bar.update(1)
                 checkpoint_now = (checkpoint_every and step % checkpoint_every == 0
                                   and bi + 1 < steps_per_epoch)
@@ -883,8 +919,9 @@ def fit(
         final_params_path=path, step=step, stopped_early=bool(loop["stopped_early"]),
         resumed_from=latest, num_params=count_params(state.params),
         num_compilations={
-            "train_step": train_step.traces.count,
-            "eval_step": 0 if evaluator is None else evaluator.predict.traces.count})
+            "train_step": train_step.traces.count - traces_before[0],
+            "eval_step": (0 if evaluator is None
+                          else evaluator.predict.traces.count - traces_before[1])})
 
 
 def _split_like(full: nnx.State, params_like: nnx.State,
