@@ -6,16 +6,25 @@ the way a PyTorch user would write them (NCHW convolutions, ``nn.BatchNorm2d``,
 ``nn.MaxPool2d``, ``F.scaled_dot_product_attention``), not as transliterations of the
 JAX code, so the comparison is against idiomatic PyTorch.
 
-Only imported when torch is installed (``pip install -e '.[bench]'``).
+Only imported when torch is installed (``pip install -e '.[bench]'``). Imports no JAX:
+``run.py`` starts this file as a script for the PyTorch memory and cold-start probes
+(``python benchmarks/torch_models.py --probe memory|cold_start SPEC.json``), so that the
+PyTorch process holds none of lepton_mm's stack.
 """
 
 from __future__ import annotations
 
-import math
+import time
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+_MODULE_START = time.perf_counter()  # the cold-start probe reports its import time
+
+import math  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 def _block(c_in: int, c_out: int, kernel: int, *, ceil_mode: bool) -> nn.Sequential:
@@ -302,3 +311,214 @@ class AttentionClassifier(nn.Module):
 def param_count(model: nn.Module) -> int:
     """Trainable parameters (BatchNorm running statistics are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------
+# Train steps, variants and the JAX-free probes ``run.py`` starts as subprocesses.
+
+#: The eager PyTorch variants ``run.py`` tries before timing a pair; the fastest is
+#: timed against lepton_mm (and, compiled, becomes the ``torch.compile`` peer).
+#: ``for_loop`` is ``torch.optim.Adam``'s default on CPU tensors (one tensor at a time).
+EAGER_VARIANTS: dict[str, dict] = {
+    "for_loop": {"optimizer": "for_loop", "channels_last": False},
+    "foreach": {"optimizer": "foreach", "channels_last": False},
+    "fused": {"optimizer": "fused", "channels_last": False},
+    "fused_channels_last": {"optimizer": "fused", "channels_last": True},
+}
+
+
+def random_batch(batch_size: int, frames: int, n_mels: int, num_classes: int = 10,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """The benchmark's random batch (``run.py`` asserts its own copy is identical)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.random((batch_size, 28, 28, 1), dtype=np.float32),
+        "audio": rng.standard_normal((batch_size, frames, n_mels), dtype=np.float32) * 10
+        - 40,
+        "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+    }
+
+
+def build_twin(name: str, spec: dict) -> nn.Module:
+    """The twin of ``run.py``'s model ``name`` from a plain (JSON) spec, seed 0.
+
+    ``spec``: ``n_mels``, ``fusion_dim``, ``num_classes``, ``rank``, ``image`` /
+    ``audio`` (the LeNets' ``[channels, additional_layers]``) and ``attention``
+    (``CrossAttentionFusion`` hyperparameters, dropout off).
+    """
+    torch.manual_seed(0)
+    if name == "cross_attention":
+        attention = spec["attention"]
+        if attention["dropout"] or attention["attention_dropout"]:
+            raise ValueError("the PyTorch MulT twin has no dropout; benchmark with it off.")
+        kwargs = {k: v for k, v in attention.items()
+                  if k not in ("width", "dropout", "attention_dropout")}
+        return AttentionClassifier(width=attention["width"], n_mels=spec["n_mels"],
+                                   fusion_dim=spec["fusion_dim"],
+                                   num_classes=spec["num_classes"], **kwargs)
+    return AVClassifier(name, fusion_dim=spec["fusion_dim"], num_classes=spec["num_classes"],
+                        n_mels=spec["n_mels"], rank=spec["rank"], image=tuple(spec["image"]),
+                        audio=tuple(spec["audio"]))
+
+
+def _adam(model: nn.Module, lr: float, optimizer: str) -> torch.optim.Optimizer:
+    kwargs = {"for_loop": {"foreach": False}, "foreach": {"foreach": True},
+              "fused": {"fused": True}}[optimizer]
+    return torch.optim.Adam(model.parameters(), lr=lr, **kwargs)
+
+
+def train_step(model: nn.Module, batch: dict[str, np.ndarray], *, lr: float,
+               optimizer: str = "for_loop", channels_last: bool = False,
+               compiled: bool = False):
+    """One training step as a PyTorch user writes it: zero_grad, forward,
+    cross-entropy, backward, Adam. Returns ``step() -> loss``.
+
+    ``optimizer``: Adam's implementation (``for_loop``: the CPU default, ``foreach``,
+    ``fused``); ``channels_last``: model and images in NHWC memory format (the convs'
+    oneDNN path); ``compiled``: the whole step under ``torch.compile`` (inductor,
+    static shapes; compiles on the first call).
+    """
+    images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    log_mel = torch.from_numpy(batch["audio"])
+    labels = torch.from_numpy(batch["label"]).long()
+    opt = _adam(model, lr, optimizer)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images, log_mel), labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    if compiled:
+        torch._dynamo.reset()  # each compiled pair starts from empty dynamo caches
+        return torch.compile(step, dynamic=False)
+    return step
+
+
+def flop_count(model: nn.Module, batch: dict[str, np.ndarray]) -> float:
+    """``torch.utils.flop_counter``'s count of one forward + backward (matmuls and
+    convolutions only; the optimizer and elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
+    log_mel = torch.from_numpy(batch["audio"])
+    labels = torch.from_numpy(batch["label"]).long()
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images, log_mel), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def _jax_modules() -> list[str]:
+    """Top-level JAX-stack modules loaded in this process (the probes assert none)."""
+    return sorted({m.split(".")[0] for m in sys.modules
+                   if m.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "lepton_mm")})
+
+
+def _peak_rss_kib() -> float:
+    """``VmHWM`` (this address space's peak RSS) in KiB; see ``run._peak_rss_kib``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(spec: dict) -> dict:
+    """Peak RSS of building the twin and running 1 + ``steps`` eager steps (the memory
+    half of ``run.py``'s ``memory`` entry; glibc's default allocator)."""
+    kib = _peak_rss_kib
+    batch = random_batch(spec["batch_size"], spec["audio_frames"], spec["n_mels"],
+                         spec["num_classes"])
+    run = train_step(build_twin(spec["model"], spec), batch, lr=spec["lr"],
+                     **spec.get("variant", {}))
+    before = kib()
+    run()
+    first = kib()
+    reset = _reset_peak_rss()
+    for _ in range(spec["steps"]):
+        run()
+    out = {"peak_rss_mb": max(first, kib()) / 1024, "rss_before_steps_mb": before / 1024,
+           "peak_rss_first_step_mb": first / 1024}
+    if reset:
+        out["peak_rss_steady_steps_mb"] = kib() / 1024
+    return out
+
+
+def cold_start(spec: dict) -> dict:
+    """First call of a fresh process: ``train_step`` (build the twin, first step:
+    compile + first batch under ``compiled``) or ``sentence_encoder`` (load the
+    model, encode the first batch)."""
+    t0 = time.perf_counter()
+    if spec["kind"] == "train_step":
+        batch = random_batch(spec["batch_size"], spec["audio_frames"], spec["n_mels"],
+                             spec["num_classes"])
+        model = build_twin(spec["model"], spec)
+        run = train_step(model, batch, lr=spec["lr"], **spec.get("variant", {}))
+        t1 = time.perf_counter()
+        run()
+        t2 = time.perf_counter()
+        run()
+        t3 = time.perf_counter()
+        return {"setup_s": t1 - t0, "first_call_s": t2 - t1, "second_call_s": t3 - t2}
+    from sentence_transformers import SentenceTransformer
+
+    texts = spec["texts"]
+    t_import = time.perf_counter()
+    model = SentenceTransformer(spec["model_folder"], device="cpu")
+    t1 = time.perf_counter()
+    model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+    t2 = time.perf_counter()
+    model.encode(texts, batch_size=len(texts), convert_to_numpy=True)
+    t3 = time.perf_counter()
+    return {"library_import_s": t_import - t0, "setup_s": t1 - t0, "first_call_s": t2 - t1,
+            "second_call_s": t3 - t2}
+
+
+def _probe_main(argv: list[str]) -> int:
+    """``python torch_models.py --probe memory|cold_start SPEC.json``: runs the probe in
+    this fresh, JAX-free process and prints one JSON line (``jax_modules``: the JAX
+    stack's modules loaded here; must be empty, asserted)."""
+    import json
+
+    import_start = time.perf_counter()
+    if len(argv) != 4 or argv[1] != "--probe" or argv[2] not in ("memory", "cold_start"):
+        print(_probe_main.__doc__, file=sys.stderr)
+        return 2
+    kind, path = argv[2], argv[3]
+    with open(path) as f:
+        spec = json.load(f)
+    torch.set_num_threads(spec["threads"])
+    out = memory_probe(spec) if kind == "memory" else cold_start(spec)
+    out["jax_modules"] = _jax_modules()
+    out["torch_num_threads"] = torch.get_num_threads()
+    out["imports_s"] = import_start - _MODULE_START
+    print(json.dumps(out))
+    if out["jax_modules"]:
+        print(f"the PyTorch probe imported {out['jax_modules']}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main(sys.argv))

@@ -1,7 +1,9 @@
 """Smoke test of benchmarks/run.py: the suite runs in --quick mode and writes valid JSON.
 
-Benchmarks are not tests: nothing here looks at a timing. Without torch (as in CI) the
-PyTorch / sentence-transformers sides are skipped with a recorded reason.
+Benchmarks are not tests: nothing here looks at a timing. ``--skip-heavy`` leaves out the
+AV-MNIST epochs and torch.compile (minutes each); their keys must still be there, marked
+skipped. Without torch (as in CI) the PyTorch / sentence-transformers sides are skipped
+with a recorded reason.
 """
 
 import importlib.util
@@ -12,9 +14,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = ("train_step_concat", "train_step_low_rank", "train_step_cross_attention",
-         "log_mel", "sentence_encoder")
 MODELS = ("concat", "low_rank", "cross_attention")
+TRAIN_PAIRS = (*(f"train_step_{m}" for m in MODELS), *(f"train_step_{m}_b40" for m in MODELS))
+PAIRS = (*TRAIN_PAIRS, "log_mel", "sentence_encoder")
+EPOCH_PAIRS = ("epoch_avmnist", "epoch_avmnist_b128")
+JAX_STACK = {"jax", "jaxlib", "flax", "optax", "lepton_mm"}
 
 
 def _positive(x):
@@ -24,19 +28,27 @@ def _positive(x):
 def test_quick_suite_writes_the_expected_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--skip-heavy",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ratio" in proc.stdout and "train_step_concat" in proc.stdout  # the table
 
     results = json.loads(out.read_text())
     meta = results["meta"]
-    assert meta["quick"] is True
+    assert meta["quick"] is True and meta["heavy_pairs"] is False
     assert meta["cpu_count"] >= 1 and meta["cpu_model"]
+    assert meta["cpu_affinity"] >= 1
+    assert meta["threads"]["xla_intra_op_threads"] == meta["cpu_affinity"]
+    if meta["isa"] is not None:  # Linux: flags from /proc/cpuinfo
+        assert {"avx2", "avx512f", "amx_tile", "amx_bf16"} <= set(meta["isa"])
     assert meta["versions"]["jax"] and meta["versions"]["flax"]
     assert "jax_devices" in meta["threads"]
 
     has_torch = importlib.util.find_spec("torch") is not None
+    if has_torch:
+        assert meta["threads"]["torch_num_threads"] == meta["cpu_affinity"]
+        assert isinstance(meta["threads"]["torch_mkldnn_enabled"], bool)
     for pair in PAIRS:
         r = results[pair]
         assert "ratio" in r, pair
@@ -50,27 +62,92 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
             assert r["ratio"] is None and alt["skipped"], pair
         else:
             assert _positive(r["ratio"]) and len(alt["times_s"]) >= 5, pair
-    for name in MODELS:
-        r = results[f"train_step_{name}"]
+    for pair in TRAIN_PAIRS:
+        r = results[pair]
         assert r["dtype"] == "float32" and r["optimizer"].startswith("adam")
+        assert {"ratio_eager", "ratio_compiled", "alternative_eager",
+                "alternative_compiled"} <= set(r), pair
+        assert _positive(r["model_flops_per_step"]), pair
         if has_torch:  # the twins must be the same model
             assert r["params"]["lepton_mm"] == r["params"]["pytorch"]
+            assert _positive(r["ratio_eager"]) and r["ratio"] == r["ratio_eager"], pair
+            assert r["alternative_eager"]["variant"] in r["pytorch_variants"]
+            assert r["ratio_compiled"] is None  # --skip-heavy: no torch.compile
+            assert r["alternative_compiled"]["skipped"]
+    assert results["train_step_concat_b40"]["batch_size"] == 40
     if has_torch:
         assert results["train_step_concat"]["ratio"] is not None
-    if "max_abs_db_diff_within_80db" in results["log_mel"]:
-        assert results["log_mel"]["max_abs_db_diff_within_80db"] < 0.1
+    log_mel = results["log_mel"]
+    if "max_abs_db_diff_within_80db" in log_mel:
+        assert log_mel["max_abs_db_diff_within_80db"] < 0.1
+        assert math.isfinite(log_mel["max_abs_db_diff"])  # unmasked, reported
+        assert _positive(log_mel["ratio_per_clip"])
+        assert "batch" in log_mel["alternative"]["name"]
+        assert "per clip" in log_mel["alternative_per_clip"]["name"]
+
+    for pair in EPOCH_PAIRS:  # present, skipped by --skip-heavy
+        assert results[pair]["ratio"] is None and results[pair]["skipped"], pair
 
     roofline = results["roofline"]
     assert _positive(roofline["peak_gflops"])
     for name in MODELS:
         assert _positive(results["compile_s"][name])
-        model = roofline["models"][name]
-        assert _positive(model["flops_per_step"]) and _positive(model["fraction_of_peak"])
+        for key in (name, f"{name}_b40"):
+            model = roofline["models"][key]
+            assert _positive(model["flops_per_step"]) and _positive(model["fraction_of_peak"])
+            # one FLOP count, the model's, for both sides and for the target check
+            assert model["flops_used"]["lepton_mm"] == model["flops_used"]["pytorch"]
+            assert model["flops_used"]["lepton_mm"] == model["model_flops_per_step"]
+            assert model["target_met"] == (model["fraction_of_peak"] >= model["target"])
+
+    cold = results["cold_start"]
+    for key in ("train_step_concat", "sentence_encoder"):
+        entry = cold[key]
+        assert "ratio" in entry, key
+        if "skipped" in entry:  # the sentence encoder without its weights
+            assert key == "sentence_encoder"
+            continue
+        assert _positive(entry["lepton_mm"]["first_call_s"]), key
+        if has_torch and "first_call_s" in entry["pytorch_eager"]:
+            assert entry["pytorch_eager"]["jax_modules"] == [], key
+            assert _positive(entry["ratio"]), key
+    if has_torch:
+        assert cold["train_step_concat"]["pytorch_eager"]["jax_modules"] == []
 
     memory = results["memory"]
     assert memory["steps"] >= 1 and "method" in memory
-    assert _positive(memory["concat"]["lepton_mm"]["peak_rss_mb"])
+    concat = memory["concat"]
+    assert "ratio" in concat
+    assert _positive(concat["lepton_mm"]["peak_rss_mb"])
     if has_torch:
-        assert _positive(memory["concat"]["pytorch"]["peak_rss_mb"])
+        assert _positive(concat["pytorch"]["peak_rss_mb"])
+        assert not set(concat["pytorch"]["jax_modules"]) & JAX_STACK  # no JAX in there
+        assert _positive(concat["ratio"])
+        assert math.isclose(concat["ratio"], concat["lepton_mm"]["peak_rss_mb"]
+                            / concat["pytorch"]["peak_rss_mb"])
     else:
-        assert memory["concat"]["pytorch"]["skipped"]
+        assert concat["pytorch"]["skipped"] and concat["ratio"] is None
+
+
+def test_pytorch_probe_imports_no_jax(tmp_path):
+    """The PyTorch probe process (torch_models.py) holds none of the JAX stack."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    spec = {"model": "concat", "n_mels": 8, "audio_frames": 16, "batch_size": 4,
+            "fusion_dim": 100, "num_classes": 10, "rank": 4, "image": [2, 1],
+            "audio": [4, 2], "attention": {}, "lr": 1e-3, "threads": 1, "steps": 1,
+            "variant": {"optimizer": "for_loop", "channels_last": False}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    code = ("import runpy, sys; sys.argv = [sys.argv[1], '--probe', 'memory', sys.argv[2]]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "stack = {'jax', 'jaxlib', 'flax', 'optax', 'lepton_mm'}\n"
+            "loaded = sorted(stack & {m.split('.')[0] for m in sys.modules})\n"
+            "assert not loaded, loaded\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "benchmarks" / "torch_models.py"), str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["jax_modules"] == [] and _positive(result["peak_rss_mb"])
