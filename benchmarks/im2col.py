@@ -1,0 +1,133 @@
+"""The AV-MNIST train step with the two im2col strategies of the CNN encoders, A/B.
+
+    python benchmarks/im2col.py [--methods concat,audio_only,image_only] [--batch-sizes 40,128]
+
+``slices`` is the library's path (``lepton_mm.encoders._conv``: patches from shifted
+slices, the first layer as direct multiply-adds with XLA's convolution gradient);
+``gather`` is the previous one (one gather in pooling-phase order, ``conv_patches``,
+whose gradient is a scatter-add), patched in for the comparison. Each variant is the
+``experiments/avmnist.py`` model and SGD recipe under ``make_train_step`` (the step
+``fit`` runs), on 20 real batches; the variants alternate A B B A over 4 rounds after
+compilation and the best round's mean step time is printed with the compile time and
+the last loss (the two paths differ only by float rounding). Numbers in
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _avmnist():
+    spec = importlib.util.spec_from_file_location("_avmnist", ROOT / "experiments" /
+                                                  "avmnist.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_avmnist"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gather_paths(conv):
+    """The previous (gather) implementations of the two functions ``conv_block`` calls."""
+    import jax
+    import jax.numpy as jnp
+
+    def phase_ordered(x, kernel, kernel_size, pool):
+        _, h, w, b = x.shape
+        h2, w2 = conv._phase_grid(h, w, pool)
+        y = jax.lax.dot_general(kernel, conv.conv_patches(x, kernel_size, pool),
+                                (((0,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return y.reshape(kernel.shape[1], pool[0] * pool[1], h2, w2, b)
+
+    def single_channel(x, kernel, kernel_size, pool):
+        return phase_ordered(x[None], kernel, kernel_size, pool)
+
+    return phase_ordered, single_channel
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="concat,audio_only,image_only")
+    parser.add_argument("--batch-sizes", default="40,128")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    from lepton_mm.training import tune_glibc_malloc
+
+    tuned = tune_glibc_malloc()
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import lepton_mm.encoders._conv as conv
+    from lepton_mm.experiment import machine_info
+    from lepton_mm.models import Classification
+    from lepton_mm.training import ArrayDataset, OptimizerConfig, make_optimizer, seed_rngs
+    from lepton_mm.training.loop import TrainState, make_train_step
+
+    avmnist = _avmnist()
+    library = (conv._conv_phase_ordered, conv._conv_single_channel)
+    paths = {"slices": library, "gather": _gather_paths(conv)}
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    config = avmnist.AVMNISTConfig(num_train=max(sizes) * args.steps, num_val=40,
+                                   num_test=40, progress=False)
+    data = ArrayDataset(avmnist.make_data(config)["train"])
+    sgd = OptimizerConfig(name="sgd", learning_rate=config.learning_rate,
+                          momentum=config.momentum, weight_decay=config.weight_decay)
+    meta = {**machine_info(), "allocator_tuned": tuned, "jax": jax.__version__}
+    print(json.dumps({"meta": meta}), flush=True)
+    for method in args.methods.split(","):
+        for bs in sizes:
+            batches = [jax.device_put(b) for b in data.batches(bs, seed=0, epoch=0)]
+            batches = batches[:args.steps]
+            runs = {}
+            for name, (phase, single) in paths.items():
+                conv._conv_phase_ordered, conv._conv_single_channel = phase, single
+                model = avmnist.build_model(config, method, seed_rngs(0))
+                model.train()
+                graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+                params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+                # A transformation of its own per variant: make_train_step caches the
+                # compiled step by (graph, transformation, task), which would reuse the
+                # other variant's program.
+                tx = make_optimizer(sgd)
+                state = TrainState(params, rest, tx.init(params))
+                step = make_train_step(graphdef, tx, Classification(10))
+                start = time.perf_counter()
+                state, stats = step(state, batches[0], jnp.int32(0))
+                jax.block_until_ready(state)
+                runs[name] = {"step": step, "state": state, "times": [],
+                              "compile_s": time.perf_counter() - start}
+            conv._conv_phase_ordered, conv._conv_single_channel = library
+            order = list(paths)
+            for round_ in range(4):
+                for name in order if round_ % 2 == 0 else order[::-1]:
+                    run = runs[name]
+                    state = run["state"]
+                    start = time.perf_counter()
+                    for i, batch in enumerate(batches):
+                        state, stats = run["step"](state, batch, jnp.int32(i))
+                    jax.block_until_ready(state)
+                    run["times"].append((time.perf_counter() - start) / len(batches))
+                    run["state"], run["loss"] = state, float(stats["loss"])
+            line = {"method": method, "batch_size": bs}
+            for name, run in runs.items():
+                line[name] = {"ms_per_step": round(1000 * min(run["times"]), 1),
+                              "compile_s": round(run["compile_s"], 1),
+                              "last_loss": round(run["loss"], 5)}
+            line["speedup"] = round(line["gather"]["ms_per_step"] /
+                                    line["slices"]["ms_per_step"], 2)
+            print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
