@@ -730,9 +730,9 @@ def run(config: AVMNISTConfig, *, shard: str | None = None,
     book = ledger.Ledger(config.results, EXPERIMENT)
     keys = expected_keys(config)
     hashes = {m: ledger.config_hash(run_config(config, m)) for m in resolve_methods(config)}
-    todo = keys if force else book.todo(keys, config_hashes=hashes, numerics=NUMERICS)
-    todo = ledger.shard(todo, shard)
-    print(f"{len(keys) - len(book.todo(keys, config_hashes=hashes, numerics=NUMERICS))} "
+    missing = book.todo(keys, config_hashes=hashes, numerics=NUMERICS)
+    todo = ledger.shard(keys if force else missing, shard)
+    print(f"{len(keys) - len(missing)} "
           f"of {len(keys)} runs have a current record; training {len(todo)}"
           + (f" (shard {shard})" if shard else ""), flush=True)
     data = make_data(config) if todo else None  # a finished table needs no data
