@@ -46,6 +46,7 @@ MODULES = (
     "lepton_mm.robustness",
     "lepton_mm.export",
     "lepton_mm.experiment",
+    "lepton_mm.harness",
 )
 
 _SECTION = re.compile(
