@@ -318,7 +318,8 @@ class AVMNIST(harness.Experiment):
     not_recorded = ("methods", "seeds", "workdir", "results", "progress",
                     "checkpoint_every", "modality_dropout", "robustness", "snr_sweep",
                     "image_noise_sweep")
-    flags = (("snr_db", "--snr-db"), ("epochs", "--epochs"), ("batch_size", "--batch-size"),
+    flags = (("data_seed", "--data-seed"), ("snr_db", "--snr-db"), ("epochs", "--epochs"),
+             ("batch_size", "--batch-size"),
              ("learning_rate", "--learning-rate"), ("num_train", "--num-train"),
              ("num_val", "--num-val"), ("num_test", "--num-test"),
              ("robustness", "--robustness"), ("snr_sweep", "--snr-sweep"),
@@ -409,14 +410,10 @@ class AVMNIST(harness.Experiment):
 
         summary: dict[str, Any] = {}
         for method, rs in runs.items():
-            times = [r["seconds_per_epoch"] for r in rs if r["seconds_per_epoch"] is not None]
             summary[method] = {
                 "test_accuracy": stats(rs, lambda r: r["metrics"]["test_accuracy"]),
                 "val_accuracy": stats(rs, lambda r: r["metrics"]["val_accuracy"]),
-                "num_params": rs[0]["params"],
-                "epoch_time_s": float(np.mean(times)) if times else None,
-                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-                "best_epoch": {str(r["seed"]): r["metrics"]["best_epoch"] for r in rs},
+                **harness.run_costs(rs),
                 "modality_dropout": rs[0]["config"].get("modality_dropout", 0.0)}
             if all(r.get("robustness") for r in rs):
                 for cond in ("audio_absent", "image_absent"):
@@ -502,32 +499,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[AVMNISTConfig, argparse.N
                         help="'all' or comma-separated methods: image_only, audio_only, "
                              "fusion names (default: all; --quick: a representative five)")
     harness.add_arguments(parser, quick="smoke check: subset, 1 seed, 5 methods")
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--snr-db", type=float, default=-15.0,
-                        help="audio noise level (the benchmark: -15)")
-    for name, kind in (("epochs", int), ("batch-size", int), ("learning-rate", float),
-                       ("num-train", int), ("num-val", int), ("num-test", int)):
-        parser.add_argument(f"--{name}", type=kind, default=None)
+    harness.add_flags(parser, AVMNIST, AVMNISTConfig)
     parser.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
                         help="also train every fusion method with modality dropout at "
                              "rate P, as <method>+mdrop")
-    parser.add_argument("--robustness", action=argparse.BooleanOptionalAction,
-                        default=True, help="absent-modality and noise-sweep evaluation")
-    parser.add_argument("--snr-sweep", type=harness.parse_floats, default=None,
-                        help="audio SNRs in dB, decreasing (write --snr-sweep=20,0,-20)")
-    parser.add_argument("--image-noise", type=harness.parse_floats, default=None,
-                        help="image noise standard deviations, increasing, e.g. 0,0.5,1")
     args = parser.parse_args(argv)
     overrides = {**harness.base_overrides(parser, args, "avmnist"),
-                 "data_seed": args.data_seed, "snr_db": args.snr_db,
-                 "modality_dropout": args.modality_dropout, "robustness": args.robustness}
+                 **harness.flag_overrides(args, AVMNIST),
+                 "modality_dropout": args.modality_dropout}
     if args.fusion is not None:
         overrides["methods"] = tuple(m for m in args.fusion.split(",") if m)
-    for name, field in (("snr_sweep", "snr_sweep"), ("image_noise", "image_noise_sweep"),
-                        *((n, n) for n in ("epochs", "batch_size", "learning_rate",
-                                           "num_train", "num_val", "num_test"))):
-        if getattr(args, name) is not None:
-            overrides[field] = getattr(args, name)
     return (quick_config if args.quick else AVMNISTConfig)(**overrides), args
 
 

@@ -482,15 +482,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[MUStARDConfig, argparse.N
     parser.add_argument("--methods", default=None, help=f"'all' or comma-separated: "
                         f"{', '.join(METHODS)} (or majority: the baseline alone)")
     harness.add_arguments(parser, quick="2 folds, short training")
-    for field, flag in MUStARD.flags:
-        kind = {"folds": harness.parse_ints, "context_fusion": str}.get(field, int)
-        parser.add_argument(flag, type=kind, default=None, help=(
-            "e.g. 0,1 (default all; a subset writes the same record files, so give it "
-            "its own --results)") if field == "folds" else None)
+    harness.add_flags(parser, MUStARD, MUStARDConfig)
     args = parser.parse_args(argv)
-    overrides = harness.base_overrides(parser, args, "mustard")
-    overrides.update({f: getattr(args, f) for f, _ in MUStARD.flags
-                      if getattr(args, f) is not None})
+    overrides = {**harness.base_overrides(parser, args, "mustard"),
+                 **harness.flag_overrides(args, MUStARD)}
     if args.methods is not None:
         overrides["methods"] = tuple(m for m in args.methods.split(",") if m)
     return (quick_config if args.quick else MUStARDConfig)(**overrides), args

@@ -32,30 +32,66 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from lepton_mm import experiment as ledger
 from lepton_mm.experiment import NUMERICS, RunKey
 
 __all__ = [
     "Experiment",
     "add_arguments",
+    "add_flags",
     "base_overrides",
     "enable_compilation_cache",
     "fit_facts",
+    "flag_overrides",
     "parse_floats",
     "parse_ints",
+    "run_costs",
     "run_main",
     "update_docs",
 ]
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)`` (blank items skipped), for argparse ``type=``."""
+    """Comma-separated ints, for argparse ``type=``.
+
+    Args:
+      text: e.g. ``"0,1,2"`` (blank items are skipped).
+
+    Returns:
+      ``(0, 1, 2)``.
+    """
     return tuple(int(s) for s in text.split(",") if s.strip())
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
-    """``"20,-5.5"`` -> ``(20.0, -5.5)`` (blank items skipped), for argparse ``type=``."""
+    """Comma-separated floats, for argparse ``type=``.
+
+    Args:
+      text: e.g. ``"20,-5.5"`` (blank items are skipped).
+
+    Returns:
+      ``(20.0, -5.5)``.
+    """
     return tuple(float(s) for s in text.split(",") if s.strip())
+
+
+def run_costs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What one method's records say about its cost, for a summary.
+
+    Args:
+      runs: the method's records (non-empty), each with ``metrics["best_epoch"]``.
+
+    Returns:
+      ``{"num_params", "epoch_time_s" (mean of the records' ``seconds_per_epoch``; None
+      when no record trained), "peak_rss_mb" (the largest), "best_epoch" (per seed)}``.
+    """
+    times = [r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"] is not None]
+    return {"num_params": runs[0]["params"],
+            "epoch_time_s": float(np.mean(times)) if times else None,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "best_epoch": {str(r["seed"]): r["metrics"]["best_epoch"] for r in runs}}
 
 
 def _flag_value(value: Any) -> str:
@@ -211,13 +247,15 @@ class Experiment:
         """The command line (from the repository root) that trains just ``key`` again.
 
         Raises:
-          ValueError: a recorded config field differs from the default config but has no
-            flag in ``flags`` (the command could not reproduce the run).
+          ValueError: a config field the run's record depends on (``run_config``)
+            differs from the default config but has no flag in ``flags`` (the command
+            could not reproduce the run).
         """
         defaults = self.default_config()
         flagged = {field for field, _ in self.flags} | {"data_seed", "quick"}
+        recorded = set(self.run_config(key.method))
         for f in dataclasses.fields(self.config):
-            if (f.name not in self.not_recorded and f.name not in flagged
+            if (f.name in recorded and f.name not in flagged
                     and getattr(self.config, f.name) != getattr(defaults, f.name)):
                 raise ValueError(
                     f"{self.name}: config field {f.name}={getattr(self.config, f.name)!r} "
@@ -228,6 +266,8 @@ class Experiment:
         if key.data_seed != getattr(defaults, "data_seed", 0):
             words.append(f"--data-seed {key.data_seed}")
         for field, flag in self.flags:
+            if field == "data_seed":  # from the key, above
+                continue
             value, default = getattr(self.config, field), getattr(defaults, field)
             if value == default:
                 continue
@@ -259,6 +299,7 @@ class Experiment:
         missing = self.todo()
         todo = ledger.shard(keys if force else missing, shard)
         done = len(keys) - len(missing)
+        commands = {key: self.command(key) for key in todo}  # unreproducible: fail now
         print(f"{self.name}: {done} of {len(keys)} runs have a current record; training "
               f"{len(todo)}" + (f" (shard {shard})" if shard else ""), flush=True)
         commit = ledger.git_commit()
@@ -274,7 +315,7 @@ class Experiment:
             extra = {**fields.pop("extra", {}),
                      "peak_rss_scope": "run" if scoped else "process"}
             record = ledger.make_record(
-                key, command=self.command(key), config=self.run_config(key.method),
+                key, command=commands[key], config=self.run_config(key.method),
                 numerics=self.numerics, robustness=fields.pop("robustness", None),
                 peak_rss_mb=round(ledger.peak_rss_mb(), 1), machine=machine,
                 git_commit=commit, extra=extra, **fields)
@@ -331,6 +372,11 @@ def update_docs(experiment: Experiment, report_dir: str | Path, doc: str | Path)
     """Replaces ``doc``'s block between the experiment's markers with the report in
     ``report_dir``, and copies its ``figures`` to ``<doc's folder>/figures/<name>_*``.
 
+    Args:
+      experiment: whose markers and figures.
+      report_dir: a folder :meth:`Experiment.report` wrote.
+      doc: the markdown page holding the markers.
+
     Raises:
       ValueError: ``doc`` lacks the markers.
     """
@@ -352,9 +398,15 @@ def update_docs(experiment: Experiment, report_dir: str | Path, doc: str | Path)
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, quick: str) -> None:
-    """Adds the flags every experiment shares: ``--seeds``/``--seed``, ``--workdir``,
-    ``--results``, ``--quick`` (help text ``quick``), ``--progress``, ``--shard``,
-    ``--force``, ``--report``, ``--out`` and ``--docs``."""
+    """Adds the flags every experiment shares.
+
+    Args:
+      parser: the script's parser.
+      quick: the help text of ``--quick``.
+
+    ``--seeds``/``--seed``, ``--workdir``, ``--results``, ``--quick``, ``--progress``,
+    ``--shard``, ``--force``, ``--report``, ``--out`` and ``--docs``.
+    """
     parser.add_argument("--seeds", type=parse_ints, default=None, help="e.g. 0,1,2")
     parser.add_argument("--seed", type=int, default=None, help="a single seed")
     parser.add_argument("--workdir", default=None, help="checkpoints (not committed)")
@@ -374,13 +426,100 @@ def add_arguments(parser: argparse.ArgumentParser, *, quick: str) -> None:
                              "<name>-report markers and copy its figures beside it")
 
 
+def _field_help(config_cls: type) -> dict[str, str]:
+    """Field name -> its description in the config class docstring's ``Attributes:``
+    (``name: text`` or ``a, b, c: text``, continuation lines indented deeper)."""
+    out: dict[str, str] = {}
+    names: list[str] = []
+    inside = False
+    for line in (config_cls.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if not text or (not line.startswith(" " * 6) and text.endswith(":")):
+            if not text:
+                continue
+            break
+        head, sep, rest = text.partition(": ")
+        if sep and line.startswith(" " * 6) and not line.startswith(" " * 7) and all(
+                part.strip().isidentifier() for part in head.split(",")):
+            names = [part.strip() for part in head.split(",")]
+            for name in names:
+                out[name] = rest
+        else:
+            for name in names:
+                out[name] += " " + text
+    return out
+
+
+def add_flags(parser: argparse.ArgumentParser, experiment: type[Experiment],
+              config_cls: type) -> None:
+    """Adds a flag per ``experiment.flags`` entry, typed from ``config_cls``'s field.
+
+    ``bool`` fields get ``--x/--no-x``; ``tuple[int, ...]`` / ``tuple[float, ...]``
+    comma-separated lists (``--x=1,-2`` for negative values); numbers and strings their
+    type. Each flag's value lands in ``args.<field>`` (None when not given) and its help
+    is the field's description in the config docstring's ``Attributes:`` section.
+
+    Args:
+      parser: the script's parser.
+      experiment: the :class:`Experiment` subclass whose ``flags`` to add.
+      config_cls: its config dataclass.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    descriptions = _field_help(config_cls)
+    for field, flag in experiment.flags:
+        kind_of = fields[field].type  # a string under ``from __future__ import annotations``
+        annotation = kind_of if isinstance(kind_of, str) else getattr(
+            kind_of, "__name__", None) if isinstance(kind_of, type) else str(kind_of)
+        default = fields[field].default
+        kind: dict[str, Any]
+        if annotation.startswith("bool"):
+            kind = {"action": argparse.BooleanOptionalAction}
+        elif annotation.startswith("tuple[int"):
+            kind = {"type": parse_ints}
+        elif annotation.startswith("tuple[float"):
+            kind = {"type": parse_floats}
+        else:
+            kind = {"type": next((t for t in (int, float) if annotation.startswith(t.__name__)),
+                                 str)}
+        shown = _flag_value(default) if default is not None else "none"
+        parser.add_argument(flag, dest=field, default=None, **kind,
+                            help=f"{descriptions.get(field, field)} (default: {shown})")
+
+
+def flag_overrides(args: argparse.Namespace, experiment: type[Experiment]) -> dict[str, Any]:
+    """The config fields given on the command line through :func:`add_flags`.
+
+    Args:
+      args: the parsed arguments.
+      experiment: the :class:`Experiment` subclass whose ``flags`` were added.
+
+    Returns:
+      ``{field: value}`` for every flag that was given.
+    """
+    return {field: getattr(args, field) for field, _ in experiment.flags
+            if getattr(args, field) is not None}
+
+
 def base_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace,
                    name: str) -> dict[str, Any]:
-    """Config overrides from the shared flags: ``seeds`` (``--seed``/``--seeds``),
-    ``workdir`` (default ``runs/<name>``, ``runs/<name>_quick`` with ``--quick``),
-    ``results`` (default ``results``, ``WORKDIR/results`` with ``--quick``: a smoke
-    check never writes the committed ledger) and ``progress``. Bad combinations exit
-    through ``parser.error``."""
+    """Config overrides from the shared flags.
+
+    Args:
+      parser: the parser (bad combinations exit through ``parser.error``).
+      args: its parsed arguments.
+      name: the experiment's name, for the default workdir.
+
+    Returns:
+      ``seeds`` (from ``--seed``/``--seeds``), ``workdir`` (default ``runs/<name>``,
+      ``runs/<name>_quick`` with ``--quick``), ``results`` (default ``results``,
+      ``WORKDIR/results`` with ``--quick``: a smoke check never writes the committed
+      ledger) and ``progress`` when given.
+    """
     if args.shard is not None:
         try:
             ledger.shard([], args.shard)
@@ -402,8 +541,12 @@ def base_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def enable_compilation_cache(path: str | Path) -> None:
-    """JAX's persistent compilation cache in ``path``: later runs (seeds, resumed
-    processes) reuse compiled steps."""
+    """Turns on JAX's persistent compilation cache: later runs (seeds, resumed
+    processes) reuse compiled steps.
+
+    Args:
+      path: the cache folder.
+    """
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(path))
@@ -411,11 +554,20 @@ def enable_compilation_cache(path: str | Path) -> None:
 
 
 def run_main(experiment: Experiment, args: argparse.Namespace) -> int:
-    """What an experiment script's ``main`` does after parsing: validate the methods,
-    then train what is missing and report (or, with ``--report``, only report and
-    optionally update ``--docs``), print the tables, and return the exit status (0, or
-    2 for an unknown method). A non-finite number never reaches a report: seed
-    statistics and the JSON writer reject it with an error naming the value."""
+    """What an experiment script's ``main`` does after parsing.
+
+    Validates the methods, then trains what is missing and reports (or, with
+    ``--report``, only reports and optionally updates ``--docs``), and prints the tables.
+    A non-finite number never reaches a report: seed statistics and the JSON writer
+    reject it with an error naming the value.
+
+    Args:
+      experiment: the experiment over the parsed config.
+      args: the parsed arguments (``report``, ``docs``, ``out``, ``shard``, ``force``).
+
+    Returns:
+      The exit status: 0, or 2 for an unknown method (one line on stderr).
+    """
     try:
         experiment.methods()
     except ValueError as e:

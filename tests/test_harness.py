@@ -16,6 +16,18 @@ from lepton_mm.experiment import RunKey
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
+    """A toy config.
+
+    Attributes:
+      methods, seeds: what to run.
+      rate: how fast, in a description that
+        continues on the next line.
+      levels: the sweep.
+
+    Returns:
+      nothing (a section after Attributes ends it).
+    """
+
     methods: tuple[str, ...] = ("a", "b")
     seeds: tuple[int, ...] = (0, 1)
     data_seed: int = 0
@@ -171,6 +183,23 @@ def test_command_writes_only_what_differs_and_round_trips(tmp_path):
     args = parser.parse_args(command.split()[2:])
     assert (args.quick, args.seeds, args.data_seed, args.rate, args.levels, args.noisy,
             args.force) == (True, (2,), 4, 0.125, (0.0, -3.0), False, True)
+
+
+def test_add_flags_types_help_and_overrides(capsys):
+    parser = argparse.ArgumentParser()
+    harness.add_flags(parser, Toy, ToyConfig)
+    args = parser.parse_args(["--rate", "0.25", "--levels=-1,2", "--no-noisy"])
+    assert (args.rate, args.levels, args.noisy) == (0.25, (-1.0, 2.0), False)
+    assert harness.flag_overrides(args, Toy) == {"rate": 0.25, "levels": (-1.0, 2.0),
+                                                 "noisy": False}
+    assert harness.flag_overrides(parser.parse_args([]), Toy) == {}  # defaults: the config's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rate", "fast"])
+    assert "--rate RATE" in parser.format_help()
+    help_text = " ".join(parser.format_help().split())
+    assert ("how fast, in a description that continues on the next line. (default: 0.5)"
+            in help_text)
+    assert "the sweep. (default: 1,2.5)" in help_text and "nothing" not in help_text
 
 
 def test_base_overrides_and_bad_flag_combinations():

@@ -47,6 +47,7 @@ MODULES = (
     "lepton_mm.export",
     "lepton_mm.experiment",
     "lepton_mm.harness",
+    "lepton_mm.functional",
 )
 
 _SECTION = re.compile(

@@ -587,8 +587,13 @@ def log_mel_statistics(log_mel: np.ndarray, mask: np.ndarray, *,
 
 
 def standardize_log_mel(log_mel: np.ndarray, stats: tuple[float, float] | None) -> None:
-    """Standardises float32 ``[n, frames, mels]`` log-mels in place by ``(mean, std)``
-    (``log_mel_statistics`` of the training split); None leaves them unchanged."""
+    """Standardises log-mels in place.
+
+    Args:
+      log_mel: float32 ``[n, frames, mels]``, modified in place.
+      stats: ``(mean, std)`` (``log_mel_statistics`` of the training split); None
+        leaves ``log_mel`` unchanged.
+    """
     if stats is not None:
         log_mel -= stats[0]
         log_mel /= stats[1]
