@@ -44,6 +44,8 @@ MODULES = (
     "lepton_mm.training",
     "lepton_mm.metrics",
     "lepton_mm.robustness",
+    "lepton_mm.augment",
+    "lepton_mm.adversarial",
     "lepton_mm.export",
     "lepton_mm.experiment",
     "lepton_mm.harness",
