@@ -324,6 +324,7 @@ class AVMNIST(harness.Experiment):
              ("num_val", "--num-val"), ("num_test", "--num-test"),
              ("robustness", "--robustness"), ("snr_sweep", "--snr-sweep"),
              ("image_noise_sweep", "--image-noise"))
+    method_fields = ("modality_dropout",)  # --modality-dropout, from method_args
     figures = tuple(f"{sweep}_sweep.png" for sweep in _SWEEPS)
 
     def methods(self) -> list[str]:

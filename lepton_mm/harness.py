@@ -147,6 +147,8 @@ class Experiment:
       not_recorded: config fields no run's result depends on (never hashed).
       flags: ``(config field, command-line flag)`` pairs, for :meth:`command` (written
         for fields whose value differs from the default config's).
+      method_fields: config fields :meth:`method_args` writes on the command line
+        (e.g. a rate that is part of the method's name).
       figures: file names of the figures :meth:`plot` writes (copied by ``--docs``).
     """
 
@@ -158,6 +160,7 @@ class Experiment:
     not_recorded: ClassVar[tuple[str, ...]] = (
         "methods", "seeds", "workdir", "results", "progress", "checkpoint_every", "quick")
     flags: ClassVar[tuple[tuple[str, str], ...]] = ()
+    method_fields: ClassVar[tuple[str, ...]] = ()
     figures: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
@@ -252,7 +255,8 @@ class Experiment:
             could not reproduce the run).
         """
         defaults = self.default_config()
-        flagged = {field for field, _ in self.flags} | {"data_seed", "quick"}
+        flagged = {field for field, _ in self.flags} | {"data_seed", "quick",
+                                                         *self.method_fields}
         recorded = set(self.run_config(key.method))
         for f in dataclasses.fields(self.config):
             if (f.name in recorded and f.name not in flagged

@@ -627,13 +627,16 @@ def avmnist_arrays(*, data_seed: int = 0, snr_db: float = SNR_DB,
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise ValueError(f"sizes: unknown split(s) {sorted(unknown)}; expected {SPLITS}.")
+    for name, n in sizes.items():  # before any computation
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
+                              or not 0 < n <= SPLIT_SIZES[name]):
+            raise ValueError(f"num_{name}: expected an int in 1..{SPLIT_SIZES[name]}, "
+                             f"got {n!r}.")
     avmnist = load_avmnist(data_seed=data_seed, snr_db=snr_db, data_dir=data_dir)
     out: dict[str, Any] = {}
     for name in SPLITS:
         split, n = getattr(avmnist, name), sizes.get(name)
         if n is not None:
-            if not 0 < n <= len(split):
-                raise ValueError(f"num_{name}: expected 1..{len(split)}, got {n}.")
             split = split.subset(np.arange(n))
         out[name] = split.materialize()
     out["audio_stats"] = None
