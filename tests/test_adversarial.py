@@ -7,26 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_robustness import _bimodal_model  # image + audio (batch norm), concat + dropout
 
 from lepton_mm import adversarial
 from lepton_mm.adversarial import fgsm, model_loss, pgd, robust_accuracy
-
-
-def _bimodal_model(seed=0):
-    """Image + audio encoders (batch norm), concat with dropout, 3 classes; train mode."""
-    from flax import nnx
-
-    from lepton_mm.encoders import AudioSpectrogramCNN, ImageCNN
-    from lepton_mm.fusion import build
-    from lepton_mm.models import MultimodalClassifier
-
-    rngs = nnx.Rngs(seed)
-    encoders = {"image": ImageCNN(1, dim=8, widths=(4,), rngs=rngs),
-                "audio": AudioSpectrogramCNN(8, dim=8, widths=(4,), rngs=rngs)}
-    return MultimodalClassifier(
-        encoders, build("concat", {"image": 8, "audio": 8}, 6, hidden=(6,), dropout=0.5,
-                        rngs=rngs),
-        nnx.Linear(6, 3, rngs=rngs))
 
 
 def _batch(n=6, seed=0):

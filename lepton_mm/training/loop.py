@@ -603,7 +603,9 @@ def _check_hook_output(name: str, before: Any, after: Any) -> None:
 def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
                  adversary: Any) -> None:
     """Traces the hooks abstractly on a sample batch: errors before any compilation."""
-    key = jax.random.key(0)
+    if augment is None and adversary is None:
+        return
+    key = jax.eval_shape(lambda: jax.random.key(0))  # abstract: compiles nothing
     if augment is not None:
         _check_hook_output("augment", sample, jax.eval_shape(augment, sample, key))
     if adversary is not None:
