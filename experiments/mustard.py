@@ -19,14 +19,12 @@ validation loss** (``monitor="loss"``). Weighted F1 would be the natural rule, b
 ``Classification`` task reports accuracy and macro F1 only, and the rule is not chosen
 after seeing scores. The test fold is scored once, at the kept checkpoint.
 
-Each (method, seed) run covers the config's folds and writes one ledger record
-(``lepton_mm.experiment``) at ``results/mustard/<method>/seed<k>.json``: per fold under
-``metrics["folds"]`` (test weighted F1, accuracy and predictions; validation scores;
-the training history), and their means over folds as ``test_weighted_f1``,
-``test_accuracy`` and ``val_accuracy``. ``majority/seed0`` is the majority-class
-baseline. Checkpoints: ``WORKDIR/<method>/seed<k>-<hash>/fold<f>/``. The summary, mean and
-sample std over folds of the seed-averaged fold scores, is ``--report``'s; re-running a
-command trains only runs whose record is missing or stale.
+Each (method, seed) run covers the config's folds and is one ledger record
+(``lepton_mm.harness``), ``results/mustard/<method>/seed<k>.json``: per fold under
+``metrics["folds"]`` (test weighted F1, accuracy and predictions; validation scores; the
+history), their means over folds as ``test_weighted_f1``, ``test_accuracy`` and
+``val_accuracy``; ``majority/seed0`` is the majority-class baseline. ``--report``'s
+summary: mean and sample std over folds of the seed-averaged fold scores.
 
     python experiments/mustard.py --quick    # ~100 s of CPU; records in WORKDIR/results
     python experiments/mustard.py --seeds 0,1,2                          # 5 folds, all
@@ -50,10 +48,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from lepton_mm.experiment import NUMERICS
+from lepton_mm import harness
+from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.types import EncoderOutput
 
-EXPERIMENT = "mustard"
 METHODS = ("frozen_head", "finetune", "context_fusion")
 NUM_CLASSES = 2
 #: Castro et al. 2019, speaker-dependent setup, weighted F1 (approximate, in %).
@@ -142,7 +140,8 @@ def quick_config(**overrides: Any) -> MUStARDConfig:
 
 
 def resolve_methods(config: MUStARDConfig) -> list[str]:
-    """The methods to run, validated (before any computation)."""
+    """The methods to run, validated (before any computation). ``majority``, the baseline
+    every config also runs, may be named to select it alone."""
     from lepton_mm.fusion import FUSIONS
 
     if config.context_fusion not in FUSIONS:
@@ -151,9 +150,9 @@ def resolve_methods(config: MUStARDConfig) -> list[str]:
     if not config.methods or config.methods == ("all",):
         return list(METHODS)
     for m in config.methods:
-        if m not in METHODS:
+        if m not in ("majority", *METHODS):
             raise ValueError(f"Unrecognized method: {m!r}. Known: {list(METHODS)} "
-                             "(or 'all').")
+                             "(or 'all', or 'majority').")
     return list(dict.fromkeys(config.methods))
 
 
@@ -315,52 +314,18 @@ def optimizer(config: MUStARDConfig, method: str, steps: int) -> Any:
 # -------------------------------------------------------------------------------- runs
 
 
-def run_config(config: MUStARDConfig, method: str) -> dict[str, Any]:
-    """Everything the record of a ``method`` run depends on (hashed into its key)."""
-    fields = dataclasses.asdict(config)
-    keep = {k for k in fields if k not in ("methods", "seeds", "workdir", "results",
-                                           "progress", "quick")}
-    finetune_only = {k for k in keep if k.startswith(("finetune_", "text_", "freeze_",
-                                                      "warmup_")) or k == "max_tokens"}
-    if method == "majority":
-        keep = {"folds", "val_fraction"}
-    elif method == "finetune":
-        keep -= {"head_epochs", "head_batch_size", "head_learning_rate"}
-    else:
-        keep -= finetune_only
-    if method != "context_fusion":
-        keep.discard("context_fusion")
-    return {**{k: v for k, v in fields.items() if k in keep}, "method": method}
-
-
-def expected_keys(config: MUStARDConfig) -> list[Any]:
-    """The ``RunKey`` of the majority baseline and of every (method, seed)."""
-    from lepton_mm.experiment import RunKey
-
-    return [RunKey(EXPERIMENT, "majority", 0), *(RunKey(EXPERIMENT, m, s) for m in
-                                                 resolve_methods(config) for s in config.seeds)]
-
-
-def run_workdir(config: MUStARDConfig, key: Any) -> Path:
-    """``WORKDIR/<method>/seed<k>-<hash>``, the hash of the run's settings and numerics."""
-    from lepton_mm.experiment import config_hash
-
-    tag = config_hash({"config": run_config(config, key.method), "numerics": NUMERICS})
-    return Path(config.workdir).absolute() / key.method / f"seed{key.seed}-{tag[:8]}"
-
-
 def train_fold(config: MUStARDConfig, method: str, seed: int, split: dict[str, Any],
                modalities: dict[str, Any], labels: np.ndarray,
-               workdir: Path) -> tuple[dict[str, Any], Any, int]:
+               workdir: Path) -> tuple[dict[str, Any], float | None, int]:
     """Trains (or resumes) one fold with ``fit`` and scores its test part once, at the
-    checkpoint of lowest validation loss. Returns (the fold's metrics, the ``FitResult``,
-    the number of trained parameters)."""
+    checkpoint of lowest validation loss. Returns (the fold's metrics, its seconds per
+    epoch trained here or None, the number of trained parameters)."""
     import jax
 
     from lepton_mm.models import Classification
     from lepton_mm.training import fit, predict, seed_rngs, trainable_mask
 
-    finetune = method == "finetune"
+    start, finetune = time.perf_counter(), method == "finetune"
     epochs = config.finetune_epochs if finetune else config.head_epochs
     batch_size = config.finetune_batch_size if finetune else config.head_batch_size
     train = _source(config, modalities, labels, split["train"])
@@ -376,17 +341,16 @@ def train_fold(config: MUStARDConfig, method: str, seed: int, split: dict[str, A
         model, {m: (x[test], mask[test]) for m, (x, mask) in modalities.items()},
         batch_size=config.eval_batch_size)).argmax(1)
     scores = _scores(predictions, labels[test])
-    best = next(r for r in fitted.history if r["step"] == fitted.best_step)
+    facts = harness.fit_facts(fitted, time.perf_counter() - start,
+                              eval_metrics=("loss", "accuracy"))
     params = nnx.state(model, nnx.Param)
     trained = zip(jax.tree.leaves(params), jax.tree.leaves(trainable_mask(params, opt)),
                   strict=True)
-    return {"test_weighted_f1": scores["weighted_f1"], "test_accuracy": scores["accuracy"],
-            "test_predictions": predictions.tolist(), "val_loss": best["eval"]["loss"],
-            "val_accuracy": best["eval"]["accuracy"], "best_epoch": best["epoch"],
-            "train_size": len(split["train"]),
-            "history": [{"epoch": r["epoch"], "train_loss": round(r["train_loss"], 6),
-                         "val_loss": r["eval"]["loss"], "val_accuracy": r["eval"]["accuracy"]}
-                        for r in fitted.history]}, fitted, sum(p.size for p, t in trained if t)
+    fold = {"test_weighted_f1": scores["weighted_f1"], "test_accuracy": scores["accuracy"],
+            "test_predictions": predictions.tolist(), "val_loss": fitted.best_metrics["loss"],
+            "val_accuracy": fitted.best_metrics["accuracy"], "best_epoch": facts["best_epoch"],
+            "train_size": len(split["train"]), "history": facts["history"]}
+    return fold, facts["seconds_per_epoch"], sum(p.size for p, t in trained if t)
 
 
 def _majority_fold(labels: np.ndarray, split: dict[str, Any]) -> dict[str, Any]:
@@ -394,62 +358,6 @@ def _majority_fold(labels: np.ndarray, split: dict[str, Any]) -> dict[str, Any]:
     scores = _scores(np.full(len(split["test"]), majority), labels[split["test"]])
     return {"test_weighted_f1": scores["weighted_f1"], "test_accuracy": scores["accuracy"],
             "val_accuracy": float(np.mean(labels[split["val"]] == majority))}
-
-
-def make_run_record(config: MUStARDConfig, key: Any, inputs: dict[str, Any]) -> dict:
-    """Trains ``key``'s method on every fold of the config (``majority``: predicts the
-    training part's majority class, trains nothing); returns its ledger record."""
-    import jax
-
-    from lepton_mm import experiment as ledger
-
-    labels, method = inputs["label"], key.method
-    folds, trainable, epochs, start = {}, 0, 0, time.perf_counter()
-    for f in config.folds:
-        split = fold_split(labels, *inputs["folds"][f], f, config.val_fraction)
-        if method == "majority":
-            folds[str(f)] = _majority_fold(labels, split)
-            continue
-        if method == "finetune" and config.finetune_max_train is not None:
-            split["train"] = split["train"][:config.finetune_max_train]
-        folds[str(f)], fitted, trainable = train_fold(
-            config, method, key.seed, split, method_inputs(inputs, method), labels,
-            run_workdir(config, key) / f"fold{f}")
-        epochs += sum(r["step"] > (fitted.resumed_from or 0) for r in fitted.history)
-    metrics = {k: float(np.mean([v[k] for v in folds.values()]))
-               for k in ("test_weighted_f1", "test_accuracy", "val_accuracy")}
-    command = (f"python experiments/mustard.py{' --quick' if config.quick else ''} --methods "
-               f"{method} --seeds {key.seed} --folds {','.join(map(str, config.folds))} --force")
-    return ledger.make_record(
-        key, command=command, config=run_config(config, method), numerics=NUMERICS,
-        metrics={**metrics, "folds": folds}, robustness=None, params=trainable,
-        peak_rss_mb=round(ledger.peak_rss_mb(), 1),
-        seconds_per_epoch=round((time.perf_counter() - start) / epochs, 2) if epochs else None,
-        machine=ledger.machine_info(device_kind=jax.devices()[0].device_kind))
-
-
-# ------------------------------------------------------------------------------ report
-
-
-def summarize(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per method: weighted F1 and accuracy as the mean and sample std (ddof=1) over
-    folds of the seed-averaged fold scores, with ``per_fold`` and ``per_seed`` (the
-    seed's mean over folds) values; the seeds, trainable parameters and s / epoch."""
-    out = {}
-    for method, runs in records.items():
-        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "params": runs[0]["params"],
-                                 "seconds_per_epoch": runs[0]["seconds_per_epoch"]}
-        for metric in ("weighted_f1", "accuracy"):
-            folds = sorted(runs[0]["metrics"]["folds"], key=int)
-            per_fold = {f: float(np.mean([r["metrics"]["folds"][f][f"test_{metric}"]
-                                          for r in runs])) for f in folds}
-            x = np.array(list(per_fold.values()))
-            entry[metric] = {
-                "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else None,
-                "per_fold": per_fold,
-                "per_seed": {str(r["seed"]): r["metrics"][f"test_{metric}"] for r in runs}}
-        out[method] = entry
-    return out
 
 
 _LABELS = {
@@ -460,89 +368,124 @@ _LABELS = {
 }
 
 
-def markdown_table(summary: dict[str, Any], config: MUStARDConfig) -> str:
-    """The summary as a markdown table (%, mean ± std over folds), paper rows last."""
-    from lepton_mm.experiment import format_mean_std
+class MUStARD(harness.Experiment):
+    """The MUStARD table: one run per (method, seed) over the config's folds, and the
+    majority-class baseline ``majority/seed0`` (trains nothing)."""
 
-    lines = ["| method | weighted F1 (%) | accuracy (%) | seeds | trainable params | "
-             "s / epoch |", "|---|---|---|---|---|---|"]
-    for method, s in summary.items():
-        time_cell = "—" if s["seconds_per_epoch"] is None else f"{s['seconds_per_epoch']:g}"
-        params = f"{s['params']:,}" if s["params"] else "—"
-        lines.append(f"| {_LABELS[method].format(fusion=config.context_fusion)} | "
-                     f"{format_mean_std(s['weighted_f1'])} | {format_mean_std(s['accuracy'])}"
-                     f" | {len(s['seeds'])} | {params} | {time_cell} |")
-    for name, value in (("text only (BERT + SVM)", PAPER["text_only"]),
-                        ("text + audio + video", PAPER["text_audio_video"])):
-        lines.append(f"| Castro et al. 2019, {name} | ≈{value:.0f} | — | 5 folds | — | — |")
-    return "\n".join(lines) + "\n"
+    name, script = "mustard", "experiments/mustard.py"
+    #: config fields with a flag of their own (``parse_args`` adds exactly these).
+    flags = (("folds", "--folds"), ("head_epochs", "--head-epochs"),
+             ("finetune_epochs", "--finetune-epochs"), ("freeze_layers", "--freeze-layers"),
+             ("max_tokens", "--max-tokens"), ("context_fusion", "--context-fusion"))
 
+    def methods(self) -> list[str]:
+        return resolve_methods(self.config)
 
-def report(config: MUStARDConfig, out: str | Path) -> dict[str, Any]:
-    """Writes ``results.json`` and ``results.md`` of the ledger's current records to
-    ``out`` (trains nothing; the same records give the same bytes); returns the JSON."""
-    from lepton_mm import experiment as ledger
+    def default_config(self) -> MUStARDConfig:
+        return quick_config() if self.config.quick else MUStARDConfig()
 
-    keys = expected_keys(config)
-    found = ledger.collect(ledger.Ledger(config.results, EXPERIMENT), keys,
-                           numerics=NUMERICS, config_hashes=lambda k: ledger.config_hash(
-                               run_config(config, k.method)))
-    summary = summarize({m: r for m, r in found.current.items() if r})
-    result = {"methods": summary, "complete": found.complete, "missing": found.missing,
-              "stale": found.stale, "numerics": NUMERICS, "folds": list(config.folds),
-              "metric": "weighted F1 on each official test fold; mean and sample std over "
-                        "folds of the seed-averaged fold scores; epoch by validation loss"}
-    ledger.write_json(result, Path(out) / "results.json")
-    note = "" if found.complete else f"Missing runs: {', '.join(found.missing)}.\n\n"
-    ledger.write_text(note + markdown_table(summary, config), Path(out) / "results.md")
-    return result
+    def keys(self) -> list[RunKey]:
+        """``majority/seed0``, then every (method, seed)."""
+        return [RunKey(self.name, "majority", 0),
+                *(k for k in super().keys() if k.method != "majority")]
 
+    def run_config(self, method: str) -> dict[str, Any]:
+        """The settings ``method``'s result depends on: the majority baseline's split
+        only; the fine-tuning or the frozen-feature settings; the fusion of
+        ``context_fusion``."""
+        out = super().run_config(method)
+        if method == "majority":
+            return {k: out[k] for k in ("folds", "val_fraction", "method")}
+        drop = ({"head_epochs", "head_batch_size", "head_learning_rate"}
+                if method == "finetune" else
+                {k for k in out if k == "max_tokens" or k.startswith(
+                    ("finetune_", "text_", "freeze_", "warmup_"))})
+        if method != "context_fusion":
+            drop.add("context_fusion")
+        return {k: v for k, v in out.items() if k not in drop}
 
-def run(config: MUStARDConfig, *, shard: str | None = None,
-        force: bool = False) -> dict[str, Any]:
-    """Trains the runs whose record is missing or stale (all with ``force``; ``shard``
-    ``"i/n"``: every n-th), writing each record; returns ``report`` to the workdir."""
-    from lepton_mm import experiment as ledger
+    def prepare(self, todo: list[RunKey]) -> dict[str, Any]:
+        return make_inputs(self.config, sorted({k.method for k in todo} - {"majority"}))
 
-    book = ledger.Ledger(config.results, EXPERIMENT)
-    todo = ledger.shard(expected_keys(config) if force else book.todo(
-        expected_keys(config), numerics=NUMERICS,
-        config_hashes=lambda k: ledger.config_hash(run_config(config, k.method))), shard)
-    inputs = make_inputs(config, sorted({k.method for k in todo} - {"majority"}))
-    for i, key in enumerate(todo, 1):
-        record = make_run_record(config, key, inputs)
-        print(f"[{i}/{len(todo)}] {key.label()}: weighted F1 "
-              f"{100 * record['metrics']['test_weighted_f1']:.1f} % -> {book.write(record)}",
-              flush=True)
-    return report(config, config.workdir)
+    def train(self, key: RunKey, inputs: dict[str, Any], workdir: Path) -> dict[str, Any]:
+        """Trains ``key``'s method on every fold of the config (``majority``: predicts
+        the training part's majority class, trains nothing)."""
+        config, labels, method = self.config, inputs["label"], key.method
+        folds, rates, trainable = {}, [], 0
+        for f in config.folds:
+            split = fold_split(labels, *inputs["folds"][f], f, config.val_fraction)
+            if method == "majority":
+                folds[str(f)] = _majority_fold(labels, split)
+                continue
+            if method == "finetune" and config.finetune_max_train is not None:
+                split["train"] = split["train"][:config.finetune_max_train]
+            folds[str(f)], rate, trainable = train_fold(
+                config, method, key.seed, split, method_inputs(inputs, method), labels,
+                workdir / f"fold{f}")
+            rates += [] if rate is None else [rate]
+        metrics = {k: float(np.mean([v[k] for v in folds.values()]))
+                   for k in ("test_weighted_f1", "test_accuracy", "val_accuracy")}
+        return {"metrics": {**metrics, "folds": folds}, "params": trainable,
+                "seconds_per_epoch": round(float(np.mean(rates)), 2) if rates else None}
 
+    def describe(self, record: dict[str, Any]) -> str:
+        m, rate = record["metrics"], record["seconds_per_epoch"]
+        return (f"weighted F1 {100 * m['test_weighted_f1']:.1f} %  (accuracy "
+                f"{100 * m['test_accuracy']:.1f} %" + ("" if rate is None else
+                                                      f", {rate} s/epoch") + ")")
 
-# -------------------------------------------------------------------------------- main
+    def summarize(self, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """Per method: weighted F1 and accuracy as the mean and sample std (ddof=1) over
+        folds of the seed-averaged fold scores, with ``per_fold`` and ``per_seed`` (the
+        seed's mean over folds) values; the seeds, trainable parameters and s / epoch."""
+        out = {}
+        for method, rs in runs.items():
+            entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "params": rs[0]["params"],
+                                     "seconds_per_epoch": rs[0]["seconds_per_epoch"]}
+            for metric in ("weighted_f1", "accuracy"):
+                folds = sorted(rs[0]["metrics"]["folds"], key=int)
+                per_fold = {f: float(np.mean([r["metrics"]["folds"][f][f"test_{metric}"]
+                                              for r in rs])) for f in folds}
+                x = np.array(list(per_fold.values()))
+                entry[metric] = {
+                    "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else None,
+                    "per_fold": per_fold,
+                    "per_seed": {str(r["seed"]): r["metrics"][f"test_{metric}"] for r in rs}}
+            out[method] = entry
+        return out
+
+    def tables(self, summary: dict[str, Any]) -> str:
+        """The summary as a markdown table (%, mean ± std over folds), paper rows last."""
+        lines = ["| method | weighted F1 (%) | accuracy (%) | seeds | trainable params | "
+                 "s / epoch |", "|---|---|---|---|---|---|"]
+        for method, s in summary.items():
+            time_cell = "—" if s["seconds_per_epoch"] is None else f"{s['seconds_per_epoch']:g}"
+            params = f"{s['params']:,}" if s["params"] else "—"
+            lines.append(f"| {_LABELS[method].format(fusion=self.config.context_fusion)} | "
+                         f"{format_mean_std(s['weighted_f1'])} | "
+                         f"{format_mean_std(s['accuracy'])} | {len(s['seeds'])} | {params} | "
+                         f"{time_cell} |")
+        for name, value in (("text only (BERT + SVM)", PAPER["text_only"]),
+                            ("text + audio + video", PAPER["text_audio_video"])):
+            lines.append(f"| Castro et al. 2019, {name} | ≈{value:.0f} | — | 5 folds | — | — |")
+        return "\n".join(lines) + "\n"
+
+    def report_fields(self) -> dict[str, Any]:
+        return {"folds": list(self.config.folds),
+                "metric": "weighted F1 on each official test fold; mean and sample std over "
+                          "folds of the seed-averaged fold scores; epoch by validation loss"}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[MUStARDConfig, argparse.Namespace]:
     """Command line -> ``(MUStARDConfig, the parsed arguments)``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ints = lambda text: tuple(int(s) for s in text.split(",") if s.strip())
-    parser.add_argument("--methods", default=None,
-                        help=f"'all' or comma-separated: {', '.join(METHODS)}")
-    parser.add_argument("--seeds", type=ints, default=None, help="e.g. 0,1,2")
-    parser.add_argument("--folds", type=ints, default=None,
-                        help="e.g. 0,1 (default all; a subset writes the same record files, "
-                             "so give it its own --results)")
-    for name, kind in (("workdir", str), ("results", str), ("head-epochs", int),
-                       ("finetune-epochs", int), ("freeze-layers", int),
-                       ("max-tokens", int), ("context-fusion", str)):
-        parser.add_argument(f"--{name}", type=kind, default=None)
-    parser.add_argument("--quick", action="store_true", help="2 folds, short training")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--shard", default=None, metavar="I/N", help="every N-th run from I")
-    parser.add_argument("--force", action="store_true", help="retrain current runs too")
-    parser.add_argument("--report", action="store_true", help="train nothing; report to --out")
-    parser.add_argument("--out", default=None, help="report directory (default: workdir)")
+    parser.add_argument("--methods", default=None, help=f"'all' or comma-separated: "
+                        f"{', '.join(METHODS)} (or majority: the baseline alone)")
+    harness.add_arguments(parser, quick="2 folds, short training")
+    harness.add_flags(parser, MUStARD, MUStARDConfig)
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in
-                 ("quick", "shard", "force", "report", "out", "methods")}
+    overrides = {**harness.base_overrides(parser, args, "mustard"),
+                 **harness.flag_overrides(args, MUStARD)}
     if args.methods is not None:
         overrides["methods"] = tuple(m for m in args.methods.split(",") if m)
     return (quick_config if args.quick else MUStARDConfig)(**overrides), args
@@ -550,14 +493,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MUStARDConfig, argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
-    resolve_methods(config)
-    result = (report(config, args.out or config.workdir) if args.report
-              else run(config, shard=args.shard, force=args.force))
-    if args.out and not args.report:
-        result = report(config, args.out)
-    print(markdown_table(result["methods"], config), end="")
-    return 0 if all(np.isfinite(s["weighted_f1"]["mean"])
-                    for s in result["methods"].values()) else 1
+    return harness.run_main(MUStARD(config), args)
 
 
 if __name__ == "__main__":

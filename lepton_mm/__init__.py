@@ -17,6 +17,8 @@ Public API at a glance:
   lepton_mm.metrics              accuracy, F1, MAE, Pearson, MOSI Acc-2/7, recall@k (pure)
   lepton_mm.robustness           mark_absent, add_gaussian_noise, ConditionEvaluator,
                                  MultiBench's relative and effective robustness
+  lepton_mm.augment              seeded, mask-aware augmentation: image shifts, cutout,
+                                 SpecAugment, token masking, mixup, Augmenter
   lepton_mm.training             fit, OptimizerConfig, checkpoints, sharding
   lepton_mm.export               save / load a model as serialised StableHLO
   lepton_mm.experiment           the run ledger: committed JSON records, stale detection,
@@ -33,8 +35,8 @@ from lepton_mm.types import EncoderOutput, masked_mean
 __version__ = "0.1.0.dev0"
 
 _SUBPACKAGES = (
-    "alignment", "data", "encoders", "experiment", "export", "features", "fusion", "metrics",
-    "models",
+    "alignment", "augment", "data", "encoders", "experiment", "export", "features", "fusion",
+    "metrics", "models",
     "pretrained", "robustness", "training",
 )
 

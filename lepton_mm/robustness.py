@@ -10,7 +10,8 @@ Tools for testing a trained model on imperfect data:
   accuracy under many such conditions, running each encoder once per distinct input.
 * ``relative_robustness`` and ``effective_robustness`` summarise an accuracy curve over
   increasing imperfection as MultiBench does; ``minmax_normalize`` is its final
-  normalisation across methods.
+  normalisation across methods; ``summarize_sweeps`` applies all three to curves over
+  methods and seeds, and ``plot_sweep`` draws them.
 
 Everything but ``ConditionEvaluator`` is a pure function. Importing this module does not
 import Flax or ``lepton_mm.models`` (``ConditionEvaluator`` imports them when it is
@@ -46,7 +47,9 @@ __all__ = [
     "effective_robustness",
     "mark_absent",
     "minmax_normalize",
+    "plot_sweep",
     "relative_robustness",
+    "summarize_sweeps",
 ]
 
 Array = jax.Array
@@ -338,6 +341,46 @@ class ConditionEvaluator:
                              f"{labels.shape}.")
         return float(np.mean(preds == labels))
 
+    def evaluate(self, test: Mapping[str, Any], *, absent: Sequence[str] = (),
+                 sweeps: Mapping[str, tuple[str, Sequence[Any]]] | None = None,
+                 progress: bool | None = None) -> dict[str, Any]:
+        """Accuracy on a test split as given, with modalities absent, and along sweeps.
+
+        Args:
+          test: a batch dict of ``n`` examples with ``"label"`` int ``[n]``.
+          absent: modalities to mark absent (``mark_absent``), one at a time.
+          sweeps: name -> ``(modality, inputs per level)``: the split with that
+            modality's input replaced by each level's (e.g. noisier images).
+          progress: a tqdm bar over the conditions (None: when stdout is a terminal).
+
+        Returns:
+          ``{"clean": accuracy, "<modality>_absent": accuracy, <sweep name>: [accuracy
+          per level], "predictions": the clean condition's int32 [n]}``.
+        """
+        import sys
+
+        from tqdm import tqdm
+
+        conditions: list[tuple[str, int | None, Mapping[str, Any]]] = [("clean", None, test)]
+        conditions += [(f"{m}_absent", None, mark_absent(test, m)) for m in absent]
+        for name, (modality, levels) in (sweeps or {}).items():
+            conditions += [(name, i, {**test, modality: x}) for i, x in enumerate(levels)]
+        labels = np.asarray(test["label"])
+        out: dict[str, Any] = {name: [None] * len(levels)
+                               for name, (_, levels) in (sweeps or {}).items()}
+        show = sys.stdout.isatty() if progress is None else progress
+        for name, i, batch in tqdm(conditions, desc="robustness", leave=False,
+                                   disable=not show, dynamic_ncols=True):
+            predictions = self.predictions(batch)
+            if name == "clean":
+                out["predictions"] = predictions
+            acc = float(np.mean(predictions == labels))
+            if i is None:
+                out[name] = acc
+            else:
+                out[name][i] = acc
+        return out
+
 
 # ------------------------------------------------------------------------ scores
 
@@ -451,3 +494,96 @@ def minmax_normalize(scores: Mapping[str, float], *,
     if span == 0:
         return {k: math.nan for k in scores}
     return {k: float(v) for k, v in zip(scores, (values - values.min()) / span, strict=True)}
+
+
+# ------------------------------------------------------------------ over methods/seeds
+
+
+def summarize_sweeps(curves: Mapping[str, Mapping[str, Sequence[float]]],
+                     levels: Sequence[float], *,
+                     reference: str | None = None) -> dict[str, dict[str, Any]]:
+    """One sweep's accuracy curves over methods and seeds, with MultiBench's scores.
+
+    Args:
+      curves: method -> seed name -> accuracies at ``levels`` (least imperfect first).
+      levels: the sweep's levels, for the summary.
+      reference: the method effective robustness is measured against (its mean curve);
+        None or absent from ``curves``: no effective robustness.
+
+    Returns:
+      Method -> ``{"levels", "mean", "std" (sample std per level; None for one seed),
+      "per_seed", "relative_robustness", "effective_robustness"}`` (each score as
+      ``{"mean", "std", "per_seed"}`` over the seeds' curves, or None) and
+      ``"<score>_normalized"``: ``minmax_normalize`` of the scores' means over the
+      methods (None where undefined: one method, all equal, or no score).
+    """
+    from lepton_mm.experiment import seed_stats
+
+    out: dict[str, dict[str, Any]] = {}
+    for method, per_seed in curves.items():
+        x = np.array([list(c) for c in per_seed.values()], np.float64)  # [seeds, levels]
+        if x.shape[1] != len(levels):
+            raise ValueError(f"curves[{method!r}]: expected {len(levels)} accuracies per "
+                             f"seed (one per level), got {x.shape[1]}.")
+        out[method] = {"levels": list(levels), "mean": x.mean(0).tolist(),
+                       "std": x.std(0, ddof=1).tolist() if len(x) > 1 else None,
+                       "per_seed": {k: list(c) for k, c in per_seed.items()}}
+    ref = out[reference]["mean"] if reference in out else None
+    for s in out.values():
+        s["relative_robustness"] = seed_stats(
+            {k: relative_robustness(c) for k, c in s["per_seed"].items()})
+        s["effective_robustness"] = None if ref is None else seed_stats(
+            {k: effective_robustness(c, ref) for k, c in s["per_seed"].items()})
+    for score in ("relative_robustness", "effective_robustness"):
+        means = {m: s[score]["mean"] for m, s in out.items() if s[score] is not None}
+        normalized = minmax_normalize(means) if means else {}
+        for m, s in out.items():
+            value = normalized.get(m)
+            s[f"{score}_normalized"] = None if value is None or math.isnan(value) else value
+    return out
+
+
+def plot_sweep(sweep: Mapping[str, Mapping[str, Any]], path: Any, *, xlabel: str,
+               title: str, invert_x: bool = False, mark: tuple[float, str] | None = None,
+               group: Callable[[str], tuple[str, bool]] | None = None) -> Any:
+    """A sweep's accuracy curves as a PNG: a line per method, error bars = std over seeds.
+
+    Args:
+      sweep: method -> ``{"levels", "mean", "std"}`` (``summarize_sweeps``' entries).
+      path: the PNG to write.
+      xlabel, title: the axis label and title.
+      invert_x: draw the levels decreasing (e.g. SNR: noisier to the right).
+      mark: ``(level, label)`` of a dotted vertical line (e.g. the training SNR).
+      group: method -> ``(base, variant)``: a variant is dashed in its base's colour.
+
+    Returns:
+      ``path`` as a ``pathlib.Path``.
+    """
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)  # an Agg canvas on a bare Figure: no pyplot state
+    ax = fig.add_subplot()
+    colours: dict[str, Any] = {}
+    for method, curve in sweep.items():
+        base, variant = group(method) if group else (method, False)
+        err = None if curve["std"] is None else 100 * np.array(curve["std"])
+        line = ax.errorbar(curve["levels"], 100 * np.array(curve["mean"]), yerr=err,
+                           marker="o", markersize=3, capsize=3, label=method,
+                           linestyle="--" if variant else "-", color=colours.get(base))
+        colours.setdefault(base, line.lines[0].get_color())
+    if invert_x:
+        ax.invert_xaxis()
+    if mark is not None:
+        ax.axvline(mark[0], color="grey", linestyle=":", linewidth=1, label=mark[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)

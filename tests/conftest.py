@@ -1,6 +1,9 @@
 """Test configuration: make JAX strict so silent broadcasts fail loudly; compile fast."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 # Most of the suite's time is XLA compiling small programs, and LLVM's optimisation
 # passes are most of that: at level 0 three of our test files took 196 s instead of
@@ -21,6 +24,43 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # Tests compare against float32/float64 references: on GPUs, where float32 matmuls default
 # to TF32, ask for full precision so tolerances mean the same on every platform.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    """``experiments/<name>.py`` imported as a fresh module (scripts are not a package;
+    ``experiments/`` goes on ``sys.path`` so that scripts can import each other)."""
+    module_name = f"_lepton_script_{name}"
+    spec = importlib.util.spec_from_file_location(module_name,
+                                                  ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses resolve annotations through sys.modules
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    return module
+
+
+@pytest.fixture(scope="module")
+def avmnist():
+    """``experiments/avmnist.py`` as a module."""
+    return _script("avmnist")
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    """``experiments/smoke.py`` as a module."""
+    return _script("smoke")
+
+
+@pytest.fixture(scope="module")
+def load_script():
+    """``load_script(name)``: ``experiments/<name>.py`` as a fresh module."""
+    return _script
 
 
 @pytest.fixture

@@ -1,27 +1,18 @@
-"""experiments/alignment.py: config, validation, run keys, and the quick pipeline end to end
-(ledger records, a re-run that trains nothing, a byte-identical report)."""
+"""experiments/alignment.py on lepton_mm.harness: config, validation, run keys, and the
+quick pipeline end to end (ledger records, a re-run that trains nothing, a byte-identical
+report)."""
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def alignment():
-    name = "_lepton_alignment_experiment"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "alignment.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[name]
+def alignment(load_script):
+    return load_script("alignment")
 
 
 def test_argparse_converts_to_a_typed_config(alignment):
@@ -43,9 +34,12 @@ def test_argparse_converts_to_a_typed_config(alignment):
         config.epochs = 1
 
 
-def test_bad_settings_fail_before_compute(alignment, tmp_path):
+def test_bad_settings_fail_before_compute(alignment, tmp_path, capsys):
+    assert alignment.main(["--quick", "--parts", "clip_loss,nope", "--workdir",
+                           str(tmp_path)]) == 2
+    assert "Unrecognized part: 'nope'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Unrecognized part: 'nope'.*prompt_classifier"):
-        alignment.main(["--quick", "--parts", "clip_loss,nope", "--workdir", str(tmp_path)])
+        alignment.Alignment(alignment.quick_config(parts=("nope",))).keys()
     with pytest.raises(ValueError, match="seeds"):
         alignment.AlignmentConfig(seeds=(1, 1))
     with pytest.raises(ValueError, match="ks"):
@@ -62,7 +56,7 @@ def test_each_part_is_keyed_by_the_settings_it_depends_on(alignment, tmp_path):
 
     def workdirs(**changes):
         changed = dataclasses.replace(config, **changes)
-        return {p: alignment.run_workdir(changed, RunKey("alignment", p, 0))
+        return {p: alignment.Alignment(changed).workdir(RunKey("alignment", p, 0))
                 for p in alignment.PARTS}
 
     base = workdirs()
@@ -77,23 +71,29 @@ def test_each_part_is_keyed_by_the_settings_it_depends_on(alignment, tmp_path):
     assert all(a != b for a, b in zip(workdirs(epochs=2).values(), base.values(),
                                       strict=True))
     assert workdirs(progress=True, seeds=(0, 1)) == base  # no effect on a run's result
-    command = alignment.run_command(dataclasses.replace(config, num_train=500),
-                                    "clip_loss", 3)
+    experiment = alignment.Alignment(dataclasses.replace(config, num_train=500))
+    command = experiment.command(RunKey("alignment", "clip_loss", 3))
     assert command == ("python experiments/alignment.py --quick --parts clip_loss --seeds 3 "
-                       "--num-train 500 --force")
+                       "--num-train=500 --force")
+    # the hashed config of a part: its own settings and its name under "part"
+    assert experiment.run_config("clip_loss")["part"] == "clip_loss"
+    assert "method" not in experiment.run_config("clip_loss")
 
 
 @pytest.mark.slow
 def test_quick_pipeline_learns_both_tasks(alignment, tmp_path, monkeypatch):
     # Every part on 1536 training pairs, two epochs of 48 steps, at 0 dB (the benchmark's
-    # -15 dB needs far more steps before the audio side aligns). Measured (data seed 0):
-    # R@1 0.28-0.38 against chance 0.10. Cost: ~100 s of CPU time (user + sys), most of it
-    # compiling three models; 6 min wall on the shared 2-core machine at load average 15.
+    # -15 dB needs far more steps before the audio side aligns), with half-width LeNets
+    # (first widths 3) and a 16-d shared space: the steps are most of the cost. Measured
+    # (data seed 0): R@1 0.26-0.35 against chance 0.10 and untrained 0.11-0.14; prompt
+    # accuracy 0.61 against untrained 0.12. Cost: ~190 s of CPU time (user + sys), against
+    # ~330 s at full width (LeNet widths 6, 64-d space; 480 s wall at load average ~6).
     config = alignment.quick_config(
         workdir=str(tmp_path), num_train=1536, num_val=64, num_test=384, snr_db=0.0,
-        batch_size=32, epochs=2, learning_rate=3e-3, progress=False)
-    result = alignment.run(config)
-    summary = result["parts"]
+        batch_size=32, epochs=2, learning_rate=3e-3, image_channels=3, audio_channels=3,
+        embed_dim=16, progress=False)
+    result = alignment.Alignment(config).run()
+    summary = result["methods"]
 
     assert list(summary) == list(alignment.PARTS) and result["complete"]
     for part in ("clip_loss", "sigmoid_loss"):
@@ -122,8 +122,21 @@ def test_quick_pipeline_learns_both_tasks(alignment, tmp_path, monkeypatch):
     records = {p: json.loads((tmp_path / "results" / "alignment" / p / "seed0.json")
                              .read_text()) for p in alignment.PARTS}
     for part, record in records.items():
-        assert record["config"] == json.loads(json.dumps(alignment.run_config(config, part)))
+        assert record["config"] == json.loads(json.dumps(
+            alignment.Alignment(config).run_config(part)))
         assert record["config"]["num_train"] == 1536 and record["params"] > 0
+    retrieval_keys = {"test_accuracy", "val_accuracy", "val_loss", "test_size", "trained",
+                      "untrained", "chance", "history", "epochs", "best_epoch"}
+    for part in ("clip_loss", "sigmoid_loss"):
+        assert set(records[part]["metrics"]) == retrieval_keys
+        assert [set(h) for h in records[part]["metrics"]["history"]] == [
+            {"epoch", "train_loss", "val_loss"}] * 2
+    metrics = records["prompt_classifier"]["metrics"]
+    assert set(metrics) == {"test_accuracy", "val_accuracy", "test_size", "trained",
+                            "untrained", "chance", "learned_scale", "heldout_templates",
+                            "history", "epochs", "best_epoch"}
+    assert [set(h) for h in metrics["history"]] == [{"epoch", "train_loss", "val_accuracy"}] * 2
+    assert metrics["learned_scale"] > 0
     r1 = {d: records["clip_loss"]["metrics"]["trained"][d]["recall@1"]
           for d in ("image_to_audio", "audio_to_image")}
     assert records["clip_loss"]["metrics"]["test_accuracy"] == pytest.approx(
@@ -140,12 +153,13 @@ def test_quick_pipeline_learns_both_tasks(alignment, tmp_path, monkeypatch):
     stored = [(p, p.read_bytes()) for p in sorted(tmp_path.glob("results/**/*.json"))]
     report = [(tmp_path / n).read_bytes() for n in ("results.json", "results.md")]
     monkeypatch.setattr(alignment, "make_data", lambda config: pytest.fail("recomputed"))
-    assert alignment.run(config) == result
+    assert alignment.Alignment(config).run() == result
     assert [(p, p.read_bytes()) for p in sorted(tmp_path.glob("results/**/*.json"))] == stored
     assert [(tmp_path / n).read_bytes() for n in ("results.json", "results.md")] == report
     assert alignment.main(["--quick", "--workdir", str(tmp_path), "--num-train", "1536",
                            "--num-val", "64", "--num-test", "384", "--snr-db", "0",
-                           "--batch-size", "32", "--epochs", "2", "--report", "--out",
+                           "--batch-size", "32", "--epochs", "2", "--image-channels", "3",
+                           "--audio-channels", "3", "--embed-dim", "16", "--report", "--out",
                            str(tmp_path / "report")]) == 0
     assert [(tmp_path / "report" / n).read_bytes()
             for n in ("results.json", "results.md")] == report

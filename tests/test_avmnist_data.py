@@ -256,3 +256,43 @@ def test_bad_arguments():
         av.window_frame_mask(np.zeros(2, int), np.zeros(3, int), 8000)
     with pytest.raises(ValueError, match="waveform"):
         av.place_clip(np.zeros(0, np.float32))
+
+
+def test_log_mel_statistics_equal_numpy_over_valid_frames():
+    rng = np.random.default_rng(0)
+    log_mel = rng.normal(3.0, 2.0, (50, 7, 4)).astype(np.float32)
+    mask = rng.random((50, 7)) < 0.6
+    mean, std = av.log_mel_statistics(log_mel, mask, chunk=8)  # several chunks
+    valid = log_mel[mask].astype(np.float64)
+    assert mean.dtype == std.dtype == np.float32
+    np.testing.assert_allclose([mean, std], [valid.mean(), valid.std()], rtol=1e-6)
+    x = log_mel.copy()
+    av.standardize_log_mel(x, (mean, std))
+    np.testing.assert_allclose(x[mask].mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x[mask].std(), 1.0, atol=1e-5)
+    av.standardize_log_mel(x, None)  # None: unchanged
+    with pytest.raises(ValueError, match="no valid frame"):
+        av.log_mel_statistics(log_mel, np.zeros((50, 7), bool))
+    with pytest.raises(ValueError, match="mask"):
+        av.log_mel_statistics(log_mel, mask[:, :5])
+
+
+def test_avmnist_arrays_are_the_materialized_splits_standardized(data):
+    arrays = av.avmnist_arrays(data_seed=0, sizes={"train": 96, "val": 40, "test": 40})
+    assert [len(arrays[s]["label"]) for s in ("train", "val", "test")] == [96, 40, 40]
+    raw = data.train.subset(np.arange(96)).materialize()
+    mean, std = arrays["audio_stats"]
+    assert (mean, std) == av.log_mel_statistics(*raw["audio"])  # training split only
+    np.testing.assert_array_equal(arrays["train"]["image"], raw["image"])
+    np.testing.assert_array_equal(arrays["train"]["audio"][1], raw["audio"][1])
+    np.testing.assert_allclose(arrays["train"]["audio"][0], (raw["audio"][0] - mean) / std,
+                               rtol=1e-5, atol=1e-5)
+    plain = av.avmnist_arrays(data_seed=0, sizes={"test": 40, "train": 96},
+                              normalize_audio=False)
+    assert plain["audio_stats"] is None and len(plain["val"]["label"]) == 5000
+    np.testing.assert_array_equal(plain["test"]["audio"][0],
+                                  data.test.subset(np.arange(40)).materialize()["audio"][0])
+    with pytest.raises(ValueError, match="num_val"):
+        av.avmnist_arrays(sizes={"val": 0})
+    with pytest.raises(ValueError, match="unknown split"):
+        av.avmnist_arrays(sizes={"validation": 3})

@@ -1,25 +1,12 @@
 """experiments/avmnist.py: config, validation, robustness, and the quick mode end to end."""
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def avmnist():
-    name = "_lepton_avmnist_experiment"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "avmnist.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[name]
 
 
 def test_argparse_converts_to_a_typed_config(avmnist):
@@ -56,24 +43,35 @@ def test_every_run_has_its_own_config_and_command(avmnist):
     assert avmnist.resolve_methods(config) == [
         "image_only", "concat", "concat+mdrop", "gated", "gated+mdrop"]
     assert avmnist.split_method("gated+mdrop") == ("gated", True)
-    plain = avmnist.run_config(config, "concat")
-    mdrop = avmnist.run_config(config, "concat+mdrop")
+    plain = avmnist.AVMNIST(config).run_config("concat")
+    mdrop = avmnist.AVMNIST(config).run_config("concat+mdrop")
     assert "modality_dropout" not in plain
     assert mdrop == {**plain, "method": "concat+mdrop", "modality_dropout": 0.3}
     # What is not training (the method list, seeds, paths) does not enter a run's config.
     other = avmnist.AVMNISTConfig(methods=("concat",), seeds=(5,), epochs=3, workdir="x")
-    assert avmnist.run_config(other, "concat") == plain
+    assert avmnist.AVMNIST(other).run_config("concat") == plain
     # Everything that is does, the robustness protocol included.
     for change in ({"epochs": 4}, {"snr_db": 0.0}, {"image_noise_sweep": (0.0, 1.0)}):
         changed = dataclasses.replace(other, **change)
-        assert avmnist.run_config(changed, "concat") != plain, change
+        assert avmnist.AVMNIST(changed).run_config("concat") != plain, change
     # The stored command trains exactly this run again (parsed back: the same config).
-    command = avmnist.run_command(config, "gated+mdrop", 2)
+    from lepton_mm.experiment import RunKey
+
+    command = avmnist.AVMNIST(config).command(RunKey("avmnist", "gated+mdrop", 2))
     assert command.startswith("python experiments/avmnist.py ") and "--force" in command
     again, args = avmnist.parse_args(command.split()[2:])
     assert args.force and again.seeds == (2,)
-    assert avmnist.run_config(again, "gated+mdrop") == avmnist.run_config(config,
-                                                                          "gated+mdrop")
+    assert avmnist.AVMNIST(again).run_config("gated+mdrop") == avmnist.AVMNIST(
+        config).run_config("gated+mdrop")
+    # A changed protocol is written out too (and parses back).
+    sweeps = dataclasses.replace(config, snr_sweep=(10.0, -20.0), learning_rate=0.05)
+    command = avmnist.AVMNIST(sweeps).command(RunKey("avmnist", "concat", 0, 3))
+    again, _ = avmnist.parse_args(command.split()[2:])
+    assert "--data-seed 3" in command and again.data_seed == 3
+    assert avmnist.AVMNIST(again).run_config("concat") == avmnist.AVMNIST(
+        dataclasses.replace(sweeps, data_seed=3)).run_config("concat")
+    quiet = avmnist.AVMNIST(dataclasses.replace(config, robustness=False))
+    assert "--no-robustness" in quiet.command(RunKey("avmnist", "concat", 0))
 
 
 def test_bad_names_fail_before_compute(avmnist, tmp_path, capsys):
@@ -114,7 +112,7 @@ def _check_summary(results, methods, sweeps):
         assert results["concat"][sweep]["effective_robustness"]["mean"] == pytest.approx(0)
 
 
-def test_runs_become_records_and_the_report_reads_them(avmnist, tmp_path):
+def test_runs_become_records_and_the_report_reads_them(avmnist, load_script, tmp_path):
     """Records are written per run, a re-run trains nothing, the report is
     byte-identical, a changed protocol makes records stale, shards partition."""
     from lepton_mm import experiment as ledger
@@ -125,14 +123,15 @@ def test_runs_become_records_and_the_report_reads_them(avmnist, tmp_path):
         methods=methods, num_train=1600, num_val=200, num_test=300,
         workdir=str(tmp_path / "runs"), results=str(tmp_path / "results"), progress=False,
         snr_sweep=sweeps["audio_snr"], image_noise_sweep=sweeps["image_noise"])
-    result = avmnist.run(config)
+    result = avmnist.AVMNIST(config).run()
     assert result["complete"] and result["missing"] == [] and result["stale"] == []
     _check_summary(result["methods"], methods, sweeps)
     for method in methods:
         record = ledger.read_record(tmp_path / "results" / "avmnist" / method / "seed0.json")
         assert set(ledger.REQUIRED_KEYS) <= set(record)
         assert record["numerics"] == ledger.NUMERICS
-        assert record["config_hash"] == ledger.config_hash(avmnist.run_config(config, method))
+        assert record["config_hash"] == ledger.config_hash(
+            avmnist.AVMNIST(config).run_config(method))
         rob, metrics = record["robustness"], record["metrics"]
         # Test accuracy is scored once: the robustness pass's clean condition.
         assert metrics["test_accuracy"] == rob["both"]
@@ -147,11 +146,21 @@ def test_runs_become_records_and_the_report_reads_them(avmnist, tmp_path):
     for name in ("audio_snr_sweep.png", "image_noise_sweep.png"):
         assert (tmp_path / "runs" / name).read_bytes()[:4] == b"\x89PNG"
 
+    # The noise-level check reads the same checkpoints: at sigma 0 it is the record's
+    # validation accuracy (another evaluator over the best checkpoint).
+    curves = load_script("avmnist_noise_levels").validate_image_noise(config)
+    assert sorted(curves) == ["concat/seed0", "image_only/seed0"]
+    for name, curve in curves.items():
+        record = ledger.read_record(tmp_path / "results" / "avmnist" / name.replace(
+            "/seed0", "") / "seed0.json")
+        assert curve[0.0] == pytest.approx(record["metrics"]["val_accuracy"], abs=1e-6)
+        assert curve[1.5] < curve[0.0]
+
     # Re-running finds every record current: no training (no log is touched).
     logs = sorted((tmp_path / "runs").glob("*/*/log.jsonl"))
     assert len(logs) == 3
     before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in logs]
-    assert avmnist.run(config) == result
+    assert avmnist.AVMNIST(config).run() == result
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in logs] == before
     # --report trains nothing and writes byte-identical files from the same records.
     assert avmnist.main(["--quick", "--fusion", ",".join(methods), "--report",
@@ -164,12 +173,12 @@ def test_runs_become_records_and_the_report_reads_them(avmnist, tmp_path):
 
     # Another protocol: the records are stale, listed, and never mixed into a table.
     other = dataclasses.replace(config, image_noise_sweep=(0.0, 1.0))
-    stale = avmnist.report(other, tmp_path / "other")
+    stale = avmnist.AVMNIST(other).report(tmp_path / "other")
     assert not stale["complete"] and stale["methods"] == {}
     assert sorted(stale["stale"]) == sorted(f"avmnist/{m}/seed0" for m in methods)
     assert sorted(stale["missing"]) == sorted(stale["stale"])
     # Shards split what is left to do.
-    keys = avmnist.expected_keys(other)
+    keys = avmnist.AVMNIST(other).keys()
     assert ledger.shard(keys, "0/2") + ledger.shard(keys, "1/2") != keys
     assert sorted(ledger.shard(keys, "0/2") + ledger.shard(keys, "1/2"),
                   key=keys.index) == keys
@@ -180,7 +189,7 @@ def test_modality_dropout_trains_a_separate_run(avmnist, tmp_path):
         methods=("concat",), num_train=64, num_val=32, num_test=32, epochs=1,
         modality_dropout=0.5, workdir=str(tmp_path), results=str(tmp_path / "results"),
         progress=False, snr_sweep=(0.0, -15.0), image_noise_sweep=(0.0, 1.0))
-    result = avmnist.run(config)
+    result = avmnist.AVMNIST(config).run()
     summary = result["methods"]
     assert list(summary) == ["concat", "concat+mdrop"]
     assert summary["concat"]["modality_dropout"] == 0.0

@@ -1,8 +1,10 @@
 """experiments/mustard.py: official folds, the weighted F1, ledger records, quick mode end to
-end (records written, a re-run trains nothing, a byte-identical report)."""
+end (records written, commands that reproduce them, a re-run trains nothing, a
+byte-identical report)."""
 
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -69,14 +71,42 @@ def test_validation_slice_is_stratified_and_leaves_the_test_fold_alone(mustard):
     assert sorted(tested) == list(range(len(labels)))  # each utterance tested once
 
 
-def test_bad_names_fail_before_compute(mustard, tmp_path):
-    with pytest.raises(ValueError, match="Unrecognized method: 'nope'"):
-        mustard.main(["--quick", "--methods", "frozen_head,nope", "--workdir", str(tmp_path)])
-    with pytest.raises(ValueError, match="Unrecognized fusion"):
-        mustard.main(["--quick", "--context-fusion", "sum", "--workdir", str(tmp_path)])
+def test_bad_names_fail_before_compute(mustard, tmp_path, capsys):
+    assert mustard.main(["--quick", "--methods", "frozen_head,nope", "--workdir",
+                         str(tmp_path)]) == 2
+    assert "Unrecognized method: 'nope'" in capsys.readouterr().err
+    assert mustard.main(["--quick", "--context-fusion", "sum", "--workdir",
+                         str(tmp_path)]) == 2
+    assert "Unrecognized fusion" in capsys.readouterr().err
     with pytest.raises(ValueError, match="folds"):
         mustard.MUStARDConfig(folds=(0, 5))
     assert not list(tmp_path.iterdir())
+
+
+def parsed_run_config(mustard, command, method):
+    """The run config (as JSON) of ``method`` under the config ``command`` parses to."""
+    words = shlex.split(command)
+    assert words[:2] == ["python", "experiments/mustard.py"] and "--force" in words
+    config, _ = mustard.parse_args(words[2:])
+    return json.loads(json.dumps(mustard.MUStARD(config).run_config(method)))
+
+
+def test_commands_reproduce_non_default_settings(mustard):
+    from lepton_mm.experiment import RunKey
+
+    for config in (mustard.quick_config(folds=(1,), head_epochs=3, freeze_layers=2,
+                                         context_fusion="gated", seeds=(2,)),
+                   mustard.MUStARDConfig(folds=(0, 3), finetune_epochs=2, max_tokens=32)):
+        experiment = mustard.MUStARD(config)
+        keys = experiment.keys()
+        assert keys[0] == RunKey("mustard", "majority", 0)
+        assert [k.method for k in keys[1:]] == list(mustard.METHODS)
+        for key in keys:
+            command = experiment.command(key)
+            assert parsed_run_config(mustard, command, key.method) == \
+                json.loads(json.dumps(experiment.run_config(key.method))), command
+            again, _ = mustard.parse_args(shlex.split(command)[2:])
+            assert key in mustard.MUStARD(again).keys()  # the command trains this run
 
 
 @pytest.mark.skipif(not HAVE_MINILM, reason="all-MiniLM-L6-v2 weights not installed: "
@@ -93,10 +123,13 @@ def test_quick_mode_end_to_end(mustard, tmp_path, monkeypatch):
     monkeypatch.setattr(lepton_mm.training, "predict",
                         lambda *a, **k: predict_calls.append(1) or predict(*a, **k))
     config = mustard.quick_config(workdir=str(tmp_path), progress=False)
-    result = mustard.run(config)
+    experiment = mustard.MUStARD(config)
+    result = experiment.run()
 
     methods = result["methods"]
     assert list(methods) == ["majority", *mustard.METHODS] and result["complete"]
+    assert result["folds"] == [0, 1] and "weighted F1" in result["metric"]
+    assert result["expected_runs"] == result["current_runs"] == 1 + len(mustard.METHODS)
     for entry in methods.values():
         for metric in ("weighted_f1", "accuracy"):
             stats = entry[metric]
@@ -114,7 +147,7 @@ def test_quick_mode_end_to_end(mustard, tmp_path, monkeypatch):
                              .read_text()) for m in methods}
     for method in mustard.METHODS:
         record = records[method]
-        assert record["config"] == json.loads(json.dumps(mustard.run_config(config, method)))
+        assert record["config"] == json.loads(json.dumps(experiment.run_config(method)))
         for fold in ("0", "1"):
             run = record["metrics"]["folds"][fold]
             test = data.folds[int(fold)][1]
@@ -136,6 +169,20 @@ def test_quick_mode_end_to_end(mustard, tmp_path, monkeypatch):
     # trainable parameters: the head's; fine-tuning adds the unfrozen transformer blocks
     assert records["frozen_head"]["params"] == 384 * 128 + 128 + 128 * 2 + 2
     assert 10_000_000 < records["finetune"]["params"] < 12_000_000  # embeddings frozen
+    assert records["majority"]["params"] == 0
+    assert records["majority"]["config"] == {"folds": [0, 1], "val_fraction": 0.15,
+                                             "method": "majority"}
+    # Each record's command parses back to the run's config (and trains that run).
+    for method, record in records.items():
+        assert parsed_run_config(mustard, record["command"], method) == record["config"]
+        assert record["command"].startswith("python experiments/mustard.py --quick ")
+    # Checkpoints per fold in the harness's workdir of the run.
+    from lepton_mm.experiment import RunKey
+
+    for method in mustard.METHODS:
+        workdir = experiment.workdir(RunKey("mustard", method, 0))
+        assert workdir.parent == tmp_path / method
+        assert {p.name for p in workdir.iterdir()} >= {"fold0", "fold1"}
 
     # A real signal: the frozen sentence embeddings beat the majority class by far on
     # both folds (measured: ~0.57 against ~0.31 weighted F1).
@@ -148,7 +195,8 @@ def test_quick_mode_end_to_end(mustard, tmp_path, monkeypatch):
     stored = sorted((tmp_path / "results").glob("mustard/*/seed*.json"))
     before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in stored]
     monkeypatch.setattr(mustard, "train_fold", lambda *a, **k: pytest.fail("trained"))
-    assert mustard.run(config) == result
+    monkeypatch.setattr(mustard.MUStARD, "train", lambda *a, **k: pytest.fail("trained"))
+    assert mustard.MUStARD(config).run() == result
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in stored] == before
     assert mustard.main(["--quick", "--workdir", str(tmp_path), "--report", "--out",
                          str(tmp_path / "report")]) == 0

@@ -273,3 +273,52 @@ def test_minmax_normalize_hand_computed():
     assert all(math.isnan(v) for v in minmax_normalize({"a": 0.2, "b": 0.2}).values())
     with pytest.raises(ValueError):
         minmax_normalize({})
+
+
+def test_condition_evaluator_evaluate_matches_one_condition_at_a_time():
+    model = _bimodal_model()
+    batch = _random_batch(9)
+    batch["label"] = np.arange(9, dtype=np.int32) % 3
+    evaluator = ConditionEvaluator(model, batch_size=4)
+    noisy = [batch["image"] + s * np.ones_like(batch["image"]) for s in (0.0, 2.0, 5.0)]
+    out = evaluator.evaluate(batch, absent=("audio",), sweeps={"shift": ("image", noisy)},
+                             progress=False)
+    assert set(out) == {"clean", "audio_absent", "shift", "predictions"}
+    np.testing.assert_array_equal(out["predictions"], evaluator.predictions(batch))
+    assert out["clean"] == evaluator.accuracy(batch)
+    assert out["audio_absent"] == evaluator.accuracy(mark_absent(batch, "audio"))
+    assert out["shift"] == [evaluator.accuracy({**batch, "image": x}) for x in noisy]
+    assert out["shift"][0] == out["clean"]
+
+
+def test_summarize_sweeps_hand_computed():
+    curves = {"ref": {"0": [0.9, 0.5], "1": [0.7, 0.5]},   # mean curve [0.8, 0.5]
+              "m": {"0": [0.8, 0.6], "1": [0.8, 0.8]}}
+    out = robustness.summarize_sweeps(curves, [0.0, 1.0], reference="ref")
+    m = out["m"]
+    assert m["levels"] == [0.0, 1.0] and m["mean"] == pytest.approx([0.8, 0.7])
+    assert m["std"] == pytest.approx([0.0, math.sqrt(0.02)])  # sample std per level
+    # relative: area under the curve with levels on [0, 1] (trapezoid): (a0 + a1) / 2
+    assert m["relative_robustness"]["per_seed"] == pytest.approx({"0": 0.7, "1": 0.8})
+    assert m["relative_robustness"]["mean"] == pytest.approx(0.75)
+    # effective: sum of (curve - reference shifted to the curve's start)
+    assert m["effective_robustness"]["per_seed"] == pytest.approx(
+        {"0": (0.8 - 0.8) + (0.6 - 0.5), "1": (0.8 - 0.8) + (0.8 - 0.5)})
+    assert out["ref"]["effective_robustness"]["mean"] == pytest.approx(0.0)
+    # min-max over the two methods: the better is 1, the worse 0
+    assert (m["relative_robustness_normalized"], out["ref"]["relative_robustness_normalized"]
+            ) == (1.0, 0.0)
+    alone = robustness.summarize_sweeps({"m": curves["m"]}, [0.0, 1.0], reference="ref")
+    assert alone["m"]["effective_robustness"] is None
+    assert alone["m"]["relative_robustness_normalized"] is None  # one method: undefined
+    with pytest.raises(ValueError, match="expected 2 accuracies"):
+        robustness.summarize_sweeps({"m": {"0": [0.1, 0.2, 0.3]}}, [0.0, 1.0])
+
+
+def test_plot_sweep_writes_a_png(tmp_path):
+    sweep = {"a": {"levels": [0, 1], "mean": [0.8, 0.4], "std": [0.01, 0.02]},
+             "a+mdrop": {"levels": [0, 1], "mean": [0.7, 0.5], "std": None}}
+    path = robustness.plot_sweep(sweep, tmp_path / "s.png", xlabel="x", title="t",
+                                 invert_x=True, mark=(0.5, "train"),
+                                 group=lambda m: (m.split("+")[0], "+" in m))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

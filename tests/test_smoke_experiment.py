@@ -1,25 +1,12 @@
 """experiments/smoke.py: config conversion, validation, data, and a tiny end-to-end run."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smoke():
-    name = "_lepton_smoke_experiment"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[name]
 
 
 def test_argparse_converts_to_a_typed_config(smoke):

@@ -44,8 +44,12 @@ MODULES = (
     "lepton_mm.training",
     "lepton_mm.metrics",
     "lepton_mm.robustness",
+    "lepton_mm.augment",
+    "lepton_mm.adversarial",
     "lepton_mm.export",
     "lepton_mm.experiment",
+    "lepton_mm.harness",
+    "lepton_mm.functional",
 )
 
 _SECTION = re.compile(

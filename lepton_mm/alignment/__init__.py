@@ -13,6 +13,8 @@ match); modules hold the parameters:
   CrossModalAligner     masked cross-attention resampling a source onto a target's time
   class_recall_at_k     retrieval recall@k where a hit is any item of the query's class
   zero_shot_classify    labels from class-prompt embeddings by cosine similarity
+  paired_class_recall   class_recall_at_k both ways between two modalities (+ chance)
+  embed_in_batches      a model's embedding method over a whole split, fixed batches
 """
 
 from lepton_mm.alignment.aligner import CrossModalAligner
@@ -20,8 +22,12 @@ from lepton_mm.alignment.heads import LogitScale, ProjectionHead
 from lepton_mm.alignment.losses import cca_loss, clip_loss, sigmoid_loss
 from lepton_mm.alignment.retrieval import (
     chance_class_recall_at_k,
+    chance_paired_class_recall,
     class_recall_at_k,
+    embed_in_batches,
     first_match_rank,
+    paired_class_recall,
+    zero_shot_accuracy,
     zero_shot_classify,
     zero_shot_logits,
 )
@@ -33,12 +39,16 @@ __all__ = [
     "ProjectionHead",
     "cca_loss",
     "chance_class_recall_at_k",
+    "chance_paired_class_recall",
     "class_recall_at_k",
     "clip_loss",
     "clip_loss_sharded",
+    "embed_in_batches",
     "first_match_rank",
+    "paired_class_recall",
     "sigmoid_loss",
     "sigmoid_loss_sharded",
+    "zero_shot_accuracy",
     "zero_shot_classify",
     "zero_shot_logits",
 ]

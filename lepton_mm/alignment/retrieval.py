@@ -10,6 +10,15 @@ wrapped in ``jax.jit`` with their hyperparameters static.
   zero_shot_logits          cosine of each embedding with each class's prompt embedding(s)
   zero_shot_classify        the class of the nearest prompt: classification from text alone
 
+Host-side helpers for evaluation loops (numpy in, Python floats out):
+
+  paired_class_recall         class-level recall@k both ways between two modalities,
+                              queries in chunks (bounded memory)
+  chance_paired_class_recall  its random-ranking baseline, in the same layout
+  zero_shot_accuracy          accuracy of ``zero_shot_classify``
+  embed_in_batches            a model's embedding method over a whole split, jit-compiled
+                              once for fixed-size batches
+
 Class-level means a hit is *any* gallery item of the query's class, not the query's own
 partner (``lepton_mm.metrics.recall_at_k`` scores that instance-level task).
 
@@ -26,9 +35,13 @@ large galleries split the queries into chunks (every result is per query).
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from lepton_mm._validation import check_array, check_positive_int
 from lepton_mm.alignment.losses import _l2_normalize, _mm
@@ -267,3 +280,164 @@ def zero_shot_classify(embeddings: Array, class_embeddings: Array) -> Array:
     """
     return jnp.argmax(zero_shot_logits(embeddings, class_embeddings), axis=1).astype(
         jnp.int32)
+
+
+# ------------------------------------------------------------------ host-side helpers
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("ks: expected at least one k.")
+    return tuple(check_positive_int("ks", k) for k in ks)
+
+
+def paired_class_recall(embeddings: Mapping[str, Any], labels: Any, ks: Sequence[int], *,
+                        chunk: int = 1000) -> dict[str, dict[str, float]]:
+    """Class-level recall@k in both directions between two modalities' embeddings.
+
+    Row ``i`` of each modality embeds example ``i``; every example of the other modality
+    is the gallery (``first_match_rank``: a hit is any item of the query's class, ties
+    against the query). Queries go through in chunks of ``chunk``, so memory is
+    ``[chunk, n]``, never ``[n, n]``.
+
+    Args:
+      embeddings: exactly two entries, modality name -> float ``[n, dim]``, e.g.
+        ``{"image": ..., "audio": ...}``.
+      labels: int ``[n]``, the class of each example (shared by both modalities).
+      ks: positive ints, the ``k`` of recall@k.
+      chunk: queries per ``first_match_rank`` call.
+
+    Returns:
+      ``{"<a>_to_<b>": {"recall@<k>": float, ...}, "<b>_to_<a>": {...}}``, ``a`` and
+      ``b`` in ``embeddings``' order, the ``k`` in ``ks``' order; each value is the
+      fraction of queries in ``[0, 1]``.
+
+    Raises:
+      ValueError: not two modalities, a bad ``k`` or ``chunk``, or the checks of
+        ``first_match_rank`` (shapes, dtypes, an empty gallery).
+
+    Examples:
+      >>> import numpy as np
+      >>> image = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+      >>> audio = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+      >>> paired_class_recall({"image": image, "audio": audio}, np.array([0, 1]), (1, 2))
+      {'image_to_audio': {'recall@1': 0.0, 'recall@2': 1.0}, \
+'audio_to_image': {'recall@1': 0.0, 'recall@2': 1.0}}
+    """
+    if len(embeddings) != 2:
+        raise ValueError(f"embeddings: expected two modalities, got {list(embeddings)}.")
+    ks, chunk = _check_ks(ks), check_positive_int("chunk", chunk)
+    (a, x), (b, y) = embeddings.items()
+    labels = np.asarray(labels)
+    out = {}
+    for name, query, gallery in ((f"{a}_to_{b}", x, y), (f"{b}_to_{a}", y, x)):
+        ranks = np.concatenate([
+            np.asarray(first_match_rank(query[i:i + chunk], gallery, labels[i:i + chunk],
+                                        labels))
+            for i in range(0, len(query), chunk)])
+        out[name] = {f"recall@{k}": float(np.mean(ranks < k)) for k in ks}
+    return out
+
+
+def chance_paired_class_recall(modalities: Sequence[str], labels: Any,
+                               ks: Sequence[int]) -> dict[str, dict[str, float]]:
+    """The chance level of ``paired_class_recall``: a uniformly random ranking.
+
+    ``chance_class_recall_at_k`` of the labels against themselves, the same in both
+    directions.
+
+    Args:
+      modalities: the two modality names, in ``paired_class_recall``'s order.
+      labels: int ``[n]``, the class of each example.
+      ks: positive ints, each at most ``n``.
+
+    Returns:
+      ``paired_class_recall``'s layout: ``{"<a>_to_<b>": {"recall@<k>": float}, ...}``.
+
+    Examples:
+      >>> import numpy as np
+      >>> chance_paired_class_recall(("image", "audio"), np.array([0, 0, 1, 1]), (1,))
+      {'image_to_audio': {'recall@1': 0.5}, 'audio_to_image': {'recall@1': 0.5}}
+    """
+    if len(modalities) != 2:
+        raise ValueError(f"modalities: expected two names, got {list(modalities)}.")
+    a, b = modalities
+    row = {f"recall@{k}": float(chance_class_recall_at_k(labels, labels, k=k))
+           for k in _check_ks(ks)}
+    return {f"{a}_to_{b}": dict(row), f"{b}_to_{a}": dict(row)}
+
+
+def zero_shot_accuracy(embeddings: Any, labels: Any, class_embeddings: Any) -> float:
+    """Fraction of ``embeddings`` whose ``zero_shot_classify`` class is their label.
+
+    Args:
+      embeddings: float ``[batch, dim]``.
+      labels: int ``[batch]``.
+      class_embeddings: float ``[classes, dim]`` or ``[classes, prompts, dim]`` (prompt
+        ensemble, see ``zero_shot_logits``).
+
+    Returns:
+      A Python float in ``[0, 1]``.
+
+    Examples:
+      >>> import numpy as np
+      >>> prompts = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+      >>> x = np.array([[2.0, 1.0], [1.0, 3.0], [0.0, -1.0]], np.float32)
+      >>> zero_shot_accuracy(x, np.array([0, 1, 1]), prompts)
+      0.6666666666666666
+    """
+    predicted = np.asarray(zero_shot_classify(embeddings, class_embeddings))
+    labels = np.asarray(labels)
+    if labels.shape != predicted.shape:
+        raise ValueError(f"labels: expected shape {predicted.shape}, got {labels.shape}.")
+    return float(np.mean(predicted == labels))
+
+
+@functools.cache
+def _embed_fn() -> Any:
+    """jit of ``getattr(nnx.merge(graphdef, state), method)(inputs)``."""
+
+    def embed(graphdef, state, inputs, method):
+        return getattr(nnx.merge(graphdef, state), method)(inputs)
+
+    return jax.jit(embed, static_argnames=("graphdef", "method"))
+
+
+def embed_in_batches(model: nnx.Module, method: str, inputs: Any,
+                     batch_size: int) -> np.ndarray:
+    """``model.<method>(batch)`` over every example of ``inputs``, in eval mode.
+
+    Batches have a fixed size (the last one padded with copies of the first example, cut
+    off again), so the method compiles once per shape; ``model`` itself is untouched (a
+    copy is switched to eval mode: no dropout, running statistics).
+
+    Args:
+      model: an ``nnx.Module``.
+      method: the name of its method to call, e.g. ``"embed"`` or ``"embed_a"``; it takes
+        one batch (a pytree like ``inputs``) and returns an array ``[batch, ...]``.
+      inputs: a pytree of arrays ``[n, ...]`` (e.g. ``(log_mel, mask)``), ``n >= 1``.
+      batch_size: examples per call.
+
+    Returns:
+      numpy ``[n, ...]``: the method's outputs, in order.
+
+    Raises:
+      ValueError: a bad ``batch_size``, no example, or leaves of different lengths.
+    """
+    batch_size = check_positive_int("batch_size", batch_size)
+    sizes = {len(leaf) for leaf in jax.tree.leaves(inputs)}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"inputs: expected leaves with the same positive length, got "
+                         f"lengths {sorted(sizes)}.")
+    (n,) = sizes
+    model = nnx.clone(model)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    out = []
+    for i in range(0, n, batch_size):
+        rows = np.arange(i, i + batch_size)
+        rows[rows >= n] = 0
+        batch = jax.tree.map(lambda a, r=rows: a[r], inputs)
+        out.append(np.asarray(_embed_fn()(graphdef, state, batch, method)))
+    return np.concatenate(out)[:n]

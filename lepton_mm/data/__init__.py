@@ -12,9 +12,12 @@ from lepton_mm.data.avmnist import (
     AVMNIST,
     AVMNISTSplit,
     ImagePCA,
+    avmnist_arrays,
     fit_image_pca,
     load_avmnist,
+    log_mel_statistics,
     place_clip,
+    standardize_log_mel,
     window_frame_mask,
 )
 from lepton_mm.data.batching import (
@@ -50,6 +53,7 @@ __all__ = [
     "ImagePCA",
     "MUStARD",
     "UnreadableFileError",
+    "avmnist_arrays",
     "epoch_permutation",
     "fit_image_pca",
     "load_audio",
@@ -58,8 +62,10 @@ __all__ = [
     "load_image",
     "load_mnist",
     "load_mustard",
+    "log_mel_statistics",
     "place_clip",
     "resolve_data_dir",
+    "standardize_log_mel",
     "verified_path",
     "window_frame_mask",
 ]

@@ -554,3 +554,94 @@ def _candidates(fsdd_label: np.ndarray, fsdd_take: np.ndarray,
     if any(len(c) == 0 for c in out):
         raise ValueError(f"FSDD: some digit has no recording among takes {list(takes)}.")
     return out
+
+
+# ------------------------------------------------------------------ arrays for training
+
+
+def log_mel_statistics(log_mel: np.ndarray, mask: np.ndarray, *,
+                       chunk: int = 1024) -> tuple[np.float32, np.float32]:
+    """Mean and standard deviation of the valid frames of a split's log-mels.
+
+    Args:
+      log_mel: float ``[n, frames, mels]``.
+      mask: bool ``[n, frames]``, True on valid frames.
+      chunk: examples per float64 partial sum (no float64 copy of the whole split).
+
+    Returns:
+      ``(mean, std)`` as float32 (population std), from float64 sums.
+    """
+    dims: dict[str, int] = {}
+    check_array("log_mel", log_mel, "batch frames mels", kind="float", dims=dims)
+    check_array("mask", mask, "batch frames", kind="bool", dims=dims)
+    total = square = count = 0.0
+    for i in range(0, len(mask), chunk):
+        valid = log_mel[i:i + chunk][mask[i:i + chunk]].astype(np.float64)
+        total += valid.sum()
+        square += (valid ** 2).sum()
+        count += valid.size
+    if not count:
+        raise ValueError("mask: no valid frame to take statistics from.")
+    mean = total / count
+    return np.float32(mean), np.float32(np.sqrt(max(square / count - mean ** 2, 0.0)))
+
+
+def standardize_log_mel(log_mel: np.ndarray, stats: tuple[float, float] | None) -> None:
+    """Standardises log-mels in place.
+
+    Args:
+      log_mel: float32 ``[n, frames, mels]``, modified in place.
+      stats: ``(mean, std)`` (``log_mel_statistics`` of the training split); None
+        leaves ``log_mel`` unchanged.
+    """
+    if stats is not None:
+        log_mel -= stats[0]
+        log_mel /= stats[1]
+
+
+def avmnist_arrays(*, data_seed: int = 0, snr_db: float = SNR_DB,
+                   sizes: dict[str, int | None] | None = None,
+                   normalize_audio: bool = True,
+                   data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The three splits as in-memory batch dicts, ready for ``fit`` / ``ArrayDataset``.
+
+    Features are computed once (``AVMNISTSplit.materialize``: ~0.4 ms and 32 KiB per
+    example, 2.5 GB for the full data); computing them per batch instead would cost
+    ~8 s per full epoch, every epoch.
+
+    Args:
+      data_seed, snr_db, data_dir: as for ``load_avmnist``.
+      sizes: per split name, keep its first this many examples (None or absent: all).
+      normalize_audio: standardise every split's log-mels with the training split's
+        ``log_mel_statistics`` (returned as ``"audio_stats"``).
+
+    Returns:
+      ``{"train", "val", "test"}``: dicts with ``image`` float32 ``[n, 28, 28, 1]``,
+      ``audio`` (``[n, 126, 64]`` float32, ``[n, 126]`` bool) and ``label`` int32
+      ``[n]``; and ``"audio_stats"``: ``(mean, std)`` or None.
+
+    Raises:
+      ValueError: a size outside ``1..len(split)`` or an unknown split name.
+    """
+    sizes = dict(sizes or {})
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"sizes: unknown split(s) {sorted(unknown)}; expected {SPLITS}.")
+    for name, n in sizes.items():  # before any computation
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer))
+                              or not 0 < n <= SPLIT_SIZES[name]):
+            raise ValueError(f"num_{name}: expected an int in 1..{SPLIT_SIZES[name]}, "
+                             f"got {n!r}.")
+    avmnist = load_avmnist(data_seed=data_seed, snr_db=snr_db, data_dir=data_dir)
+    out: dict[str, Any] = {}
+    for name in SPLITS:
+        split, n = getattr(avmnist, name), sizes.get(name)
+        if n is not None:
+            split = split.subset(np.arange(n))
+        out[name] = split.materialize()
+    out["audio_stats"] = None
+    if normalize_audio:
+        out["audio_stats"] = log_mel_statistics(*out["train"]["audio"])
+        for name in SPLITS:
+            standardize_log_mel(out[name]["audio"][0], out["audio_stats"])
+    return out

@@ -37,7 +37,7 @@ import numbers
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -62,12 +62,14 @@ __all__ = ["ArrayDataset", "FitResult", "TrainState", "epoch_permutation", "eval
 Array = jax.Array
 
 _MODALITY_DROPOUT_TAG = 1
+# fold_in tag of the augmentation / adversary keys under key(seed).
+_AUGMENT_TAG = 2
 _NAN_POLICIES = ("raise", "skip")
 # fit reads step statistics back every this many steps (and at checkpoints, epoch ends).
 _SYNC_EVERY = 50
 # Config fields that must match to resume a run (others, e.g. epochs, may change).
 _RESUME_KEYS = ("task", "optimizer", "batch_size", "seed", "modality_dropout",
-                "num_train_examples", "nan_policy")
+                "num_train_examples", "nan_policy", "augment", "adversary")
 
 
 def seed_rngs(seed: int) -> nnx.Rngs:
@@ -147,7 +149,8 @@ def _call_model(model: Any, batch: Mapping[str, Any], rate: float, key: Array | 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, *,
                     modality_dropout: float = 0.0, seed: int = 0,
-                    mesh: Any = None) -> Any:
+                    mesh: Any = None, augment: Callable[..., Any] | None = None,
+                    adversary: Callable[..., Any] | None = None) -> Any:
     """The compiled train step ``(state, batch, step[, alive]) -> (state, stats)``.
 
     ``stats`` holds float32 ``loss`` and ``grad_norm``, bool ``finite`` and ``alive``
@@ -170,34 +173,52 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
       modality_dropout: rate of whole-modality dropout at train time.
       seed: the run's seed (modality dropout keys are folded from it and the step).
       mesh: ``None`` or a mesh with a ``data`` axis (batch sharded, state replicated).
+      augment: ``(batch, key) -> batch`` applied to every training batch inside the step
+        (e.g. a ``lepton_mm.augment.Augmenter``); its key is
+        ``fold_in(fold_in(fold_in(key(seed), 2), step), 0)``.
+      adversary: ``(model, batch, key) -> batch`` applied after ``augment`` with the
+        model at the step's current parameters (e.g. PGD from
+        ``lepton_mm.adversarial``: adversarial training); key as above with ``1``.
 
     Returns:
       The jitted step function; its ``traces.count`` counts the compilations.
     """
-    compiled = _cached_train_step(graphdef, tx, task, float(modality_dropout), mesh)
+    compiled = _cached_train_step(graphdef, tx, task, float(modality_dropout), mesh,
+                                  augment, adversary)
     # As raw key data: a typed key cannot be put on a multi-process mesh.
-    md_key = jax.random.key_data(
-        jax.random.fold_in(jax.random.key(seed), _MODALITY_DROPOUT_TAG))
+    root = jax.random.key(seed)
+    md_key = jax.random.key_data(jax.random.fold_in(root, _MODALITY_DROPOUT_TAG))
+    aug_key = jax.random.key_data(jax.random.fold_in(root, _AUGMENT_TAG))
     alive_true = jnp.asarray(True)
     if mesh is not None:
-        md_key, alive_true = jax.device_put((md_key, alive_true),
-                                            sharding_lib.replicated(mesh))
+        md_key, aug_key, alive_true = jax.device_put((md_key, aug_key, alive_true),
+                                                     sharding_lib.replicated(mesh))
 
     def with_alive(state, batch, step, alive=None):
-        return compiled(state, batch, step, alive_true if alive is None else alive, md_key)
+        return compiled(state, batch, step, alive_true if alive is None else alive, md_key,
+                        aug_key)
 
     with_alive.traces = compiled.traces
     return with_alive
 
 
 def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
-                   modality_dropout: float, mesh: Any) -> Any:
-    """The jitted ``(state, batch, step, alive, md_key_data) -> (state, stats)``."""
+                   modality_dropout: float, mesh: Any, augment: Any = None,
+                   adversary: Any = None) -> Any:
+    """The jitted ``(state, batch, step, alive, md_key_data, aug_key_data) -> (state,
+    stats)``."""
 
     def step_fn(state: TrainState, batch: Mapping[str, Any], step: Array, alive: Array,
-                md_key_data: Array):
+                md_key_data: Array, aug_key_data: Array):
         traced.count += 1
         key = jax.random.fold_in(jax.random.wrap_key_data(md_key_data), step)
+        aug_key = jax.random.fold_in(jax.random.wrap_key_data(aug_key_data), step)
+        if augment is not None:
+            batch = augment(batch, jax.random.fold_in(aug_key, 0))
+        if adversary is not None:  # attacks the current parameters; no gradient flows
+            attacked = adversary(nnx.merge(graphdef, state.params, state.rest), batch,
+                                 jax.random.fold_in(aug_key, 1))
+            batch = jax.lax.stop_gradient(attacked)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.rest)
@@ -223,7 +244,7 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
         return traced.wrap(jax.jit(step_fn, donate_argnums=0))
     rep, data = sharding_lib.replicated(mesh), sharding_lib.data_sharding(mesh)
     return traced.wrap(jax.jit(step_fn, donate_argnums=0,
-                               in_shardings=(rep, data, rep, rep, rep),
+                               in_shardings=(rep, data, rep, rep, rep, rep),
                                out_shardings=(rep, rep)))
 
 
@@ -551,10 +572,52 @@ def _first_rows(data: BatchSource) -> dict[str, Any]:
     return batch
 
 
+def _hook_name(name: str, hook: Any, params: int) -> str | None:
+    """The stable name of an ``augment`` / ``adversary`` hook, stored for resuming: its
+    ``repr`` for a dataclass (e.g. ``Augmenter(...)``), else its qualified name."""
+    if hook is None:
+        return None
+    if not callable(hook):
+        raise TypeError(f"{name}: expected a callable taking {params} arguments, got "
+                        f"{type(hook).__name__}.")
+    if dataclasses.is_dataclass(hook):
+        return repr(hook)
+    target = hook.func if isinstance(hook, functools.partial) else hook
+    return getattr(target, "__module__", "?") + "." + getattr(
+        target, "__qualname__", type(target).__qualname__)
+
+
+def _check_hook_output(name: str, before: Any, after: Any) -> None:
+    """A hook must return a batch of the same structure, shapes and dtypes."""
+    spec = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+    try:
+        same = (jax.tree.structure(before) == jax.tree.structure(after)
+                and spec(before) == spec(after))
+    except (AttributeError, TypeError):
+        same = False
+    if not same:
+        raise TypeError(f"{name}: must return a batch with the input's keys, shapes and "
+                        "dtypes (an augmented copy of it).")
+
+
+def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
+                 adversary: Any) -> None:
+    """Traces the hooks abstractly on a sample batch: errors before any compilation."""
+    if augment is None and adversary is None:
+        return
+    key = jax.eval_shape(lambda: jax.random.key(0))  # abstract: compiles nothing
+    if augment is not None:
+        _check_hook_output("augment", sample, jax.eval_shape(augment, sample, key))
+    if adversary is not None:
+        graphdef, state = nnx.split(model)
+        _check_hook_output("adversary", sample, jax.eval_shape(
+            lambda s, b, k: adversary(nnx.merge(graphdef, s), b, k), state, sample, key))
+
+
 def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_name,
                     epochs, batch_size, eval_batch_size, seed, early_stopping_patience,
                     monitor, mode, modality_dropout, nan_policy, checkpoint_every,
-                    keep_checkpoints, config):
+                    keep_checkpoints, config, augment=None, adversary=None):
     """Validates ``fit``'s arguments (no computation); returns the data, the optax
     transformation and the run config (normalised arguments, JSON-serialisable)."""
     if not isinstance(model, nnx.Module):
@@ -592,7 +655,9 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
             type(model).__call__).parameters:
         raise ValueError(f"modality_dropout: {type(model).__name__} does not take a "
                          "modality_dropout argument (MultimodalClassifier does).")
-    traced = set()
+    hooks = {"augment": _hook_name("augment", augment, 2),
+             "adversary": _hook_name("adversary", adversary, 3)}
+    traced, train_sample = set(), None
     for name, data in (("train_data", train_data), ("eval_data", eval_data)):
         if data is not None:
             try:
@@ -610,8 +675,11 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
                 if signature not in traced:
                     _check_traces(model, task, sample, float(modality_dropout))
                     traced.add(signature)
+                if name == "train_data":
+                    train_sample = sample
             except (ValueError, TypeError) as e:
                 raise type(e)(f"{name}: {e}") from None
+    _check_hooks(model, train_sample, augment, adversary)
     run_config = {
         "task": _task_config(task), "optimizer": optimizer_setting,
         "batch_size": batch_size,
@@ -620,6 +688,7 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
         "seed": _check_int("seed", seed, minimum=0),
         "epochs": _check_int("epochs", epochs, minimum=1),
         "modality_dropout": float(modality_dropout), "nan_policy": nan_policy,
+        **hooks,
         "early_stopping_patience": early_stopping_patience, "monitor": monitor,
         "mode": mode, "checkpoint_every": checkpoint_every,
         "keep_checkpoints": _check_int("keep_checkpoints", keep_checkpoints, minimum=1),
@@ -651,6 +720,9 @@ def fit(
     monitor: str | None = None,
     mode: str | None = None,
     modality_dropout: float = 0.0,
+    augment: Callable[[Mapping[str, Any], Array], Mapping[str, Any]] | None = None,
+    adversary: Callable[[nnx.Module, Mapping[str, Any], Array], Mapping[str, Any]] | None
+    = None,
     nan_policy: str = "raise",
     checkpoint_every: int | None = None,
     keep_checkpoints: int = 2,
@@ -691,6 +763,14 @@ def fit(
         ``default_monitor``, e.g. ``"accuracy"``); ``"loss"`` works for every task.
       mode: ``"max"`` or ``"min"`` (default: the task's ``default_mode``).
       modality_dropout: rate for ``lepton_mm.fusion.modality_dropout`` in training.
+      augment: ``(batch, key) -> batch``, applied to every training batch inside the
+        compiled step, e.g. a ``lepton_mm.augment.Augmenter`` (never to evaluation);
+        the key follows from ``seed`` and the step, so resuming stays exact. Its
+        ``repr`` (dataclass) or qualified name is stored and must match to resume.
+      adversary: ``(model, batch, key) -> batch`` applied after ``augment`` to the model
+        at the current parameters: adversarial training, e.g. ``lambda m, b, k:
+        lepton_mm.adversarial.pgd(model_loss(m), b, eps=..., steps=..., key=k)``. The
+        attacked batch is a constant for the gradient.
       nan_policy: ``"raise"``: stop at a non-finite loss or gradient with
         ``FloatingPointError`` naming the step and the last good checkpoint;
         ``"skip"``: skip that update and go on (counted in ``skipped_steps``).
@@ -726,7 +806,8 @@ def fit(
         batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
         early_stopping_patience=early_stopping_patience, monitor=monitor, mode=mode,
         modality_dropout=modality_dropout, nan_policy=nan_policy,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, config=config)
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, config=config,
+        augment=augment, adversary=adversary)
     batch_size, eval_batch_size = run_config["batch_size"], run_config["eval_batch_size"]
     monitor, mode = run_config["monitor"], run_config["mode"]
     checkpoint_every = run_config["checkpoint_every"]
@@ -779,7 +860,7 @@ def fit(
                            may_alias=False)
 
     train_step = make_train_step(graphdef, tx, task, modality_dropout=modality_dropout,
-                                 seed=seed, mesh=mesh)
+                                 seed=seed, mesh=mesh, augment=augment, adversary=adversary)
     evaluator = None if eval_data is None else _Evaluator(
         graphdef_eval, task, eval_data, eval_batch_size, mesh)
     # compilations by this call (the compiled steps are shared between calls)

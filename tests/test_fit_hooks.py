@@ -1,0 +1,91 @@
+"""fit(augment=..., adversary=...): hooks inside the compiled train step, seeded by
+(seed, step), checked before compilation, stored for exact resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_training_loop import BATCH, make_data, make_model, params_of
+
+from lepton_mm.adversarial import model_loss, pgd
+from lepton_mm.augment import Augmenter, ImageAugment
+from lepton_mm.models import Classification
+from lepton_mm.training import Checkpointer, CheckpointMismatchError, OptimizerConfig, fit
+
+OPT = OptimizerConfig(learning_rate=0.02)
+
+
+def _fit(workdir, data=None, epochs=2, **kw):
+    model = make_model(0)
+    result = fit(model, Classification(3), make_data() if data is None else data,
+                 workdir=workdir, epochs=epochs, batch_size=BATCH, optimizer=OPT, seed=0, **kw)
+    return model, result
+
+
+def _zero_image(batch, key):
+    del key
+    return {**batch, "image": jnp.zeros_like(batch["image"])}
+
+
+def _identity(batch, key):
+    del key
+    return batch
+
+
+def test_augment_is_applied_in_the_step_and_nothing_else_changes(tmp_path):
+    plain, _ = _fit(tmp_path / "plain")
+    same, _ = _fit(tmp_path / "identity", augment=_identity)
+    for a, b in zip(params_of(plain), params_of(same), strict=True):
+        np.testing.assert_array_equal(a, b)  # the hook takes no randomness from others
+    # An augmentation equals training on the augmented data without one (independent
+    # reference: the data zeroed up front).
+    zeroed, _ = _fit(tmp_path / "zeroed", augment=_zero_image)
+    data = make_data()
+    reference, _ = _fit(tmp_path / "reference", data={**data, "image": 0 * data["image"]})
+    for a, b in zip(params_of(zeroed), params_of(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(params_of(zeroed), params_of(plain),
+                                                   strict=True))
+
+
+def test_random_augmentation_resumes_exactly_and_is_part_of_the_run(tmp_path):
+    augment = Augmenter({"image": ImageAugment(max_shift=2, noise_std=0.3)})
+    straight, _ = _fit(tmp_path / "straight", augment=augment)
+    meta = Checkpointer(tmp_path / "straight", read_only=True).read_meta()
+    assert meta["config"]["augment"] == repr(augment)
+    _fit(tmp_path / "resumed", epochs=1, augment=augment)
+    resumed, _ = _fit(tmp_path / "resumed", epochs=2, augment=augment)
+    for a, b in zip(params_of(straight), params_of(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    plain, _ = _fit(tmp_path / "plain")
+    assert not all(np.allclose(a, b) for a, b in zip(params_of(straight), params_of(plain),
+                                                     strict=True))
+    with pytest.raises(CheckpointMismatchError, match="augment"):
+        _fit(tmp_path / "resumed", epochs=3)  # same workdir, no augmentation now
+
+
+def test_adversarial_training_runs_and_differs_from_clean(tmp_path):
+    def adversary(model, batch, key):
+        return pgd(model_loss(model), batch, eps=0.5, steps=2, modalities="image", key=key)
+
+    attacked, _ = _fit(tmp_path / "adv", epochs=1, adversary=adversary)
+    assert all(np.all(np.isfinite(p)) for p in params_of(attacked))
+    identity, _ = _fit(tmp_path / "adv_identity", epochs=1,
+                       adversary=lambda m, b, k: b)
+    clean, _ = _fit(tmp_path / "clean", epochs=1)
+    for a, b in zip(params_of(identity), params_of(clean), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.allclose(a, b) for a, b in zip(params_of(attacked), params_of(clean),
+                                                     strict=True))
+
+
+def test_bad_hooks_fail_before_compute(tmp_path):
+    with pytest.raises(TypeError, match="augment: expected a callable"):
+        _fit(tmp_path / "a", augment="flip")
+    with pytest.raises(TypeError, match="augment: must return a batch"):
+        _fit(tmp_path / "b", augment=lambda b, k: {"image": b["image"]})
+    with pytest.raises(TypeError, match="adversary: must return a batch"):
+        _fit(tmp_path / "c", adversary=lambda m, b, k: {**b, "image": b["image"][:, :4]})
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir())
+                   for d in "abc")
+    jax.clear_caches()

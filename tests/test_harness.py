@@ -1,0 +1,275 @@
+"""lepton_mm.harness: to-do lists, records, reports, docs blocks and the shared CLI, on a
+toy experiment that trains nothing (each run's "accuracy" is a function of its key)."""
+
+import argparse
+import dataclasses
+import json
+import math
+import types
+
+import pytest
+
+from lepton_mm import experiment as ledger
+from lepton_mm import harness
+from lepton_mm.experiment import RunKey
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    """A toy config.
+
+    Attributes:
+      methods, seeds: what to run.
+      rate: how fast, in a description that
+        continues on the next line.
+      levels: the sweep.
+
+    Returns:
+      nothing (a section after Attributes ends it).
+    """
+
+    methods: tuple[str, ...] = ("a", "b")
+    seeds: tuple[int, ...] = (0, 1)
+    data_seed: int = 0
+    workdir: str = "runs/toy"
+    results: str = "results"
+    quick: bool = False
+    progress: bool | None = None
+    rate: float = 0.5
+    levels: tuple[float, ...] = (1.0, 2.5)
+    noisy: bool = True
+
+
+class Toy(harness.Experiment):
+    name, script = "toy", "experiments/toy.py"
+    flags = (("rate", "--rate"), ("levels", "--levels"), ("noisy", "--noisy"))
+    extra_methods = ("peer",)
+    figures = ("curve.png",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.trained = []
+
+    def methods(self):
+        for m in self.config.methods:
+            if m not in ("a", "b", "nan"):
+                raise ValueError(f"Unrecognized method: {m!r}.")
+        return list(self.config.methods)
+
+    def prepare(self, todo):
+        return {"prepared_for": len(todo)}
+
+    def train(self, key, data, workdir):
+        assert data == {"prepared_for": data["prepared_for"]}
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "ckpt").write_text("x")
+        self.trained.append(key)
+        acc = math.nan if key.method == "nan" else 0.5 + 0.1 * key.seed + self.config.rate / 10
+        return {"metrics": {"test_accuracy": min(acc, 1.0) if acc == acc else 0.5,
+                            "val_accuracy": 0.4, "raw": acc if acc == acc else None},
+                "params": 7, "seconds_per_epoch": 1.5, "extra": {"note": key.method}}
+
+    def summarize(self, runs):
+        out = {}
+        for m, rs in runs.items():
+            out[m] = ledger.seed_stats({str(r["seed"]): r["metrics"]["test_accuracy"]
+                                        for r in rs})
+            if m == "nan":
+                out[m]["mean"] = math.nan
+        return out
+
+    def tables(self, summary):
+        return "".join(f"| {m} | {ledger.format_mean_std(s)} |\n" for m, s in summary.items())
+
+    def plot(self, summary, out):
+        (out / "curve.png").write_bytes(b"\x89PNG fake")
+        return [out / "curve.png"]
+
+
+class Unflagged(Toy):
+    @dataclasses.dataclass(frozen=True)
+    class Config(ToyConfig):
+        unflagged: int = 1
+
+
+def _toy(tmp_path, **overrides):
+    return Toy(ToyConfig(workdir=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+                         **overrides))
+
+
+def test_run_writes_a_record_per_run_then_trains_nothing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ledger, "git_commit",
+                        lambda *a, **k: calls.append(1) or f"commit{len(calls)}")
+    toy = _toy(tmp_path, rate=1.0)
+    result = toy.run()
+    assert len(calls) == 1
+    assert toy.trained == toy.keys() == [RunKey("toy", m, s) for m in "ab" for s in (0, 1)]
+    assert result["complete"] and result["current_runs"] == 4 and result["expected_runs"] == 4
+    record = ledger.read_record(tmp_path / "results" / "toy" / "b" / "seed1.json")
+    assert record["command"] == "python experiments/toy.py --methods b --seeds 1 --rate=1 --force"
+    assert record["git_commit"] == "commit1"  # captured once, when the call started
+    assert record["config"] == {"data_seed": 0, "rate": 1.0, "levels": [1.0, 2.5],
+                                "noisy": True, "method": "b"}
+    assert record["config_hash"] == toy.config_hash(RunKey("toy", "b", 1))
+    assert record["params"] == 7 and record["note"] == "b"
+    assert record["peak_rss_scope"] in ("run", "process") and record["peak_rss_mb"] > 0
+    assert record["metrics"]["test_accuracy"] == pytest.approx(0.7)
+    # Nothing left to do: a second process trains nothing and reports the same.
+    again = _toy(tmp_path, rate=1.0)
+    assert again.run() == result and again.trained == []
+    # Forced: trains every run again from scratch (its workdir is removed first).
+    workdir = toy.workdir(RunKey("toy", "a", 0))
+    (workdir / "stale-file").write_text("old")
+    forced = _toy(tmp_path, rate=1.0)
+    forced.run(shard="0/2", force=True)
+    assert forced.trained == toy.keys()[0::2] and not (workdir / "stale-file").exists()
+
+
+def test_workdirs_and_hashes_follow_the_config(tmp_path):
+    toy, other = _toy(tmp_path), _toy(tmp_path, rate=0.25)
+    key = RunKey("toy", "a", 0)
+    assert toy.workdir(key).is_absolute() and toy.workdir(key).parent.name == "a"
+    assert toy.workdir(key).name.startswith("seed0-")
+    assert toy.workdir(key) != other.workdir(key)
+    assert toy.config_hash(key) != other.config_hash(key)
+    # Not recorded (seeds, paths, progress): the same run.
+    moved = Toy(dataclasses.replace(toy.config, seeds=(0, 5), progress=True,
+                                    workdir=toy.config.workdir))
+    assert moved.config_hash(key) == toy.config_hash(key)
+    assert toy.workdir(RunKey("toy", "a", 0, 2)).name.startswith("seed0-data2-")
+
+
+def test_report_is_byte_identical_lists_stale_and_shows_extra_rows(tmp_path):
+    toy = _toy(tmp_path)
+    toy.run()
+    # A peer's record (another producer, same numerics) is a row, never "missing".
+    peer = ledger.make_record(
+        RunKey("toy", "peer", 0), command="python peer.py", config={}, numerics=toy.numerics,
+        metrics={"test_accuracy": 0.3, "val_accuracy": 0.3}, robustness=None, params=1,
+        seconds_per_epoch=None, peak_rss_mb=1.0, machine={}, versions={}, git_commit=None)
+    toy.ledger.write(peer)
+    first = toy.report(tmp_path / "r1")
+    second = toy.report(tmp_path / "r2")
+    assert first == second and "peer" in first["methods"] and first["current_runs"] == 4
+    for name in ("results.json", "results.md", "curve.png"):
+        assert (tmp_path / "r1" / name).read_bytes() == (tmp_path / "r2" / name).read_bytes()
+    assert json.loads((tmp_path / "r1" / "results.json").read_text()) == first
+    assert (tmp_path / "r1" / "results.md").read_text().startswith(
+        "4 of 4 runs have a current record.\n\n| a |")
+    # Another config: every record is stale, listed, and in no table.
+    stale = _toy(tmp_path, levels=(1.0, 3.0)).report(tmp_path / "r3")
+    assert not stale["complete"] and set(stale["methods"]) == {"peer"}
+    assert stale["stale"] == sorted(stale["missing"]) and len(stale["missing"]) == 4
+    assert (tmp_path / "r3" / "results.md").read_text().startswith(
+        "0 of 4 runs have a current record; missing: 4; stale (not in the tables): 4.")
+
+
+def test_command_writes_only_what_differs_and_round_trips(tmp_path):
+    toy = _toy(tmp_path, rate=0.125, levels=(0.0, -3.0), noisy=False, quick=True)
+    command = toy.command(RunKey("toy", "a", 2, 4))
+    assert command == ("python experiments/toy.py --quick --methods a --seeds 2 "
+                       "--data-seed 4 --rate=0.125 --levels=0,-3 --no-noisy --force")
+    # A recorded setting with no flag cannot be written: no unreproducible command.
+    with pytest.raises(ValueError, match="unflagged=2 differs from the default"):
+        Unflagged(Unflagged.Config(unflagged=2)).command(RunKey("toy", "a", 0))
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser, quick="q")
+    parser.add_argument("--methods")
+    parser.add_argument("--data-seed", type=int)
+    parser.add_argument("--rate", type=float)
+    parser.add_argument("--levels", type=harness.parse_floats)
+    parser.add_argument("--noisy", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(command.split()[2:])
+    assert (args.quick, args.seeds, args.data_seed, args.rate, args.levels, args.noisy,
+            args.force) == (True, (2,), 4, 0.125, (0.0, -3.0), False, True)
+
+
+def test_add_flags_types_help_and_overrides(capsys):
+    parser = argparse.ArgumentParser()
+    harness.add_flags(parser, Toy, ToyConfig)
+    args = parser.parse_args(["--rate", "0.25", "--levels=-1,2", "--no-noisy"])
+    assert (args.rate, args.levels, args.noisy) == (0.25, (-1.0, 2.0), False)
+    assert harness.flag_overrides(args, Toy) == {"rate": 0.25, "levels": (-1.0, 2.0),
+                                                 "noisy": False}
+    assert harness.flag_overrides(parser.parse_args([]), Toy) == {}  # defaults: the config's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rate", "fast"])
+    assert "--rate RATE" in parser.format_help()
+    help_text = " ".join(parser.format_help().split())
+    assert ("how fast, in a description that continues on the next line. (default: 0.5)"
+            in help_text)
+    assert "the sweep. (default: 1,2.5)" in help_text and "nothing" not in help_text
+
+
+def test_base_overrides_and_bad_flag_combinations():
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser, quick="q")
+    args = parser.parse_args(["--seed", "3"])
+    assert harness.base_overrides(parser, args, "toy") == {
+        "seeds": (3,), "workdir": "runs/toy", "results": "results"}
+    args = parser.parse_args(["--quick", "--no-progress", "--seeds", "0,1"])
+    assert harness.base_overrides(parser, args, "toy") == {
+        "seeds": (0, 1), "progress": False, "workdir": "runs/toy_quick",
+        "results": "runs/toy_quick/results"}  # a smoke check never writes results/
+    for bad in (["--seed", "1", "--seeds", "1,2"], ["--shard", "2/2"], ["--docs", "x.md"]):
+        with pytest.raises(SystemExit):
+            harness.base_overrides(parser, parser.parse_args(bad), "toy")
+
+
+def test_update_docs_replaces_only_the_marked_block_and_copies_figures(tmp_path):
+    toy = _toy(tmp_path)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "results.md").write_text("| a |\n")
+    (report / "curve.png").write_bytes(b"png")
+    begin, end = toy.docs_markers()
+    assert (begin, end) == ("<!-- toy-report:begin -->", "<!-- toy-report:end -->")
+    doc = tmp_path / "docs" / "page.md"
+    doc.parent.mkdir()
+    doc.write_text(f"intro\n{begin}\nold table\n{end}\nafter\n")
+    harness.update_docs(toy, report, doc)
+    assert doc.read_text() == f"intro\n{begin}\n| a |\n{end}\nafter\n"
+    assert (tmp_path / "docs" / "figures" / "toy_curve.png").read_bytes() == b"png"
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="--docs: .*no"):
+        harness.update_docs(toy, report, tmp_path / "plain.md")
+
+
+def test_run_main_exit_codes(tmp_path, capsys):
+    def args(**kw):
+        return types.SimpleNamespace(**{"report": False, "docs": None, "out": None,
+                                        "shard": None, "force": False, **kw})
+
+    bad = _toy(tmp_path, methods=("a", "zzz"))
+    assert harness.run_main(bad, args()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["toy.py: error: Unrecognized method: 'zzz'."]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+    assert harness.run_main(_toy(tmp_path, methods=("a",)), args()) == 0
+    assert "complete: true" in capsys.readouterr().out
+    # A non-finite number never reaches a report.
+    with pytest.raises(ValueError, match="nan"):
+        harness.run_main(_toy(tmp_path, methods=("nan",)), args())
+    out = tmp_path / "only-report"
+    assert harness.run_main(_toy(tmp_path, methods=("a",)), args(report=True, out=out)) == 0
+    assert (out / "results.md").exists()
+
+
+def test_fit_facts_and_all_finite():
+    history = [{"epoch": 1, "step": 10, "train_loss": 0.91234567, "eval": {"accuracy": 0.5,
+                                                                         "loss": 1.0}},
+               {"epoch": 2, "step": 20, "train_loss": 0.5, "eval": {"accuracy": 0.7,
+                                                                   "loss": 0.8}},
+               {"epoch": 3, "step": 30, "train_loss": 0.4, "eval": {"accuracy": 0.6,
+                                                                   "loss": 0.9}}]
+    fitted = types.SimpleNamespace(history=history, best_step=20, resumed_from=10)
+    facts = harness.fit_facts(fitted, 9.0, eval_metrics=("accuracy", "loss"))
+    assert facts["best_epoch"] == 2 and facts["epochs"] == 3
+    assert facts["seconds_per_epoch"] == 4.5  # two epochs trained by this call
+    assert facts["history"][0] == {"epoch": 1, "train_loss": 0.912346, "val_accuracy": 0.5,
+                                   "val_loss": 1.0}
+    restored = types.SimpleNamespace(history=history, best_step=30, resumed_from=30)
+    assert harness.fit_facts(restored, 1.0)["seconds_per_epoch"] is None
+    assert harness.parse_ints("0, 1,,2") == (0, 1, 2)
+    assert harness.parse_floats("-15,2.5") == (-15.0, 2.5)
