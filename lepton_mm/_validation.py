@@ -120,3 +120,33 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}.")
     return int(value)
+
+
+def check_key(key: Any, name: str = "key") -> Any:
+    """A single typed PRNG key from a typed key or legacy ``uint32 [2]`` key data.
+
+    Args:
+      key: ``jax.random.key(seed)`` (shape ``()``) or ``jax.random.PRNGKey(seed)``.
+      name: the argument's name, for messages.
+
+    Returns:
+      The typed key (legacy key data wrapped).
+
+    Raises:
+      TypeError: not a key, or an array of another dtype / shape.
+      ValueError: a typed key array with more than one key.
+    """
+    import jax
+
+    if not hasattr(key, "dtype") or not hasattr(key, "shape"):
+        raise TypeError(f"{name}: expected a PRNG key (jax.random.key(seed)), got "
+                        f"{type(key).__name__}.")
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"{name}: expected a single PRNG key (shape ()), got a key "
+                             f"array of shape {key.shape} (split it and pass one key).")
+        return key
+    if np.dtype(key.dtype) == np.uint32 and tuple(key.shape) == (2,):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(f"{name}: expected a PRNG key (jax.random.key(seed) or a uint32[2] "
+                    f"legacy key), got dtype {np.dtype(key.dtype)} shape {tuple(key.shape)}.")

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_mm._validation import check_array
+from lepton_mm._validation import check_array, check_key
 
 __all__ = [
     "AudioAugment",
@@ -123,22 +123,6 @@ def _snr_range(name: str, value: Any) -> tuple[float, float]:
     if low > high:
         raise ValueError(f"{name}: expected low <= high, got ({low!r}, {high!r}).")
     return low, high
-
-
-def _check_key(key: Any) -> Array:
-    """A typed PRNG key from a typed key or raw ``uint32 [2]`` key data."""
-    if not hasattr(key, "dtype") or not hasattr(key, "shape"):
-        raise TypeError(f"key: expected a PRNG key (jax.random.key(seed)), got "
-                        f"{type(key).__name__}.")
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"key: expected a single PRNG key (shape ()), got shape "
-                             f"{key.shape}.")
-        return key
-    if key.dtype == jnp.uint32 and key.shape == (2,):
-        return jax.random.wrap_key_data(key)
-    raise TypeError(f"key: expected a PRNG key (jax.random.key(seed)), got an array of "
-                    f"dtype {key.dtype} and shape {key.shape}.")
 
 
 def _check_mask(name: str, mask: Any, x: Any, data_name: str) -> None:
@@ -223,7 +207,7 @@ def random_translate(images: Array, *, key: Array, max_shift: int) -> Array:
       ((2, 5, 5, 1), 2.0)
     """
     _check_images(images)
-    key = _check_key(key)
+    key = check_key(key)
     s = _nonneg_int("max_shift", max_shift)
     if s == 0:
         return images
@@ -258,7 +242,7 @@ def cutout(images: Array, *, key: Array, size: int, fill: float = 0.0) -> Array:
       ValueError: wrong rank, ``size`` < 0 or ``fill`` not finite.
     """
     _check_images(images)
-    key = _check_key(key)
+    key = check_key(key)
     size = _nonneg_int("size", size)
     fill = _number("fill", fill)
     if size == 0:
@@ -299,7 +283,7 @@ def gaussian_noise(x: Array, *, key: Array, std: float, mask: Array | None = Non
     check_array("x", x, kind="float")
     if x.ndim == 0:
         raise ValueError("x: expected an array with a leading batch axis, got a scalar.")
-    key = _check_key(key)
+    key = check_key(key)
     std = _nonneg("std", std)
     if mask is None:
         mask = jnp.ones(x.shape[:1], bool)
@@ -335,7 +319,7 @@ def brightness_contrast(images: Array, *, key: Array, brightness: float = 0.0,
       ValueError: wrong rank, ``brightness`` < 0 or ``contrast`` outside ``[0, 1]``.
     """
     _check_images(images)
-    key = _check_key(key)
+    key = check_key(key)
     brightness = _nonneg("brightness", brightness)
     contrast = _rate("contrast", contrast)
     return _per_example(key, (images,), {"brightness": brightness, "contrast": contrast},
@@ -396,7 +380,7 @@ def time_mask(log_mel: Array, mask: Array, *, key: Array, max_width: int,
       (True, True)
     """
     _check_log_mel(log_mel, mask)
-    key = _check_key(key)
+    key = check_key(key)
     max_width = _nonneg_int("max_width", max_width)
     num_masks = _nonneg_int("num_masks", num_masks)
     max_fraction = _rate("max_fraction", max_fraction)
@@ -443,7 +427,7 @@ def freq_mask(log_mel: Array, mask: Array, *, key: Array, max_width: int,
       ValueError: wrong ranks or shapes, or a hyperparameter out of range.
     """
     _check_log_mel(log_mel, mask)
-    key = _check_key(key)
+    key = check_key(key)
     max_width = _nonneg_int("max_width", max_width)
     num_masks = _nonneg_int("num_masks", num_masks)
     fill = _number("fill", fill)
@@ -487,7 +471,7 @@ def time_shift(log_mel: Array, mask: Array, *, key: Array, max_shift: int) -> Ar
       ValueError: wrong ranks or shapes, or ``max_shift`` < 0.
     """
     _check_log_mel(log_mel, mask)
-    key = _check_key(key)
+    key = check_key(key)
     s = _nonneg_int("max_shift", max_shift)
     if s == 0:
         return log_mel
@@ -531,7 +515,7 @@ def waveform_noise(waves: Array, *, key: Array, snr_db: tuple[float, float] | fl
     """
     dims: dict[str, int] = {}
     check_array("waves", waves, "batch samples", kind="float", dims=dims)
-    key = _check_key(key)
+    key = check_key(key)
     low, high = _snr_range("snr_db", snr_db)
     if mask is not None and lengths is not None:
         raise ValueError("mask, lengths: pass at most one of them.")
@@ -598,7 +582,7 @@ def mask_tokens(ids: Array, mask: Array, *, key: Array, rate: float, mask_id: in
     check_array("mask", mask, "batch time", kind="bool", dims=dims)
     if keep is not None:
         check_array("keep", keep, "batch time", kind="bool", dims=dims)
-    key = _check_key(key)
+    key = check_key(key)
     rate = _rate("rate", rate)
     info = np.iinfo(np.dtype(ids.dtype))
     mask_id = _nonneg_int("mask_id", mask_id)
@@ -706,7 +690,7 @@ def mixup_batch(batch: Mapping[str, Any], *, key: Array, alpha: float,
       ValueError: ``alpha`` <= 0, an unknown modality, or malformed arrays.
     """
     names = _modalities(batch)
-    key = _check_key(key)
+    key = check_key(key)
     alpha = _number("alpha", alpha)
     if alpha <= 0:
         raise ValueError(f"alpha: expected a number > 0, got {alpha!r}.")
@@ -838,7 +822,7 @@ class ImageAugment:
           float ``[batch, height, width, channels]``, the dtype of ``images``.
         """
         _check_images(images)
-        key = _check_key(key)
+        key = check_key(key)
         if self.max_shift:
             images = random_translate(images, key=_split_key(key, 0),
                                       max_shift=self.max_shift)
@@ -906,7 +890,7 @@ class AudioAugment:
                             f"{type(inputs).__name__}.")
         log_mel, mask = inputs
         _check_log_mel(log_mel, mask)
-        key = _check_key(key)
+        key = check_key(key)
         if self.max_shift:
             log_mel = time_shift(log_mel, mask, key=_split_key(key, 0),
                                  max_shift=self.max_shift)
@@ -1084,7 +1068,7 @@ class Augmenter:
           TypeError: a transform changed the structure, a shape or a dtype.
         """
         names = _modalities(batch)
-        key = _check_key(key)
+        key = check_key(key)
         out = dict(batch)
         for name, transform in self.transforms:
             if name not in batch:

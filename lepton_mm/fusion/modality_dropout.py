@@ -9,32 +9,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lepton_mm._validation import check_positive_int
+from lepton_mm._validation import check_key, check_positive_int
 from lepton_mm.fusion._common import check_rate
 from lepton_mm.types import EncoderOutput
 
 Array = jax.Array
-
-
-def _check_key(key: Any) -> None:
-    if not hasattr(key, "dtype") or not hasattr(key, "shape"):
-        raise TypeError(f"key: expected a PRNG key (jax.random.key(seed)), got "
-                        f"{type(key).__name__}.")
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"key: expected a single PRNG key, got a key array of shape "
-                             f"{key.shape} (split it and pass one key).")
-        return
-    if np.dtype(key.dtype) != np.uint32 or tuple(key.shape) != (2,):
-        raise TypeError(f"key: expected a PRNG key (jax.random.key(seed) or a uint32[2] "
-                        f"legacy key), got dtype {np.dtype(key.dtype)} shape "
-                        f"{tuple(key.shape)}.")
 
 
 def modality_dropout(
@@ -95,7 +78,7 @@ def modality_dropout(
         raise ValueError("inputs: expected at least one modality, got an empty mapping.")
     rate = check_rate("rate", rate)
     min_present = check_positive_int("min_present", min_present)
-    _check_key(key)
+    check_key(key)
     names = sorted(inputs)
     batch = None
     for m in names:
