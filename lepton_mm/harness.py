@@ -10,10 +10,10 @@ figures) and its copy into a docs page, and the shared command line (``--seeds``
 
     class MyExperiment(Experiment):
         name, script = "mine", "experiments/mine.py"
-        def methods(self): return ["a", "b"]
-        def train(self, key, data, workdir): ...   # -> make_record's fields
-        def summarize(self, runs): ...             # -> per-method summary
-        def tables(self, summary): ...             # -> markdown
+    def methods(self): return ["a", "b"]
+    def train(self, key, data, workdir): ...   # -> make_record's fields
+    def summarize(self, runs): ...             # -> per-method summary
+    def tables(self, summary): ...             # -> markdown
 
     sys.exit(run_main(MyExperiment, config, args))
 
@@ -23,6 +23,7 @@ the device kind.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import shutil
@@ -128,7 +129,7 @@ def fit_facts(fitted: Any, seconds: float, *,
     }
 
 
-class Experiment:
+class Experiment(abc.ABC):
     """One experiment over a config: its runs, their records, its report.
 
     A subclass sets ``name`` (the ledger's experiment) and ``script`` (its path from the
@@ -169,10 +170,10 @@ class Experiment:
 
     # ----------------------------------------------------------------- the script's part
 
+    @abc.abstractmethod
     def methods(self) -> list[str]:
         """The methods the config asks for, validated (raise ``ValueError`` on unknown
         names, before any computation)."""
-        raise NotImplementedError
 
     def default_config(self) -> Any:
         """The config ``command`` compares against (flags only for what differs)."""
@@ -183,6 +184,7 @@ class Experiment:
         nothing is to do)."""
         return None
 
+    @abc.abstractmethod
     def train(self, key: RunKey, data: Any, workdir: Path) -> dict[str, Any]:
         """Trains (or resumes from ``workdir``) one run.
 
@@ -191,15 +193,14 @@ class Experiment:
           ``test_accuracy`` and ``val_accuracy``), ``params``, ``seconds_per_epoch``,
           optionally ``robustness`` and ``extra``.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def summarize(self, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         """Per method, a summary of its current records (non-empty lists)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def tables(self, summary: dict[str, Any]) -> str:
         """The summary as markdown (``summary`` is non-empty)."""
-        raise NotImplementedError
 
     def plot(self, summary: dict[str, Any], out: Path) -> list[Path]:
         """Writes the report's figures to ``out``; returns their paths."""
