@@ -10,12 +10,12 @@ figures) and its copy into a docs page, and the shared command line (``--seeds``
 
     class MyExperiment(Experiment):
         name, script = "mine", "experiments/mine.py"
-    def methods(self): return ["a", "b"]
-    def train(self, key, data, workdir): ...   # -> make_record's fields
-    def summarize(self, runs): ...             # -> per-method summary
-    def tables(self, summary): ...             # -> markdown
+        def methods(self): return ["a", "b"]
+        def train(self, key, data, workdir): ...   # -> make_record's fields
+        def summarize(self, runs): ...             # -> per-method summary
+        def tables(self, summary): ...             # -> markdown
 
-    sys.exit(run_main(MyExperiment, config, args))
+    sys.exit(run_main(MyExperiment(config), args))
 
 Nothing here imports JAX at module level; :meth:`Experiment.run` imports it to record
 the device kind.
@@ -96,9 +96,21 @@ def run_costs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _flag_value(value: Any) -> str:
+    """A config value as command-line text that parses back to exactly ``value``."""
     if isinstance(value, (tuple, list)):
         return ",".join(_flag_value(v) for v in value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        short = f"{value:g}"  # "0.001", "-15": what a person types
+        return short if float(short) == value else repr(value)  # else every digit
+    return str(value)
+
+
+def _parse_strs(text: str) -> tuple[str, ...]:
+    """Comma-separated words, for argparse ``type=``."""
+    words = tuple(w.strip() for w in text.split(","))
+    if not all(words):
+        raise argparse.ArgumentTypeError(f"expected comma-separated words, got {text!r}")
+    return words
 
 
 def fit_facts(fitted: Any, seconds: float, *,
@@ -283,12 +295,15 @@ class Experiment(abc.ABC):
         return " ".join([*words, "--force"])
 
     def todo(self, *, force: bool = False, shard: str | None = None) -> list[RunKey]:
-        """The runs to train: those without a current record (all with ``force``), then
-        every n-th of them from i for ``shard="i/n"``."""
-        keys = self.keys()
-        missing = keys if force else self.ledger.todo(
-            keys, config_hashes=self.config_hash, numerics=self.numerics)
-        return ledger.shard(missing, shard)
+        """The runs to train: shard ``"i/n"`` takes every n-th of *all* the run keys
+        from i (a fixed split, so workers that start at different times, or restart,
+        never skip or repeat a run), then keeps those without a current record (all of
+        them with ``force``)."""
+        keys = ledger.shard(self.keys(), shard)
+        if force:
+            return keys
+        return self.ledger.todo(keys, config_hashes=self.config_hash,
+                                numerics=self.numerics)
 
     def run(self, *, shard: str | None = None, force: bool = False) -> dict[str, Any]:
         """Trains the runs of :meth:`todo`, writing each record as soon as its run ends
@@ -301,9 +316,8 @@ class Experiment(abc.ABC):
         import jax
 
         keys = self.keys()
-        missing = self.todo()
-        todo = ledger.shard(keys if force else missing, shard)
-        done = len(keys) - len(missing)
+        done = len(keys) - len(self.todo())
+        todo = self.todo(force=force, shard=shard)
         commands = {key: self.command(key) for key in todo}  # unreproducible: fail now
         print(f"{self.name}: {done} of {len(keys)} runs have a current record; training "
               f"{len(todo)}" + (f" (shard {shard})" if shard else ""), flush=True)
@@ -388,8 +402,8 @@ def update_docs(experiment: Experiment, report_dir: str | Path, doc: str | Path)
     doc, report_dir = Path(doc), Path(report_dir)
     begin, end = experiment.docs_markers()
     text = doc.read_text()
-    if begin not in text or end not in text:
-        raise ValueError(f"--docs: {doc} has no {begin} ... {end} block.")
+    if begin not in text or end not in text.split(begin, 1)[1]:
+        raise ValueError(f"--docs: {doc} has no {begin} ... {end} block (begin, then end).")
     head, rest = text.split(begin, 1)
     ledger.write_text(head + experiment.docs_block(report_dir) + rest.split(end, 1)[1], doc)
     for name in experiment.figures:
@@ -420,7 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, quick: str) -> None:
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--shard", default=None, metavar="I/N",
-                        help="train every N-th run still to do, starting at I (0-based)")
+                        help="take every N-th run of the whole list from I (0-based; a fixed "
+                             "split) and train those still to do")
     parser.add_argument("--force", action="store_true",
                         help="retrain (from scratch) runs whose record is current too")
     parser.add_argument("--report", action="store_true",
@@ -464,7 +479,7 @@ def add_flags(parser: argparse.ArgumentParser, experiment: type[Experiment],
               config_cls: type) -> None:
     """Adds a flag per ``experiment.flags`` entry, typed from ``config_cls``'s field.
 
-    ``bool`` fields get ``--x/--no-x``; ``tuple[int, ...]`` / ``tuple[float, ...]``
+    ``bool`` fields get ``--x/--no-x``; ``tuple[int | float | str, ...]``
     comma-separated lists (``--x=1,-2`` for negative values); numbers and strings their
     type. Each flag's value lands in ``args.<field>`` (None when not given) and its help
     is the field's description in the config docstring's ``Attributes:`` section.
@@ -481,6 +496,8 @@ def add_flags(parser: argparse.ArgumentParser, experiment: type[Experiment],
         annotation = kind_of if isinstance(kind_of, str) else getattr(
             kind_of, "__name__", None) if isinstance(kind_of, type) else str(kind_of)
         default = fields[field].default
+        if fields[field].default_factory is not dataclasses.MISSING:
+            default = fields[field].default_factory()
         kind: dict[str, Any]
         if annotation.startswith("bool"):
             kind = {"action": argparse.BooleanOptionalAction}
@@ -488,6 +505,11 @@ def add_flags(parser: argparse.ArgumentParser, experiment: type[Experiment],
             kind = {"type": parse_ints}
         elif annotation.startswith("tuple[float"):
             kind = {"type": parse_floats}
+        elif annotation.startswith("tuple[str"):
+            kind = {"type": _parse_strs}
+        elif annotation.startswith("tuple"):
+            raise TypeError(f"add_flags: {config_cls.__name__}.{field} is {annotation}; "
+                            "flags support tuples of int, float or str.")
         else:
             kind = {"type": next((t for t in (int, float) if annotation.startswith(t.__name__)),
                                  str)}

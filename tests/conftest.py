@@ -16,10 +16,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax
 import pytest
 
-# What the reliability tests (test_bad_inputs.py, test_faults.py) measured: filled in
-# through the ``reliability_report`` fixture, printed at the end of the run.
-_RELIABILITY = pytest.StashKey[dict]()
-
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Tests compare against float32/float64 references: on GPUs, where float32 matmuls default
 # to TF32, ask for full precision so tolerances mean the same on every platform.
@@ -69,19 +65,37 @@ def key():
     return jax.random.key(0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def reliability_report(request):
-    """A dict of ``{title: lines}`` shown in the terminal summary ("reliability")."""
-    return request.config.stash.setdefault(_RELIABILITY, {})
+    """A dict of ``{title: lines}`` shown in the terminal summary ("reliability").
+
+    It travels on the test's report (``user_properties``), so the summary is complete
+    when the suite runs in several processes (pytest-xdist) as well as in one.
+    """
+    report = {}
+    request.node.user_properties.append(("reliability", report))
+    return report
+
+
+# What the reliability tests (test_bad_inputs.py, test_faults.py) measured, gathered from
+# their reports (in the controlling process under xdist), printed at the end of the run.
+_COLLECTED: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call":
+        return
+    for name, value in report.user_properties:
+        if name == "reliability" and value:
+            _COLLECTED.update(value)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    del exitstatus
-    report = config.stash.get(_RELIABILITY, None)
-    if not report:
+    del exitstatus, config
+    if not _COLLECTED:
         return
     terminalreporter.section("reliability")
-    for title, lines in report.items():
+    for title, lines in _COLLECTED.items():
         terminalreporter.write_line(f"{title}:")
         for line in lines:
             terminalreporter.write_line(f"  {line}")

@@ -38,11 +38,13 @@ class ToyConfig:
     rate: float = 0.5
     levels: tuple[float, ...] = (1.0, 2.5)
     noisy: bool = True
+    tags: tuple[str, ...] = ("x",)
 
 
 class Toy(harness.Experiment):
     name, script = "toy", "experiments/toy.py"
-    flags = (("rate", "--rate"), ("levels", "--levels"), ("noisy", "--noisy"))
+    flags = (("rate", "--rate"), ("levels", "--levels"), ("noisy", "--noisy"),
+             ("tags", "--tags"))
     extra_methods = ("peer",)
     figures = ("curve.png",)
 
@@ -110,7 +112,7 @@ def test_run_writes_a_record_per_run_then_trains_nothing(tmp_path, monkeypatch):
     assert record["command"] == "python experiments/toy.py --methods b --seeds 1 --rate=1 --force"
     assert record["git_commit"] == "commit1"  # captured once, when the call started
     assert record["config"] == {"data_seed": 0, "rate": 1.0, "levels": [1.0, 2.5],
-                                "noisy": True, "method": "b"}
+                                "noisy": True, "tags": ["x"], "method": "b"}
     assert record["config_hash"] == toy.config_hash(RunKey("toy", "b", 1))
     assert record["params"] == 7 and record["note"] == "b"
     assert record["peak_rss_scope"] in ("run", "process") and record["peak_rss_mb"] > 0
@@ -124,6 +126,22 @@ def test_run_writes_a_record_per_run_then_trains_nothing(tmp_path, monkeypatch):
     forced = _toy(tmp_path, rate=1.0)
     forced.run(shard="0/2", force=True)
     assert forced.trained == toy.keys()[0::2] and not (workdir / "stale-file").exists()
+
+
+def test_shards_are_a_fixed_split_of_all_runs(tmp_path):
+    """Workers that start at different times (or restart) never skip or repeat a run:
+    each shard is fixed by the whole run list, not by what is still missing."""
+    keys = _toy(tmp_path).keys()
+    first = _toy(tmp_path)
+    first.run(shard="0/2")  # shard 0 finishes before shard 1 starts
+    assert first.trained == keys[0::2]
+    second = _toy(tmp_path)
+    assert second.todo(shard="1/2") == keys[1::2]
+    second.run(shard="1/2")
+    assert second.trained == keys[1::2]
+    restarted = _toy(tmp_path)
+    restarted.run(shard="0/2")
+    assert restarted.trained == [] and restarted.report(tmp_path / "r")["complete"]
 
 
 def test_workdirs_and_hashes_follow_the_config(tmp_path):
@@ -166,10 +184,12 @@ def test_report_is_byte_identical_lists_stale_and_shows_extra_rows(tmp_path):
 
 
 def test_command_writes_only_what_differs_and_round_trips(tmp_path):
-    toy = _toy(tmp_path, rate=0.125, levels=(0.0, -3.0), noisy=False, quick=True)
+    toy = _toy(tmp_path, rate=0.00123456789, levels=(0.0, -3.0), noisy=False, quick=True,
+               tags=("p", "q"))
     command = toy.command(RunKey("toy", "a", 2, 4))
     assert command == ("python experiments/toy.py --quick --methods a --seeds 2 "
-                       "--data-seed 4 --rate=0.125 --levels=0,-3 --no-noisy --force")
+                       "--data-seed 4 --rate=0.00123456789 --levels=0,-3 --no-noisy "
+                       "--tags=p,q --force")
     # A recorded setting with no flag cannot be written: no unreproducible command.
     with pytest.raises(ValueError, match="unflagged=2 differs from the default"):
         Unflagged(Unflagged.Config(unflagged=2)).command(RunKey("toy", "a", 0))
@@ -180,18 +200,27 @@ def test_command_writes_only_what_differs_and_round_trips(tmp_path):
     parser.add_argument("--rate", type=float)
     parser.add_argument("--levels", type=harness.parse_floats)
     parser.add_argument("--noisy", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tags", type=lambda t: tuple(t.split(",")))
     args = parser.parse_args(command.split()[2:])
     assert (args.quick, args.seeds, args.data_seed, args.rate, args.levels, args.noisy,
-            args.force) == (True, (2,), 4, 0.125, (0.0, -3.0), False, True)
+            args.tags, args.force) == (True, (2,), 4, 0.00123456789, (0.0, -3.0), False,
+                                       ("p", "q"), True)
+    # Every digit survives: the command's config is the record's (same hash).
+    again = _toy(tmp_path, rate=args.rate, levels=args.levels, noisy=args.noisy,
+                 quick=True, tags=args.tags)
+    assert again.config_hash(RunKey("toy", "a", 2, 4)) == toy.config_hash(
+        RunKey("toy", "a", 2, 4))
 
 
 def test_add_flags_types_help_and_overrides(capsys):
     parser = argparse.ArgumentParser()
     harness.add_flags(parser, Toy, ToyConfig)
-    args = parser.parse_args(["--rate", "0.25", "--levels=-1,2", "--no-noisy"])
-    assert (args.rate, args.levels, args.noisy) == (0.25, (-1.0, 2.0), False)
+    args = parser.parse_args(["--rate", "0.25", "--levels=-1,2", "--no-noisy",
+                              "--tags", "a,b"])
+    assert (args.rate, args.levels, args.noisy, args.tags) == (0.25, (-1.0, 2.0), False,
+                                                               ("a", "b"))
     assert harness.flag_overrides(args, Toy) == {"rate": 0.25, "levels": (-1.0, 2.0),
-                                                 "noisy": False}
+                                                 "noisy": False, "tags": ("a", "b")}
     assert harness.flag_overrides(parser.parse_args([]), Toy) == {}  # defaults: the config's
     with pytest.raises(SystemExit):
         parser.parse_args(["--rate", "fast"])
@@ -234,6 +263,9 @@ def test_update_docs_replaces_only_the_marked_block_and_copies_figures(tmp_path)
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="--docs: .*no"):
         harness.update_docs(toy, report, tmp_path / "plain.md")
+    (tmp_path / "reversed.md").write_text(f"{end}\nx\n{begin}\n")
+    with pytest.raises(ValueError, match="begin, then end"):
+        harness.update_docs(toy, report, tmp_path / "reversed.md")
 
 
 def test_run_main_exit_codes(tmp_path, capsys):
