@@ -122,6 +122,25 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def check_frame_mask(name: str, mask: Any, x: Any, data_name: str) -> None:
+    """Checks a frame mask: bool ``[batch, time]``, the first two axes of ``x``.
+
+    Args:
+      name: the mask's name, for messages.
+      mask: the mask.
+      x: the data it masks, ``[batch, time, ...]``.
+      data_name: the data's name, for messages.
+
+    Raises:
+      TypeError: not a bool array.
+      ValueError: its shape is not ``x.shape[:2]``.
+    """
+    check_array(name, mask, kind="bool")
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{name}: expected bool [batch, time] = {tuple(x.shape[:2])} (the "
+                         f"first two axes of {data_name}), got shape {tuple(mask.shape)}.")
+
+
 def check_key(key: Any, name: str = "key") -> Any:
     """A single typed PRNG key from a typed key or legacy ``uint32 [2]`` key data.
 

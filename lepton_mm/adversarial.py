@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -52,8 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lepton_mm._validation import check_positive_int
+from lepton_mm._validation import check_frame_mask, check_key, check_positive_int
 from lepton_mm.functional import functional
+from lepton_mm.types import RESERVED_KEYS
 
 __all__ = ["NORMS", "fgsm", "model_loss", "pgd", "robust_accuracy"]
 
@@ -63,7 +65,6 @@ LossFn = Callable[[Mapping[str, Any]], Array]
 #: The perturbation norms ``fgsm``, ``pgd`` and ``robust_accuracy`` accept.
 NORMS = ("linf", "l2")
 
-_RESERVED_KEYS = ("label", "present", "valid")  # lepton_mm.models.RESERVED_KEYS
 
 
 # ------------------------------------------------------------------------ the loss
@@ -217,7 +218,7 @@ def _per_modality(name: str, value: Any, names: tuple[str, ...], *,
 
 
 def _modality_names(batch: Mapping[str, Any]) -> list[str]:
-    return sorted(k for k in batch if k not in _RESERVED_KEYS)
+    return sorted(k for k in batch if k not in RESERVED_KEYS)
 
 
 def _features(batch: Mapping[str, Any], m: str) -> tuple[Any, Any]:
@@ -228,16 +229,13 @@ def _features(batch: Mapping[str, Any], m: str) -> tuple[Any, Any]:
             return None, None
         x, rest = value[0], value[1:]
         mask = rest[0] if rest else None
-        if mask is not None and not (
-                hasattr(mask, "dtype") and np.dtype(mask.dtype) == np.bool_
-                and hasattr(x, "shape") and len(x.shape) >= 2
-                and tuple(mask.shape) == tuple(x.shape[:2])):
-            mask = None
     else:
         x, mask = value, None
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating) or (
             len(x.shape) < 1):
         return None, None
+    if mask is not None:  # padded frames are never perturbed: a bad mask is an error
+        check_frame_mask(f"batch[{m!r}][1]", mask, x, f"batch[{m!r}][0]")
     return x, mask
 
 
@@ -262,7 +260,7 @@ def _resolve_modalities(batch: Any, modalities: Any,
     for m in names:
         if not isinstance(m, str):
             raise TypeError(f"modalities: expected modality names (str), got {m!r}.")
-        if m in _RESERVED_KEYS:
+        if m in RESERVED_KEYS:
             raise ValueError(f"modalities: {m!r} is a reserved batch key, not a modality.")
         if m not in batch:
             raise ValueError(f"modalities: the batch has no modality {m!r}; it has "
@@ -399,11 +397,14 @@ def _attack(loss_fn: LossFn, batch: Mapping[str, Any], eps: Mapping[str, Any],
 
     grad = jax.grad(objective)
 
-    def start(i: int, m: str) -> Array:
+    def start(m: str) -> Array:
         x = x0[m]
         if key is None:
             return jnp.zeros_like(x)
-        k_dir, k_rad = jax.random.split(jax.random.fold_in(key, i))
+        # By the modality's name (its CRC-32), as lepton_mm.augment: attacking another
+        # set of modalities never changes this one's start.
+        tag = zlib.crc32(m.encode("utf-8")) & 0x7FFFFFFF
+        k_dir, k_rad = jax.random.split(jax.random.fold_in(key, tag))
         if norm == "linf":
             u = jax.random.uniform(k_dir, x.shape, jnp.float32, -1.0, 1.0)
             return (eps[m] * u).astype(x.dtype)
@@ -415,7 +416,7 @@ def _attack(loss_fn: LossFn, batch: Mapping[str, Any], eps: Mapping[str, Any],
         n = _l2(z)
         return (z / jnp.where(n > 0, n, 1) * eps[m] * u ** (1.0 / d)).astype(x.dtype)
 
-    delta = {m: project(m, start(i, m)) for i, m in enumerate(names)}
+    delta = {m: project(m, start(m)) for m in names}
 
     def body(_, delta):
         g = grad({m: x0[m] + delta[m] for m in names})
@@ -526,8 +527,10 @@ def pgd(loss_fn: LossFn | nnx.Module, batch: Mapping[str, Any], *,
       modalities: the modality or modalities to perturb (default: every float input).
       norm: ``"linf"`` or ``"l2"``.
       clip: modality -> ``(low, high)`` valid range, as for ``fgsm``.
-      key: a PRNG key for a random start inside the ball (one draw per modality); None
-        starts at the clean input. The same key gives the same result.
+      key: a PRNG key for a random start inside the ball (modality ``m`` draws with
+        ``fold_in(key, crc32(m))``, so the set of attacked modalities never changes
+        one's start); None starts at the clean input. The same key gives the same
+        result.
 
     Returns:
       A new batch dict with the attacked features replaced, as for ``fgsm``.
@@ -555,6 +558,7 @@ def pgd(loss_fn: LossFn | nnx.Module, batch: Mapping[str, Any], *,
     else:
         step_size = _per_modality("step_size", step_size, names, positive=True)
     bounds = _check_clip(clip, names)
+    key = None if key is None else check_key(key)
     new = _compiled(objective, state, _arrays(batch), eps, step_size, key, steps,
                     names=names, norm=norm, clip=bounds)
     return _replace(batch, new)
@@ -627,6 +631,7 @@ def robust_accuracy(model: nnx.Module, data: Mapping[str, Any], *,
     if step_size is not None:
         _check_radius("step_size", step_size, positive=True)
     bounds = _check_clip(clip, names)
+    key = None if key is None else check_key(key)
     n = check_batch(data, model_modalities or tuple(names), who=type(model).__name__)
     if n == 0:
         raise ValueError("data: expected at least one example, got 0.")

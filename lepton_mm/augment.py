@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_mm._validation import check_array, check_key
+from lepton_mm._validation import check_array, check_frame_mask, check_key
+from lepton_mm.types import RESERVED_KEYS
 
 __all__ = [
     "AudioAugment",
@@ -77,7 +78,6 @@ Transform = Callable[[Any, Array], Any]
 
 # The batch keys that are not modalities (``lepton_mm.models.RESERVED_KEYS``; repeated so
 # that this module does not import Flax).
-_RESERVED_KEYS = ("label", "present", "valid")
 
 
 # ---------------------------------------------------------------------- validation
@@ -123,13 +123,6 @@ def _snr_range(name: str, value: Any) -> tuple[float, float]:
     if low > high:
         raise ValueError(f"{name}: expected low <= high, got ({low!r}, {high!r}).")
     return low, high
-
-
-def _check_mask(name: str, mask: Any, x: Any, data_name: str) -> None:
-    check_array(name, mask, kind="bool")
-    if tuple(mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"{name}: expected bool [batch, time] = {tuple(x.shape[:2])} (the "
-                         f"first two axes of {data_name}), got shape {tuple(mask.shape)}.")
 
 
 # ------------------------------------------------------------------------- helpers
@@ -288,7 +281,7 @@ def gaussian_noise(x: Array, *, key: Array, std: float, mask: Array | None = Non
     if mask is None:
         mask = jnp.ones(x.shape[:1], bool)
     else:
-        _check_mask("mask", mask, x, "x")
+        check_frame_mask("mask", mask, x, "x")
     return _per_example(key, (x, mask), {"std": std}, fn=_noise_one)
 
 
@@ -341,7 +334,7 @@ def _brightness_contrast_one(k: Array, image: Array, *, brightness: float,
 
 def _check_log_mel(log_mel: Any, mask: Any) -> None:
     check_array("log_mel", log_mel, "batch time mels", kind="float")
-    _check_mask("mask", mask, log_mel, "log_mel")
+    check_frame_mask("mask", mask, log_mel, "log_mel")
 
 
 def time_mask(log_mel: Array, mask: Array, *, key: Array, max_width: int,
@@ -614,7 +607,9 @@ class Mixup(NamedTuple):
     """What ``mixup_batch`` drew: row ``i`` became ``w[i] * x[i] + (1 - w[i]) * x[p[i]]``.
 
     Attributes:
-      weight: float32 ``[batch]`` in ``[0, 1]``, the weight of the example's own input.
+      weight: float32 ``[batch]`` in ``[0, 1]``, the weight of the example's own input;
+        exactly 1 for a row that no modality mixed (absent or fully padded for it or its
+        partner), so ``mix_labels`` leaves that row's label as it is.
       partner: int32 ``[batch]``, the row each example is mixed with (a permutation of
         the batch; a row may be its own partner).
     """
@@ -635,7 +630,7 @@ def _modality_parts(name: str, inputs: Any) -> tuple[Array, Array | None]:
         if data.ndim < 2:
             raise ValueError(f"{where}[0]: expected [batch, time, ...], got shape "
                              f"{tuple(data.shape)}.")
-        _check_mask(f"{where}[1]", mask, data, f"{where}[0]")
+        check_frame_mask(f"{where}[1]", mask, data, f"{where}[0]")
         return data, mask
     check_array(where, inputs)
     if inputs.ndim == 0:
@@ -647,7 +642,7 @@ def _modalities(batch: Any) -> list[str]:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch: expected a dict modality name -> arrays, got "
                         f"{type(batch).__name__}.")
-    return sorted(k for k in batch if k not in _RESERVED_KEYS)
+    return sorted(k for k in batch if k not in RESERVED_KEYS)
 
 
 def _present(batch: Mapping[str, Any], name: str, size: int) -> Array | None:
@@ -669,8 +664,9 @@ def mixup_batch(batch: Mapping[str, Any], *, key: Array, alpha: float,
     batch, and replaces each mixed modality's data by ``w * x + (1 - w) * x[p]``. Where
     that would touch what must stay (the example's frame is padded or the modality is
     absent for it, or the partner's frame is padded or absent) the example keeps its own
-    value. Labels are not changed: mix them with ``mix_labels`` (the loss then uses soft
-    targets). Masks, ``present`` and ``valid`` are unchanged.
+    value; a row that no modality mixed gets weight 1 in the returned ``Mixup``. Labels
+    are not changed: mix them with ``mix_labels`` (the loss then uses soft targets).
+    Masks, ``present`` and ``valid`` are unchanged.
 
     Args:
       batch: a batch dict (``lepton_mm.models``): modality -> array or
@@ -712,14 +708,31 @@ def mixup_batch(batch: Mapping[str, Any], *, key: Array, alpha: float,
     weight = jax.random.beta(k_weight, alpha, alpha, (size,), jnp.float32)
     partner = jax.random.permutation(k_partner, size).astype(jnp.int32)
     out = dict(batch)
+    mixed_rows = jnp.zeros((size,), bool)
     for m in chosen:
         data, mask = _modality_parts(m, batch[m])
         if data.shape[0] != size:
             raise ValueError(f"batch[{m!r}]: expected batch size {size}, got "
                              f"{data.shape[0]}.")
-        mixed = _mix(data, mask, _present(batch, m, size), weight, partner)
+        present = _present(batch, m, size)
+        mixed = _mix(data, mask, present, weight, partner)
         out[m] = mixed if mask is None else type(batch[m])((mixed, batch[m][1]))
-    return out, Mixup(weight, partner)
+        mixed_rows = mixed_rows | _mixed_rows(mask, present, partner, size)
+    return out, Mixup(jnp.where(mixed_rows, weight, 1.0), partner)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _mixed_rows(mask: Array | None, present: Array | None, partner: Array,
+                size: int) -> Array:
+    """bool ``[batch]``: the rows ``_mix`` changes (some frame valid and present in both
+    the row and its partner)."""
+    ok = jnp.ones((size,), bool)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        ok = jnp.any(mask & mask[partner], axis=1)
+    if present is not None:
+        ok = ok & present & present[partner]
+    return ok
 
 
 @jax.jit
@@ -1041,9 +1054,9 @@ class Augmenter:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"transforms: modality names must be non-empty str, got "
                                 f"{name!r}.")
-            if name in _RESERVED_KEYS:
+            if name in RESERVED_KEYS:
                 raise ValueError(f"transforms: {name!r} is a reserved batch key "
-                                 f"({list(_RESERVED_KEYS)}), not a modality.")
+                                 f"({list(RESERVED_KEYS)}), not a modality.")
             if not callable(fn):
                 raise TypeError(f"transforms[{name!r}]: expected a callable "
                                 f"(inputs, key) -> inputs, got {type(fn).__name__}.")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lepton_mm._validation import check_positive_int
+from lepton_mm.types import RESERVED_KEYS
 
 if TYPE_CHECKING:
     from lepton_mm.models import MultimodalClassifier
@@ -56,7 +57,6 @@ Array = jax.Array
 
 # The batch keys that are not modalities: ``lepton_mm.models.RESERVED_KEYS`` (repeated
 # here so that this module does not import Flax; tests/test_robustness.py checks it).
-_RESERVED_KEYS = ("label", "present", "valid")
 
 
 # ------------------------------------------------------------------------- absence
@@ -111,11 +111,11 @@ def mark_absent(batch: Mapping[str, Any], modalities: str | Iterable[str]) -> di
         raise TypeError(f"batch: expected a dict modality name -> arrays, got "
                         f"{type(batch).__name__}.")
     names = [modalities] if isinstance(modalities, str) else list(modalities)
-    known = sorted(k for k in batch if k not in _RESERVED_KEYS)
+    known = sorted(k for k in batch if k not in RESERVED_KEYS)
     for m in names:
-        if m in _RESERVED_KEYS:
+        if m in RESERVED_KEYS:
             raise ValueError(f"Unrecognized modality: {m!r} is a reserved batch key "
-                             f"({list(_RESERVED_KEYS)}). The batch has modalities {known}.")
+                             f"({list(RESERVED_KEYS)}). The batch has modalities {known}.")
         if m not in batch:
             raise ValueError(f"Unrecognized modality: {m!r}. The batch has modalities "
                              f"{known}.")

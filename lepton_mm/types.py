@@ -15,6 +15,10 @@ from lepton_mm._validation import check_array
 
 Array = jax.Array
 
+#: Batch keys that are not modalities: ``label``, ``present`` (per-modality presence),
+#: ``valid`` (padding rows).
+RESERVED_KEYS = ("label", "present", "valid")
+
 
 def masked_mean(x: Array, mask: Array) -> Array:
     """Mean of ``x`` over its second axis, counting only positions where ``mask`` is True.

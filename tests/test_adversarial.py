@@ -230,6 +230,32 @@ def test_same_key_same_random_start(model):
     assert np.mean(np.asarray(a) != np.asarray(clean_start)) > 0.9
 
 
+def test_random_starts_follow_the_modality_name_and_stay_in_the_ball():
+    """A modality's start depends on its name, never on which others are attacked; a
+    single step of zero-gradient ascent leaves the start itself, inside the ball."""
+    batch = {"a": np.zeros((64, 5), np.float32), "b": np.zeros((64, 5), np.float32),
+             "label": np.zeros(64, np.int32)}
+    flat = lambda b: jnp.float32(0.0) * (b["a"].sum() + b["b"].sum())  # zero gradient
+    kwargs = {"eps": 0.3, "steps": 1, "step_size": 1e-3, "key": jax.random.key(5)}
+    both = pgd(flat, batch, **kwargs)
+    only_b = pgd(flat, batch, modalities="b", **kwargs)
+    np.testing.assert_array_equal(only_b["b"], both["b"])
+    np.testing.assert_array_equal(only_b["a"], batch["a"])  # not attacked: untouched
+    assert not np.array_equal(both["a"], both["b"])  # independent draws per modality
+    start = np.asarray(both["a"])
+    assert np.abs(start).max() <= 0.3 + 1e-6 and start.std() == pytest.approx(
+        0.3 / np.sqrt(3), rel=0.15)  # uniform on [-eps, eps]
+
+
+def test_a_malformed_frame_mask_is_an_error_not_a_perturbed_padding(model):
+    batch = _batch(2)
+    x, mask = batch["audio"]
+    for bad, error, match in ((mask.astype(np.int32), TypeError, "expected bool"),
+                              (mask[:, :5], ValueError, r"expected bool \[batch, time\]")):
+        with pytest.raises(error, match=r"batch\['audio'\]\[1\]: .*" + match):
+            fgsm(model, {**batch, "audio": (x, bad)}, eps=0.5, modalities="audio")
+
+
 def test_pgd_under_jit_equals_eager_with_a_traced_radius(model):
     batch = _batch()
     loss = model_loss(model)
@@ -348,6 +374,8 @@ def _text_batch():
     ({"clip": {"audio": (0, 1)}, "modalities": "image"}, ValueError,
      r"clip: 'audio' is not an attacked modality"),
     ({"clip": (0.0, 1.0)}, TypeError, r"clip: expected a dict"),
+    ({"key": 0}, TypeError, r"key: expected a PRNG key"),
+    ({"key": jax.random.split(jax.random.key(0))}, ValueError, r"key: expected a single"),
 ])
 def test_pgd_rejects_bad_arguments(kwargs, error, match):
     kwargs = {"eps": 0.1, "steps": 2, **kwargs}

@@ -425,6 +425,11 @@ def test_mixup_batch_mixes_present_valid_cells_with_the_partner():
     ref = w[:, None, None] * x + (1 - w[:, None, None]) * x[p]
     np.testing.assert_allclose(np.asarray(got)[ok], ref[ok], rtol=1e-6, atol=1e-6)
     assert _same(np.asarray(got)[~ok], x[~ok]) and got_mask is m
+    # A row that no modality mixed keeps weight 1 (its label stays its own); a mixed
+    # row keeps the drawn weight.
+    unmixed = ~(present["image"] & present["image"][p]) & ~np.any(ok, axis=1)
+    assert unmixed.any() and np.all(w[unmixed] == 1.0)
+    assert np.all(w[~unmixed] < 1.0) and w[~unmixed].std() > 0.1
     # token ids are not mixed; labels, present, valid pass through.
     assert out["text"] is batch["text"] and out["label"] is batch["label"]
     soft = np.asarray(A.mix_labels(batch["label"], mix, num_classes=4))

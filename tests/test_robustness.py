@@ -30,12 +30,6 @@ def test_docstring_examples_run():
     assert results.attempted > 0 and results.failed == 0
 
 
-def test_reserved_keys_match_the_batch_format():
-    from lepton_mm.models import RESERVED_KEYS
-
-    assert robustness._RESERVED_KEYS == tuple(RESERVED_KEYS)
-
-
 def test_mark_absent_sets_flags_and_leaves_the_input_alone():
     batch = _batch()
     batch["present"] = {"image": np.array([True, False, True, True])}

@@ -36,12 +36,10 @@ from flax.core import FrozenDict
 
 from lepton_mm import fusion as fusion_lib
 from lepton_mm._validation import check_array, check_positive_int
-from lepton_mm.types import EncoderOutput
+from lepton_mm.types import RESERVED_KEYS, EncoderOutput
 
 Array = jax.Array
 
-#: Batch keys that are not modalities.
-RESERVED_KEYS = ("label", "present", "valid")
 
 
 def _check_modality_names(what: str, names: Any) -> tuple[str, ...]:
