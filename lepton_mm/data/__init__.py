@@ -3,6 +3,11 @@
   BatchSource                     the protocol: ``len``, ``num_batches``, ``batches``
   ArrayDataset, BucketedDataset   in-memory sources (one shape; length buckets)
   epoch_permutation               an epoch's shuffled order, from (seed, epoch) only
+  ManifestDataset                 your own files listed in a CSV / JSONL manifest, read
+                                  through grain; ManifestRowError names a bad row
+  LogMelFeatures                  per-example audio front end: waveform -> log-mel, mask
+  export_avmnist_files            AV-MNIST written as PNG + WAV files and a manifest;
+  avmnist_file_features           the feature functions that read them back
 
 Numpy only (plus JAX for AV-MNIST's on-the-fly audio features): nothing here imports
 Flax, and nothing downloads.
@@ -20,6 +25,7 @@ from lepton_mm.data.avmnist import (
     standardize_log_mel,
     window_frame_mask,
 )
+from lepton_mm.data.avmnist_files import avmnist_file_features, export_avmnist_files
 from lepton_mm.data.batching import (
     ArrayDataset,
     BatchSource,
@@ -39,6 +45,8 @@ from lepton_mm.data.bundled import (
     verified_path,
 )
 from lepton_mm.data.files import UnreadableFileError, load_audio, load_image
+from lepton_mm.data.log_mel_features import LogMelFeatures
+from lepton_mm.data.manifest import ManifestDataset, ManifestRowError
 
 __all__ = [
     "AVMNIST",
@@ -51,10 +59,15 @@ __all__ = [
     "BucketedDataset",
     "DataFileError",
     "ImagePCA",
+    "LogMelFeatures",
     "MUStARD",
+    "ManifestDataset",
+    "ManifestRowError",
     "UnreadableFileError",
     "avmnist_arrays",
+    "avmnist_file_features",
     "epoch_permutation",
+    "export_avmnist_files",
     "fit_image_pca",
     "load_audio",
     "load_avmnist",

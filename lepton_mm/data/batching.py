@@ -78,6 +78,24 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), _SHUFFLE_TAG])
 
 
+def _epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int,
+                   shuffle: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """An epoch of ``n`` examples cut into batches: ``epoch_permutation`` order (or
+    ``range(n)``), the last batch filled up with repeats of real examples, invalid.
+
+    Returns:
+      ``[(indices int [batch_size], valid bool [batch_size])]``, ``ceil(n / batch_size)``
+      of them.
+    """
+    batch_size = _check_batch_size(batch_size)
+    order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n)
+    pad = -(-n // batch_size) * batch_size - n
+    order = np.concatenate([order, np.resize(order, pad)])  # repeats real examples
+    valid = np.arange(order.size) < n
+    return [(order[i:i + batch_size], valid[i:i + batch_size])
+            for i in range(0, order.size, batch_size)]
+
+
 # ------------------------------------------------------------------------ batch trees
 
 
@@ -193,13 +211,7 @@ class ArrayDataset:
         Returns:
           ``[(indices int [batch_size], valid bool [batch_size])]``, one per batch.
         """
-        batch_size = _check_batch_size(batch_size)
-        order = epoch_permutation(self._n, seed, epoch) if shuffle else np.arange(self._n)
-        pad = self.num_batches(batch_size) * batch_size - self._n
-        order = np.concatenate([order, np.resize(order, pad)])  # repeats real examples
-        valid = np.arange(order.size) < self._n
-        return [(order[i:i + batch_size], valid[i:i + batch_size])
-                for i in range(0, order.size, batch_size)]
+        return _epoch_batches(self._n, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
                 start: int = 0, rows: slice | None = None) -> Iterator[dict[str, Any]]:
