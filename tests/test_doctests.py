@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 
-MODULES = ["lepton_mm.alignment.losses", "lepton_mm.types"]
+MODULES = ["lepton_mm.alignment.losses", "lepton_mm.training.loggers", "lepton_mm.types"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,9 +1,6 @@
 """lepton_mm.training.fit / evaluate / predict on a tiny bimodal model and on token
 sequences from a ``BucketedDataset``; raw optax transformations."""
 
-import json
-import sys
-import types
 from pathlib import Path
 
 import jax
@@ -20,7 +17,6 @@ from lepton_mm.training import (
     Checkpointer,
     CheckpointMismatchError,
     OptimizerConfig,
-    RunLogger,
     epoch_permutation,
     evaluate,
     fit,
@@ -242,31 +238,6 @@ def test_array_dataset_batches_cover_each_example_once():
     np.testing.assert_array_equal(resumed[0]["label"], batches[2]["label"])
     with pytest.raises(ValueError, match="leading sizes differ"):
         ArrayDataset({"a": np.zeros(3), "label": np.zeros(4)})
-
-
-def test_tensorboard_events_only_when_available(tmp_path, monkeypatch):
-    calls = []
-
-    class Writer:
-        def __init__(self, logdir):
-            calls.append(("init", logdir))
-
-        def add_scalar(self, name, value, step):
-            calls.append((name, value, step))
-
-        def close(self):
-            calls.append("close")
-
-    monkeypatch.setitem(sys.modules, "tensorboardX", types.SimpleNamespace(SummaryWriter=Writer))
-    logger = RunLogger(tmp_path)
-    logger.log({"kind": "epoch", "step": 3, "train_loss": 0.5, "eval": {"accuracy": 0.75}})
-    logger.close()
-    assert ("epoch/train_loss", 0.5, 3) in calls and ("epoch/eval/accuracy", 0.75, 3) in calls
-    assert json.loads((tmp_path / "log.jsonl").read_text())["train_loss"] == 0.5
-    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
-    calls.clear()
-    RunLogger(tmp_path / "b").close()
-    assert calls == []
 
 
 class RootFrames(nnx.Module):

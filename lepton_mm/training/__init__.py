@@ -10,7 +10,9 @@
                                             the batch sources live) for older imports
   Checkpointer, load_model, ...             Orbax checkpoints
   make_mesh, initialize_distributed, ...    data parallelism, multi-host start-up
-  RunLogger, read_log, plot_curves          ``log.jsonl`` and ``curves.png``
+  JsonlLogger, read_log, plot_curves        ``log.jsonl`` and ``curves.png``
+  Logger, TensorBoardLogger, WandbLogger,   where ``fit(loggers=...)`` sends the same
+  MlflowLogger, LOGGERS, scalar_metrics     records (optional extras)
 """
 
 from lepton_mm.metrics import (
@@ -33,7 +35,15 @@ from lepton_mm.training.checkpoint import (
     load_model,
     model_fingerprint,
 )
-from lepton_mm.training.logging import RunLogger, plot_curves, read_log
+from lepton_mm.training.loggers import (
+    LOGGERS,
+    Logger,
+    MlflowLogger,
+    TensorBoardLogger,
+    WandbLogger,
+    scalar_metrics,
+)
+from lepton_mm.training.logging import JsonlLogger, plot_curves, read_log
 from lepton_mm.training.loop import (
     ArrayDataset,
     FitResult,
@@ -67,6 +77,7 @@ from lepton_mm.training.sharding import (
 
 __all__ = [
     "DEFAULT_NO_DECAY",
+    "LOGGERS",
     "OPTIMIZERS",
     "SCHEDULES",
     "ArrayDataset",
@@ -74,9 +85,13 @@ __all__ = [
     "CheckpointMismatchError",
     "Checkpointer",
     "FitResult",
+    "JsonlLogger",
+    "Logger",
+    "MlflowLogger",
     "OptimizerConfig",
-    "RunLogger",
+    "TensorBoardLogger",
     "TrainState",
+    "WandbLogger",
     "accuracy",
     "confusion_matrix",
     "count_params",
@@ -105,6 +120,7 @@ __all__ = [
     "read_log",
     "recall_at_k",
     "replicated",
+    "scalar_metrics",
     "seed_rngs",
     "shard_batch",
     "trainable_mask",

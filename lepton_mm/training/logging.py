@@ -1,8 +1,11 @@
-"""Run logs: one JSON object per line in ``workdir/log.jsonl``, curves, optional TensorBoard.
+"""Run logs: ``workdir/log.jsonl`` (one JSON object per line), its writer, reader and curves.
 
 Each line is a record with a ``"kind"`` (``"step"`` or ``"epoch"``) and a ``"step"``
-(the number of optimiser steps taken so far). On resume the log is cut back to the
-restored step, so a resumed run's log equals an uninterrupted run's (up to wall times).
+(the number of optimiser steps taken so far). ``fit`` always writes it through a
+``JsonlLogger``, and sends the same records to the loggers it is given
+(``lepton_mm.training.loggers``: TensorBoard, Weights & Biases, MLflow, your own). On
+resume the log is cut back to the restored step, so a resumed run's log equals an
+uninterrupted run's (up to wall times).
 """
 
 from __future__ import annotations
@@ -18,15 +21,26 @@ LOG_NAME = "log.jsonl"
 CURVES_NAME = "curves.png"
 
 
-def _jsonable(value: Any) -> Any:
+def _plain(value: Any) -> Any:
+    """``value`` as plain Python: dicts, lists, and 0-d arrays as Python scalars."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_plain(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()
+        return value.item()
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """``_plain(value)`` with non-finite floats as strings (JSON has no literal for them)."""
+    value = _plain(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)  # "nan", "inf": JSON has no literal for them
+        return repr(value)  # "nan", "inf", "-inf"
     return value
 
 
@@ -51,33 +65,39 @@ def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def _tensorboard_writer(logdir: Path) -> Any | None:
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(logdir))
+class JsonlLogger:
+    """Writes each record as one JSON line to ``workdir/log.jsonl``, flushed per line.
 
+    ``fit`` always writes its log through one of these (so never pass it in
+    ``fit(loggers=...)``); it is a ``lepton_mm.training.loggers.Logger`` for use outside
+    ``fit``. Non-finite floats are written as the strings ``"nan"``, ``"inf"``,
+    ``"-inf"``; 0-d arrays as Python scalars.
 
-class RunLogger:
-    """Appends JSON lines to ``workdir/log.jsonl`` (and TensorBoard scalars if available).
+    Example::
 
-    Args:
-      workdir: the run directory.
-      resume_step: keep only existing records with ``step <= resume_step`` (the restored
-        checkpoint); ``None`` starts a fresh log.
-      tensorboard: write TensorBoard event files to ``workdir/tensorboard`` — ``None``
-        (default) when ``tensorboardX`` is importable, ``False`` never.
-      enabled: False turns every method into a no-op (non-primary processes).
+        logger = JsonlLogger()
+        logger.start(workdir, resume_step=None, config={})
+        logger.log({"kind": "step", "step": 1, "loss": 0.5})
+        logger.close()
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], *, resume_step: int | None = None,
-                 tensorboard: bool | None = None, enabled: bool = True):
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._file = None
+
+    def start(self, workdir: str | os.PathLike[str], *, resume_step: int | None = None,
+              config: Mapping[str, Any] | None = None) -> None:
+        """Opens ``workdir/log.jsonl``, keeping only the records up to ``resume_step``.
+
+        Args:
+          workdir: the run directory (created if missing).
+          resume_step: keep existing records with ``step <= resume_step`` (the restored
+            checkpoint's step); ``None`` starts a fresh log.
+          config: the run's settings (unused: the checkpoints store them).
+        """
+        del config
+        self.close()
         self.path = Path(workdir) / LOG_NAME
-        self.enabled = enabled
-        self._tb = None
-        if not enabled:
-            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [] if resume_step is None else [
             r for r in read_log(self.path) if int(r.get("step", 0)) <= resume_step]
@@ -85,40 +105,24 @@ class RunLogger:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         self._file = self.path.open("a")
-        if tensorboard is not False:
-            self._tb = _tensorboard_writer(Path(workdir) / "tensorboard")
-            if tensorboard and self._tb is None:
-                raise ImportError("tensorboard=True needs the tensorboardX package.")
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Writes one record (flushed, so a killed run keeps its log)."""
-        if not self.enabled:
-            return
-        record = _jsonable(record)
-        self._file.write(json.dumps(record) + "\n")
+        """Appends one record as a JSON line (flushed, so a killed run keeps its log).
+
+        Args:
+          record: a JSON-serialisable mapping (0-d arrays and non-finite floats are
+            converted).
+        """
+        if self._file is None:
+            raise RuntimeError("JsonlLogger.log: call start(workdir) first.")
+        self._file.write(json.dumps(_jsonable(record)) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            step = int(record.get("step", 0))
-            prefix = record.get("kind", "log")
-            for name, value in _flatten(record):
-                if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and name not in ("step", "epoch"):
-                    self._tb.add_scalar(f"{prefix}/{name}", value, step)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _flatten(record: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
-    for k, v in record.items():
-        if isinstance(v, Mapping):
-            yield from _flatten(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
+        """Closes the file (a no-op if it is not open)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def plot_curves(records: Iterable[Mapping[str, Any]] | str | os.PathLike[str],

@@ -37,7 +37,7 @@ import numbers
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,7 +51,8 @@ from tqdm import tqdm
 from lepton_mm.data.batching import ArrayDataset, BatchSource, epoch_permutation
 from lepton_mm.training import sharding as sharding_lib
 from lepton_mm.training.checkpoint import Checkpointer, CheckpointMismatchError, model_fingerprint
-from lepton_mm.training.logging import CURVES_NAME, RunLogger, plot_curves
+from lepton_mm.training.loggers import Logger, _check_loggers, _Loggers
+from lepton_mm.training.logging import CURVES_NAME, LOG_NAME, JsonlLogger, plot_curves
 from lepton_mm.training.optim import OptimizerConfig, count_params, make_optimizer
 
 # ``ArrayDataset`` and ``epoch_permutation`` live in ``lepton_mm.data.batching``; they are
@@ -728,6 +729,7 @@ def fit(
     keep_checkpoints: int = 2,
     mesh: Any = None,
     progress: bool | None = None,
+    loggers: Sequence[Logger | str] | None = (),
     tensorboard: bool | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> FitResult:
@@ -737,6 +739,17 @@ def fit(
     complete checkpoint and ends with exactly the parameters and metrics of an
     uninterrupted run. At the end the model holds the best checkpoint's state (by
     ``monitor`` on ``eval_data``; the last one without ``eval_data``) and is in eval mode.
+
+    Logging: ``workdir/log.jsonl`` always gets one JSON record per optimiser step
+    (``{"kind": "step", "step", "epoch", "loss", "grad_norm", "finite"}``) and one per
+    epoch (``{"kind": "epoch", "step", "epoch", "train_loss", "skipped_steps", "eval",
+    "wall_time"}``), and ``curves.png`` is drawn from it at the end. Each of ``loggers``
+    receives exactly these records: ``"tensorboard"`` (event files in
+    ``workdir/tensorboard``), ``"wandb"`` (an offline Weights & Biases run in
+    ``workdir/wandb``), ``"mlflow"`` (an MLflow run in ``workdir/mlflow.db``), or any
+    ``lepton_mm.training.loggers.Logger``; only the primary process logs. On resume
+    ``log.jsonl`` is cut back to the restored step and the loggers are told that step
+    (TensorBoard purges later events; W&B and MLflow continue the same run).
 
     Args:
       model: an NNX model called as ``model(batch)`` (``MultimodalClassifier``,
@@ -779,7 +792,14 @@ def fit(
       mesh: ``None`` (one device), ``"auto"`` (data parallel over all devices) or a
         ``jax.sharding.Mesh`` with a ``"data"`` axis.
       progress: tqdm progress bar; ``None``: only when stdout is a terminal.
-      tensorboard: TensorBoard event files (``None``: iff ``tensorboardX`` imports).
+      loggers: where the log records go besides ``log.jsonl`` (``None``: nowhere else):
+        ``Logger`` objects (``TensorBoardLogger(...)``, ``WandbLogger(project=...,
+        mode="online")``, ``MlflowLogger(tracking_uri=...)``, your own) or the names
+        ``"tensorboard"``, ``"wandb"``, ``"mlflow"`` for those with default settings
+        (``lepton_mm.training.loggers``).
+      tensorboard: deprecated: ``True`` is ``loggers=["tensorboard"]`` (with a
+        ``DeprecationWarning``); ``None`` and ``False`` write no event files unless
+        ``loggers`` asks for them.
       config: extra JSON-serialisable settings stored with the checkpoints.
 
     Returns:
@@ -791,6 +811,8 @@ def fit(
         modality the model needs, data the model or task cannot take (found by tracing the model
         and loss abstractly on two examples: dtypes, shapes; class labels out of range)
         — all before any compilation. Messages start with the argument's name.
+      ImportError: a logger's package is missing (the message names the extra to
+        install, e.g. ``pip install "lepton_mm[wandb]"``), before any training.
       CheckpointMismatchError: ``workdir`` holds a checkpoint of a different model (or
         of a run with a different task, optimizer, batch size, seed, ...).
       CheckpointCorruptError: the checkpoint to resume from is damaged (named).
@@ -808,6 +830,7 @@ def fit(
         modality_dropout=modality_dropout, nan_policy=nan_policy,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, config=config,
         augment=augment, adversary=adversary)
+    extra_loggers = _check_loggers(loggers, tensorboard=tensorboard)
     batch_size, eval_batch_size = run_config["batch_size"], run_config["eval_batch_size"]
     monitor, mode = run_config["monitor"], run_config["mode"]
     checkpoint_every = run_config["checkpoint_every"]
@@ -817,7 +840,7 @@ def fit(
     sharding_lib.check_batch_size(batch_size, mesh)
     sharding_lib.check_batch_size(eval_batch_size, mesh)
     fingerprint = model_fingerprint(model)
-    primary = jax.process_index() == 0
+    primary = _is_primary()
 
     ckpt = Checkpointer(workdir, max_to_keep=run_config["keep_checkpoints"])
     latest = ckpt.latest_step()
@@ -866,8 +889,12 @@ def fit(
     # compilations by this call (the compiled steps are shared between calls)
     traces_before = (train_step.traces.count,
                      0 if evaluator is None else evaluator.predict.traces.count)
-    logger = RunLogger(workdir, resume_step=step if meta else None,
-                       tensorboard=tensorboard, enabled=primary)
+    logger = _Loggers([JsonlLogger(), *extra_loggers] if primary else [])
+    try:
+        logger.start(workdir, resume_step=step if meta else None, config=run_config)
+    except BaseException:
+        ckpt.close()
+        raise
     steps_per_epoch = train_data.num_batches(batch_size)
     rows = sharding_lib.process_batch_slice(batch_size) if jax.process_count() > 1 else None
     show = sys.stdout.isatty() if progress is None else bool(progress)
@@ -994,7 +1021,7 @@ def fit(
         nnx.update(model, state.params, state.rest)
         model.eval()
     if primary:
-        plot_curves(workdir / "log.jsonl", workdir / CURVES_NAME)
+        plot_curves(workdir / LOG_NAME, workdir / CURVES_NAME)
     return FitResult(
         history=history, best_metrics=best_metrics, best_step=best_step,
         final_params_path=path, step=step, stopped_early=bool(loop["stopped_early"]),
@@ -1003,6 +1030,11 @@ def fit(
             "train_step": train_step.traces.count - traces_before[0],
             "eval_step": (0 if evaluator is None
                           else evaluator.predict.traces.count - traces_before[1])})
+
+
+def _is_primary() -> bool:
+    """Whether this is the process that logs and draws curves (process 0)."""
+    return jax.process_index() == 0
 
 
 def _split_like(full: nnx.State, params_like: nnx.State,
