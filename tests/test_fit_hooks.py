@@ -1,6 +1,10 @@
 """fit(augment=..., adversary=...): hooks inside the compiled train step, seeded by
 (seed, step), checked before compilation, stored for exact resume."""
 
+import functools
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +15,7 @@ from lepton_mm.adversarial import model_loss, pgd
 from lepton_mm.augment import Augmenter, ImageAugment
 from lepton_mm.models import Classification
 from lepton_mm.training import Checkpointer, CheckpointMismatchError, OptimizerConfig, fit
+from lepton_mm.training.loop import _hook_name
 
 OPT = OptimizerConfig(learning_rate=0.02)
 
@@ -89,3 +94,44 @@ def test_bad_hooks_fail_before_compute(tmp_path):
     assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir())
                    for d in "abc")
     jax.clear_caches()
+
+
+def _scaled(batch, key, *, factor):
+    del key
+    return {**batch, "image": factor * batch["image"]}
+
+
+def _my_transform(x, key):
+    del key
+    return x
+
+
+def test_hook_names_see_settings_and_are_stable_across_processes():
+    """What a checkpoint stores to refuse resuming with another hook: a partial's bound
+    settings count; no memory address (a new process names the same hook the same)."""
+    a = _hook_name("augment", functools.partial(_scaled, factor=0.5), 2)
+    assert a != _hook_name("augment", functools.partial(_scaled, factor=0.25), 2)
+    assert "factor=0.5" in a and "0x" not in a
+    wrapped = Augmenter(transforms=(("image", _my_transform),))
+    name = _hook_name("augment", wrapped, 2)
+    assert "_my_transform" in name and "0x" not in name
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_fit_hooks as t; "
+            "from lepton_mm.augment import Augmenter; "
+            "print(t._hook_name('augment', Augmenter(transforms=(('image', "
+            "t._my_transform),)), 2))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+    assert out.stdout.strip() == name
+
+
+def test_hooks_see_valid_and_their_lookup_errors_are_named(tmp_path):
+    seen = []
+
+    def needs_valid(batch, key):
+        seen.append(batch["valid"].shape)  # the train step passes "valid" too
+        return batch
+
+    _fit(tmp_path / "ok", epochs=1, augment=needs_valid)
+    assert len(seen) >= 2 and all(len(s) == 1 for s in seen)  # the check, then the step
+    with pytest.raises(TypeError, match=r"augment: raised KeyError\('depth'\)"):
+        _fit(tmp_path / "bad", augment=lambda b, k: {**b, "image": b["depth"]})

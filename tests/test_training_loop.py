@@ -127,6 +127,36 @@ def test_rerun_of_finished_run_resumes_without_training(trained):
         np.testing.assert_array_equal(a, b)
 
 
+def test_resuming_in_the_same_process_compiles_nothing(tmp_path):
+    """A restored state is placed as a fresh one is, so the resumed run reuses the
+    compiled train and eval steps (XLA backend compilations counted, not traces)."""
+    from jax import monitoring
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        del duration, kwargs
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        def go(epochs):  # a model of its own, so its steps are compiled here first
+            return fit(make_model(fusion_dim=7), Classification(3), make_data(),
+                       workdir=tmp_path, epochs=epochs, batch_size=BATCH,
+                       eval_data=make_data(12, seed=1),
+                       optimizer=OptimizerConfig(learning_rate=0.02))
+
+        go(1)
+        fresh = len(compiles)
+        del compiles[:]
+        resumed = go(2)
+        assert resumed.resumed_from is not None and len(resumed.history) == 2
+        assert fresh > 0 and compiles == []
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+
+
 def test_workdir_of_a_different_model_fails_before_compute(trained):
     workdir, _, _ = trained
     log_before = (workdir / "log.jsonl").read_text()

@@ -35,6 +35,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -574,18 +575,33 @@ def _first_rows(data: BatchSource) -> dict[str, Any]:
 
 
 def _hook_name(name: str, hook: Any, params: int) -> str | None:
-    """The stable name of an ``augment`` / ``adversary`` hook, stored for resuming: its
-    ``repr`` for a dataclass (e.g. ``Augmenter(...)``), else its qualified name."""
+    """The stable name of an ``augment`` / ``adversary`` hook, stored for resuming.
+
+    A dataclass (e.g. ``Augmenter(...)``) is its ``repr`` and a ``functools.partial``
+    its function's name with the bound arguments, so a changed setting is a different
+    hook; a plain function or lambda is its qualified name only (its closure is not
+    seen). Memory addresses (``<function f at 0x...>``) are dropped: the same hook in a
+    new process has the same name.
+    """
     if hook is None:
         return None
     if not callable(hook):
         raise TypeError(f"{name}: expected a callable taking {params} arguments, got "
                         f"{type(hook).__name__}.")
     if dataclasses.is_dataclass(hook):
-        return repr(hook)
-    target = hook.func if isinstance(hook, functools.partial) else hook
-    return getattr(target, "__module__", "?") + "." + getattr(
-        target, "__qualname__", type(target).__qualname__)
+        text = repr(hook)
+    elif isinstance(hook, functools.partial):
+        words = [_qualified_name(hook.func), *map(repr, hook.args),
+                 *(f"{k}={v!r}" for k, v in sorted(hook.keywords.items()))]
+        text = f"partial({', '.join(words)})"
+    else:
+        text = _qualified_name(hook)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+
+
+def _qualified_name(fn: Any) -> str:
+    return getattr(fn, "__module__", "?") + "." + getattr(
+        fn, "__qualname__", type(fn).__qualname__)
 
 
 def _check_hook_output(name: str, before: Any, after: Any) -> None:
@@ -607,12 +623,32 @@ def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
     if augment is None and adversary is None:
         return
     key = jax.eval_shape(lambda: jax.random.key(0))  # abstract: compiles nothing
+    # As the train step calls them: with the batch's "valid" rows.
+    sample = {**sample, "valid": np.ones(len(jax.tree.leaves(sample)[0]), bool)}
     if augment is not None:
-        _check_hook_output("augment", sample, jax.eval_shape(augment, sample, key))
+        _check_hook_output("augment", sample, _traced_hook("augment", lambda: jax.eval_shape(
+            augment, sample, key)))
     if adversary is not None:
         graphdef, state = nnx.split(model)
-        _check_hook_output("adversary", sample, jax.eval_shape(
-            lambda s, b, k: adversary(nnx.merge(graphdef, s), b, k), state, sample, key))
+        _check_hook_output("adversary", sample, _traced_hook("adversary", lambda: (
+            jax.eval_shape(lambda s, b, k: adversary(nnx.merge(graphdef, s), b, k), state,
+                           sample, key))))
+
+
+def _state_placement(mesh: Any) -> Any:
+    """Where the train state lives: replicated over ``mesh``, else the default device."""
+    if mesh is not None:
+        return sharding_lib.replicated(mesh)
+    return jax.config.jax_default_device or jax.devices()[0]
+
+
+def _traced_hook(name: str, trace: Callable[[], Any]) -> Any:
+    """``trace()``; a lookup error inside a user's hook comes out named after it."""
+    try:
+        return trace()
+    except (KeyError, IndexError, AttributeError) as error:
+        raise TypeError(f"{name}: raised {type(error).__name__}({error}) on a sample batch "
+                        "(the train data's first rows, with 'valid').") from error
 
 
 def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_name,
@@ -878,9 +914,10 @@ def fit(
         loop.update(meta["loop"])
         step = int(meta["step"])
         ckpt.set_best(loop["best_step"])
-    # The steps donate the state: copy it so the caller's arrays stay valid.
-    state = jax.device_put(state, None if mesh is None else sharding_lib.replicated(mesh),
-                           may_alias=False)
+    # The steps donate the state: copy it so the caller's arrays stay valid. Placed
+    # explicitly (committed) on a fresh start as after a restore, so a resumed run
+    # reuses the compiled steps instead of compiling them again for the other placement.
+    state = jax.device_put(state, _state_placement(mesh), may_alias=False)
 
     train_step = make_train_step(graphdef, tx, task, modality_dropout=modality_dropout,
                                  seed=seed, mesh=mesh, augment=augment, adversary=adversary)
@@ -920,8 +957,7 @@ def fit(
     # ``_SYNC_EVERY`` steps, before each checkpoint and at each epoch end. With
     # nan_policy "raise" the device-side ``alive`` flag freezes the state at the first
     # non-finite step, so the error is raised with exactly the state of a per-step check.
-    alive = jax.device_put(jnp.asarray(True), None if mesh is None
-                           else sharding_lib.replicated(mesh))
+    alive = jax.device_put(jnp.asarray(True), _state_placement(mesh))
     pending: list[tuple[int, int, int, Any]] = []
 
     def drain() -> None:
