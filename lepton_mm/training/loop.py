@@ -55,6 +55,7 @@ from lepton_mm.training.checkpoint import Checkpointer, CheckpointMismatchError,
 from lepton_mm.training.loggers import Logger, _check_loggers, _Loggers
 from lepton_mm.training.logging import CURVES_NAME, LOG_NAME, JsonlLogger, plot_curves
 from lepton_mm.training.optim import OptimizerConfig, count_params, make_optimizer
+from lepton_mm.types import RESERVED_KEYS
 
 # ``ArrayDataset`` and ``epoch_permutation`` live in ``lepton_mm.data.batching``; they are
 # imported here so that ``lepton_mm.training.loop.ArrayDataset`` keeps working.
@@ -71,7 +72,8 @@ _NAN_POLICIES = ("raise", "skip")
 _SYNC_EVERY = 50
 # Config fields that must match to resume a run (others, e.g. epochs, may change).
 _RESUME_KEYS = ("task", "optimizer", "batch_size", "seed", "modality_dropout",
-                "num_train_examples", "nan_policy", "augment", "adversary")
+                "num_train_examples", "nan_policy", "augment", "adversary",
+                "compute_dtype")
 
 
 def seed_rngs(seed: int) -> nnx.Rngs:
@@ -126,6 +128,7 @@ class _TraceCount:
             return fn(*args)
 
         call.traces = self
+        call.lower = fn.lower  # e.g. ``step.lower(*args).as_text()``: the program
         return call
 
 
@@ -152,7 +155,8 @@ def _call_model(model: Any, batch: Mapping[str, Any], rate: float, key: Array | 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, *,
                     modality_dropout: float = 0.0, seed: int = 0,
                     mesh: Any = None, augment: Callable[..., Any] | None = None,
-                    adversary: Callable[..., Any] | None = None) -> Any:
+                    adversary: Callable[..., Any] | None = None,
+                    compute_dtype: Any = None) -> Any:
     """The compiled train step ``(state, batch, step[, alive]) -> (state, stats)``.
 
     ``stats`` holds float32 ``loss`` and ``grad_norm``, bool ``finite`` and ``alive``
@@ -181,12 +185,19 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
       adversary: ``(model, batch, key) -> batch`` applied after ``augment`` with the
         model at the step's current parameters (e.g. PGD from
         ``lepton_mm.adversarial``: adversarial training); key as above with ``1``.
+      compute_dtype: ``None`` (float32 throughout) or ``jnp.bfloat16``: mixed precision.
+        The forward and backward pass run on bfloat16 copies of the float parameters
+        and float inputs; batch statistics stay float32, and so does what a layer
+        computes from them (normalisation, as in AMP's float32 op lists); the outputs
+        are cast to float32 for the loss; the gradients arrive in float32 and update
+        the float32 parameters (master weights). bfloat16 has float32's exponent range,
+        so no loss scaling is needed.
 
     Returns:
       The jitted step function; its ``traces.count`` counts the compilations.
     """
     compiled = _cached_train_step(graphdef, tx, task, float(modality_dropout), mesh,
-                                  augment, adversary)
+                                  augment, adversary, _dtype_name(compute_dtype))
     # As raw key data: a typed key cannot be put on a multi-process mesh.
     root = jax.random.key(seed)
     md_key = jax.random.key_data(jax.random.fold_in(root, _MODALITY_DROPOUT_TAG))
@@ -201,14 +212,18 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
                         aug_key)
 
     with_alive.traces = compiled.traces
+    # The program for given arguments, e.g. ``step.lower(state, batch, 0).as_text()``.
+    with_alive.lower = lambda state, batch, step, alive=None: compiled.lower(
+        state, batch, step, alive_true if alive is None else alive, md_key, aug_key)
     return with_alive
 
 
 def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
                    modality_dropout: float, mesh: Any, augment: Any = None,
-                   adversary: Any = None) -> Any:
+                   adversary: Any = None, compute_dtype: str | None = None) -> Any:
     """The jitted ``(state, batch, step, alive, md_key_data, aug_key_data) -> (state,
     stats)``."""
+    low = None if compute_dtype is None else jnp.dtype(compute_dtype)
 
     def step_fn(state: TrainState, batch: Mapping[str, Any], step: Array, alive: Array,
                 md_key_data: Array, aug_key_data: Array):
@@ -223,11 +238,20 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
             batch = jax.lax.stop_gradient(attacked)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state.rest)
-            outputs = _call_model(model, batch, modality_dropout, key)
+            if low is None:
+                model = nnx.merge(graphdef, params, state.rest)
+                outputs = _call_model(model, batch, modality_dropout, key)
+            else:  # mixed precision: low-precision copies in, float32 out
+                model = nnx.merge(graphdef, _cast_floats(params, low), state.rest)
+                outputs = _cast_floats(_call_model(model, _cast_inputs(batch, low),
+                                                   modality_dropout, key), jnp.float32)
             loss = task.loss(outputs, batch, batch["valid"])
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
-            return loss, nnx.as_pure(new_rest)
+            new_rest = nnx.as_pure(new_rest)
+            if low is not None:  # stored at the state's own precision
+                new_rest = jax.tree.map(lambda n, o: n.astype(o.dtype), new_rest,
+                                        state.rest)
+            return loss, new_rest
 
         (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -248,6 +272,39 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
     return traced.wrap(jax.jit(step_fn, donate_argnums=0,
                                in_shardings=(rep, data, rep, rep, rep, rep),
                                out_shardings=(rep, rep)))
+
+
+def _dtype_name(compute_dtype: Any) -> str | None:
+    """``compute_dtype`` checked: None (float32) or ``"bfloat16"``."""
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except TypeError:
+        raise TypeError(f"compute_dtype: expected None or jnp.bfloat16, got "
+                        f"{compute_dtype!r}.") from None
+    if dtype == jnp.float32:
+        return None
+    if dtype == jnp.float16:
+        raise ValueError("compute_dtype: float16 needs loss scaling, which fit does not "
+                         "do; use jnp.bfloat16 (float32's exponent range: no scaling).")
+    if dtype != jnp.bfloat16:
+        raise ValueError(f"compute_dtype: expected None (float32) or jnp.bfloat16, got "
+                         f"{dtype}.")
+    return "bfloat16"
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    """Every floating-point array of ``tree`` as ``dtype``; other leaves unchanged."""
+    return jax.tree.map(lambda x: x.astype(dtype) if hasattr(x, "dtype") and jnp.issubdtype(
+        x.dtype, jnp.floating) else x, tree)
+
+
+def _cast_inputs(batch: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+    """The batch with its modalities' float inputs as ``dtype`` (labels, ``valid`` and
+    ``present`` as they are)."""
+    return {k: v if k in RESERVED_KEYS else _cast_floats(v, dtype)
+            for k, v in batch.items()}
 
 
 def make_eval_step(graphdef: Any, *, mesh: Any = None) -> Any:
@@ -654,7 +711,8 @@ def _traced_hook(name: str, trace: Callable[[], Any]) -> Any:
 def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_name,
                     epochs, batch_size, eval_batch_size, seed, early_stopping_patience,
                     monitor, mode, modality_dropout, nan_policy, checkpoint_every,
-                    keep_checkpoints, config, augment=None, adversary=None):
+                    keep_checkpoints, config, augment=None, adversary=None,
+                    compute_dtype=None):
     """Validates ``fit``'s arguments (no computation); returns the data, the optax
     transformation and the run config (normalised arguments, JSON-serialisable)."""
     if not isinstance(model, nnx.Module):
@@ -725,7 +783,7 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
         "seed": _check_int("seed", seed, minimum=0),
         "epochs": _check_int("epochs", epochs, minimum=1),
         "modality_dropout": float(modality_dropout), "nan_policy": nan_policy,
-        **hooks,
+        **hooks, "compute_dtype": _dtype_name(compute_dtype),
         "early_stopping_patience": early_stopping_patience, "monitor": monitor,
         "mode": mode, "checkpoint_every": checkpoint_every,
         "keep_checkpoints": _check_int("keep_checkpoints", keep_checkpoints, minimum=1),
@@ -761,6 +819,7 @@ def fit(
     adversary: Callable[[nnx.Module, Mapping[str, Any], Array], Mapping[str, Any]] | None
     = None,
     nan_policy: str = "raise",
+    compute_dtype: Any = None,
     checkpoint_every: int | None = None,
     keep_checkpoints: int = 2,
     mesh: Any = None,
@@ -823,6 +882,13 @@ def fit(
       nan_policy: ``"raise"``: stop at a non-finite loss or gradient with
         ``FloatingPointError`` naming the step and the last good checkpoint;
         ``"skip"``: skip that update and go on (counted in ``skipped_steps``).
+      compute_dtype: ``None`` (float32) or ``jnp.bfloat16``: mixed-precision training.
+        The train step runs the model on bfloat16 copies of the parameters and float
+        inputs (batch statistics and normalisation stay float32) and updates float32
+        master weights (see ``make_train_step``); evaluation and the returned model
+        stay float32. Worth it
+        where bfloat16 matmuls are fast (GPU, TPU; on CPU only with AMX, and XLA:CPU
+        reaches those kernels for few ops: see docs/performance.md).
       checkpoint_every: also checkpoint every this many steps (always at epoch ends).
       keep_checkpoints: how many latest checkpoints to keep (plus the best).
       mesh: ``None`` (one device), ``"auto"`` (data parallel over all devices) or a
@@ -865,7 +931,7 @@ def fit(
         early_stopping_patience=early_stopping_patience, monitor=monitor, mode=mode,
         modality_dropout=modality_dropout, nan_policy=nan_policy,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, config=config,
-        augment=augment, adversary=adversary)
+        augment=augment, adversary=adversary, compute_dtype=compute_dtype)
     extra_loggers = _check_loggers(loggers, tensorboard=tensorboard)
     batch_size, eval_batch_size = run_config["batch_size"], run_config["eval_batch_size"]
     monitor, mode = run_config["monitor"], run_config["mode"]
@@ -920,7 +986,8 @@ def fit(
     state = jax.device_put(state, _state_placement(mesh), may_alias=False)
 
     train_step = make_train_step(graphdef, tx, task, modality_dropout=modality_dropout,
-                                 seed=seed, mesh=mesh, augment=augment, adversary=adversary)
+                                 seed=seed, mesh=mesh, augment=augment, adversary=adversary,
+                                 compute_dtype=run_config["compute_dtype"])
     evaluator = None if eval_data is None else _Evaluator(
         graphdef_eval, task, eval_data, eval_batch_size, mesh)
     # compilations by this call (the compiled steps are shared between calls)
