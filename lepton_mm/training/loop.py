@@ -73,7 +73,7 @@ _SYNC_EVERY = 50
 # Config fields that must match to resume a run (others, e.g. epochs, may change).
 _RESUME_KEYS = ("task", "optimizer", "batch_size", "seed", "modality_dropout",
                 "num_train_examples", "nan_policy", "augment", "adversary",
-                "compute_dtype")
+                "compute_dtype", "strategy")
 
 
 def seed_rngs(seed: int) -> nnx.Rngs:
@@ -156,7 +156,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
                     modality_dropout: float = 0.0, seed: int = 0,
                     mesh: Any = None, augment: Callable[..., Any] | None = None,
                     adversary: Callable[..., Any] | None = None,
-                    compute_dtype: Any = None) -> Any:
+                    compute_dtype: Any = None, strategy: Any = None) -> Any:
     """The compiled train step ``(state, batch, step[, alive]) -> (state, stats)``.
 
     ``stats`` holds float32 ``loss`` and ``grad_norm``, bool ``finite`` and ``alive``
@@ -192,12 +192,16 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
         are cast to float32 for the loss; the gradients arrive in float32 and update
         the float32 parameters (master weights). bfloat16 has float32's exponent range,
         so no loss scaling is needed.
+      strategy: an object with ``modulate(model, batch, grads, key, step) -> (grads,
+        metrics)`` (e.g. ``lepton_mm.balance.OGMGE``) applied to the gradient before the
+        optimiser, with the model at the step's parameters; its key is as above with
+        ``2``; ``stats["strategy"]`` holds its metrics (float32 scalars).
 
     Returns:
       The jitted step function; its ``traces.count`` counts the compilations.
     """
     compiled = _cached_train_step(graphdef, tx, task, float(modality_dropout), mesh,
-                                  augment, adversary, _dtype_name(compute_dtype))
+                                  augment, adversary, _dtype_name(compute_dtype), strategy)
     # As raw key data: a typed key cannot be put on a multi-process mesh.
     root = jax.random.key(seed)
     md_key = jax.random.key_data(jax.random.fold_in(root, _MODALITY_DROPOUT_TAG))
@@ -220,7 +224,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
 
 def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
                    modality_dropout: float, mesh: Any, augment: Any = None,
-                   adversary: Any = None, compute_dtype: str | None = None) -> Any:
+                   adversary: Any = None, compute_dtype: str | None = None,
+                   strategy: Any = None) -> Any:
     """The jitted ``(state, batch, step, alive, md_key_data, aug_key_data) -> (state,
     stats)``."""
     low = None if compute_dtype is None else jnp.dtype(compute_dtype)
@@ -254,6 +259,11 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
             return loss, new_rest
 
         (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        extra = {}
+        if strategy is not None:  # e.g. gradient modulation (lepton_mm.balance)
+            grads, extra = strategy.modulate(
+                nnx.merge(graphdef, state.params, state.rest), batch, grads,
+                jax.random.fold_in(aug_key, 2), step)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -263,7 +273,9 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
         new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_state, state)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                            "alive": apply,
-                           "num_valid": jnp.sum(batch["valid"], dtype=jnp.int32)}
+                           "num_valid": jnp.sum(batch["valid"], dtype=jnp.int32),
+                           "strategy": {k: jnp.asarray(v, jnp.float32)
+                                        for k, v in extra.items()}}
 
     traced = _TraceCount()
     if mesh is None:
@@ -656,6 +668,22 @@ def _hook_name(name: str, hook: Any, params: int) -> str | None:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
+def _strategy_name(strategy: Any) -> str | None:
+    """A training strategy's stored name (its ``repr``), after checking its interface."""
+    if strategy is None:
+        return None
+    if not callable(getattr(strategy, "modulate", None)):
+        raise TypeError(f"strategy: expected an object with a modulate(model, batch, grads, "
+                        f"key, step) method (e.g. lepton_mm.balance.OGMGE), got "
+                        f"{type(strategy).__name__}.")
+    try:
+        hash(strategy)
+    except TypeError:
+        raise TypeError(f"strategy: expected a hashable strategy (a frozen dataclass), got "
+                        f"{type(strategy).__name__}.") from None
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(strategy))
+
+
 def _qualified_name(fn: Any) -> str:
     return getattr(fn, "__module__", "?") + "." + getattr(
         fn, "__qualname__", type(fn).__qualname__)
@@ -675,9 +703,9 @@ def _check_hook_output(name: str, before: Any, after: Any) -> None:
 
 
 def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
-                 adversary: Any) -> None:
+                 adversary: Any, strategy: Any = None) -> None:
     """Traces the hooks abstractly on a sample batch: errors before any compilation."""
-    if augment is None and adversary is None:
+    if augment is None and adversary is None and strategy is None:
         return
     key = jax.eval_shape(lambda: jax.random.key(0))  # abstract: compiles nothing
     # As the train step calls them: with the batch's "valid" rows.
@@ -690,6 +718,24 @@ def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
         _check_hook_output("adversary", sample, _traced_hook("adversary", lambda: (
             jax.eval_shape(lambda s, b, k: adversary(nnx.merge(graphdef, s), b, k), state,
                            sample, key))))
+    if strategy is not None:
+        if hasattr(strategy, "check"):
+            strategy.check(model)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+        grads, metrics = _traced_hook("strategy", lambda: jax.eval_shape(
+            lambda p, r, b, k: strategy.modulate(nnx.merge(graphdef, p, r), b, p, k,
+                                                 jnp.int32(0)), params, rest, sample, key))
+        if jax.tree.structure(grads) != jax.tree.structure(params) or any(
+                g.shape != p.shape or g.dtype != p.dtype
+                for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params),
+                                strict=True)):
+            raise TypeError("strategy: modulate must return gradients shaped like the "
+                            "model's parameters.")
+        if not isinstance(metrics, Mapping) or any(
+                not isinstance(k, str) or getattr(v, "shape", None) != () for k, v in
+                metrics.items()):
+            raise TypeError("strategy: modulate must return (grads, {name: scalar}).")
 
 
 def _state_placement(mesh: Any) -> Any:
@@ -712,7 +758,7 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
                     epochs, batch_size, eval_batch_size, seed, early_stopping_patience,
                     monitor, mode, modality_dropout, nan_policy, checkpoint_every,
                     keep_checkpoints, config, augment=None, adversary=None,
-                    compute_dtype=None):
+                    compute_dtype=None, strategy=None):
     """Validates ``fit``'s arguments (no computation); returns the data, the optax
     transformation and the run config (normalised arguments, JSON-serialisable)."""
     if not isinstance(model, nnx.Module):
@@ -751,7 +797,8 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
         raise ValueError(f"modality_dropout: {type(model).__name__} does not take a "
                          "modality_dropout argument (MultimodalClassifier does).")
     hooks = {"augment": _hook_name("augment", augment, 2),
-             "adversary": _hook_name("adversary", adversary, 3)}
+             "adversary": _hook_name("adversary", adversary, 3),
+             "strategy": _strategy_name(strategy)}
     traced, train_sample = set(), None
     for name, data in (("train_data", train_data), ("eval_data", eval_data)):
         if data is not None:
@@ -774,7 +821,7 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
                     train_sample = sample
             except (ValueError, TypeError) as e:
                 raise type(e)(f"{name}: {e}") from None
-    _check_hooks(model, train_sample, augment, adversary)
+    _check_hooks(model, train_sample, augment, adversary, strategy)
     run_config = {
         "task": _task_config(task), "optimizer": optimizer_setting,
         "batch_size": batch_size,
@@ -820,6 +867,7 @@ def fit(
     = None,
     nan_policy: str = "raise",
     compute_dtype: Any = None,
+    strategy: Any = None,
     checkpoint_every: int | None = None,
     keep_checkpoints: int = 2,
     mesh: Any = None,
@@ -882,6 +930,10 @@ def fit(
       nan_policy: ``"raise"``: stop at a non-finite loss or gradient with
         ``FloatingPointError`` naming the step and the last good checkpoint;
         ``"skip"``: skip that update and go on (counted in ``skipped_steps``).
+      strategy: a training strategy applied to each step's gradient, e.g.
+        ``lepton_mm.balance.OGMGE(alpha=0.5)`` (balanced multimodal learning); its
+        per-step metrics go into the step records of ``log.jsonl``. Part of the run: a
+        resume with another strategy is refused.
       compute_dtype: ``None`` (float32) or ``jnp.bfloat16``: mixed-precision training.
         The train step runs the model on bfloat16 copies of the parameters and float
         inputs (batch statistics and normalisation stay float32) and updates float32
@@ -931,7 +983,8 @@ def fit(
         early_stopping_patience=early_stopping_patience, monitor=monitor, mode=mode,
         modality_dropout=modality_dropout, nan_policy=nan_policy,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, config=config,
-        augment=augment, adversary=adversary, compute_dtype=compute_dtype)
+        augment=augment, adversary=adversary, compute_dtype=compute_dtype,
+        strategy=strategy)
     extra_loggers = _check_loggers(loggers, tensorboard=tensorboard)
     batch_size, eval_batch_size = run_config["batch_size"], run_config["eval_batch_size"]
     monitor, mode = run_config["monitor"], run_config["mode"]
@@ -987,7 +1040,8 @@ def fit(
 
     train_step = make_train_step(graphdef, tx, task, modality_dropout=modality_dropout,
                                  seed=seed, mesh=mesh, augment=augment, adversary=adversary,
-                                 compute_dtype=run_config["compute_dtype"])
+                                 compute_dtype=run_config["compute_dtype"],
+                                 strategy=strategy)
     evaluator = None if eval_data is None else _Evaluator(
         graphdef_eval, task, eval_data, eval_batch_size, mesh)
     # compilations by this call (the compiled steps are shared between calls)
@@ -1046,7 +1100,8 @@ def fit(
                 loop["loss_count"] += n_valid
             logger.log({"kind": "step", "step": at, "epoch": ep + 1, "loss": loss,
                         "grad_norm": float(stats["grad_norm"]),
-                        "finite": bool(stats["finite"])})
+                        "finite": bool(stats["finite"]),
+                        **{k: float(v) for k, v in stats["strategy"].items()}})
             bar.set_postfix(epoch=ep + 1, loss=f"{loss:.4f}", refresh=False)
 
     start_time = time.perf_counter()

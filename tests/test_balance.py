@@ -1,0 +1,153 @@
+"""lepton_mm.balance: OGM-GE's scores and coefficients against hand-computed values, the
+gradient modulation, and fit(strategy=...)."""
+
+import doctest
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_training_loop import BATCH, make_data, make_model
+
+from lepton_mm import balance
+from lepton_mm.balance import OGMGE, label_scores, ogm_ge_coefficients
+from lepton_mm.data import ArrayDataset
+from lepton_mm.models import Classification
+from lepton_mm.training import CheckpointMismatchError, OptimizerConfig, fit, read_log
+
+
+def test_docstring_examples_run():
+    results = doctest.testmod(balance, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert results.attempted > 0 and results.failed == 0
+
+
+def test_coefficients_match_the_papers_equations_by_hand():
+    scores = {"a": np.array([0.9, 0.6, 0.2, 0.99]), "v": np.array([0.3, 0.2, 0.1, 0.0])}
+    valid = np.array([True, True, True, False])  # the last row is padding
+    k, rho = ogm_ge_coefficients(scores, alpha=0.3, valid=valid)
+    rho_a = (0.9 + 0.6 + 0.2) / (0.3 + 0.2 + 0.1)  # Eq. 9 over valid rows
+    assert float(rho["a"]) == pytest.approx(rho_a, rel=1e-6)
+    assert float(rho["v"]) == pytest.approx(1 / rho_a, rel=1e-6)
+    assert float(k["a"]) == pytest.approx(1 - math.tanh(0.3 * rho_a), rel=1e-6)  # Eq. 10
+    assert float(k["v"]) == 1.0  # not dominant: unchanged
+    # Three modalities: the denominator is the mean of the others' sums.
+    k3, rho3 = ogm_ge_coefficients({"a": np.array([0.8]), "b": np.array([0.4]),
+                                    "c": np.array([0.2])}, alpha=1.0)
+    assert float(rho3["a"]) == pytest.approx(0.8 / 0.3, rel=1e-6)
+    assert float(k3["a"]) == pytest.approx(1 - math.tanh(0.8 / 0.3), abs=1e-7)  # float32
+    assert float(rho3["b"]) == pytest.approx(0.4 / 0.5, rel=1e-6)
+    assert float(k3["b"]) == float(k3["c"]) == 1.0
+    with pytest.raises(ValueError, match="alpha: expected a finite number > 0"):
+        ogm_ge_coefficients(scores, alpha=0.0)
+    with pytest.raises(ValueError, match="scores: expected two or more"):
+        ogm_ge_coefficients({"a": scores["a"]}, alpha=1.0)
+
+
+def _batch(n=BATCH):
+    return next(iter(ArrayDataset(make_data()).batches(n, seed=0, epoch=0)))
+
+
+def test_label_scores_are_the_unimodal_models_confidence_in_the_label():
+    model, batch = make_model(0), _batch()
+    model.eval()
+    scores = label_scores(model, batch, ["audio", "image"])
+    n = len(batch["label"])
+    for u, other in (("audio", "image"), ("image", "audio")):
+        own = batch["present"].get(u, np.ones(n, bool))
+        alone = {**batch, "present": {u: np.asarray(own), other: np.zeros(n, bool)}}
+        probs = jax.nn.softmax(model(alone), axis=-1)
+        expected = np.where(own, np.asarray(probs)[np.arange(n), batch["label"]], 0.0)
+        np.testing.assert_allclose(scores[u], expected, rtol=1e-6, atol=1e-7)
+    assert not batch["present"]["audio"].all()  # some rows lack audio: they score 0
+    assert np.all(np.asarray(scores["audio"])[~batch["present"]["audio"]] == 0)
+
+
+def _grads(model):
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    return jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, params)
+
+
+def test_modulation_scales_only_the_dominant_encoder_and_adds_matched_noise():
+    model, batch = make_model(0), _batch()
+    grads = _grads(model)
+    key = jax.random.key(3)
+    plain = OGMGE(alpha=0.5, noise=False)
+    out, metrics = plain.modulate(model, batch, grads, key, jnp.int32(0))
+    k = {u: float(metrics[f"ogm/coeff_{u}"]) for u in ("audio", "image")}
+    rho = {u: float(metrics[f"ogm/ratio_{u}"]) for u in ("audio", "image")}
+    assert rho["audio"] == pytest.approx(1 / rho["image"], rel=1e-5)
+    dominant = max(rho, key=rho.get)
+    assert k[dominant] == pytest.approx(1 - math.tanh(0.5 * rho[dominant]), rel=1e-5)
+    assert k[min(rho, key=rho.get)] == 1.0
+    for (path, g), (_, g0) in zip(jax.tree_util.tree_flatten_with_path(out)[0],
+                                  jax.tree_util.tree_flatten_with_path(grads)[0], strict=True):
+        names = [p.key for p in path]
+        factor = k[names[1]] if names[0] == "encoders" else 1.0  # fusion, head: untouched
+        np.testing.assert_allclose(g, factor * np.asarray(g0), rtol=1e-6)
+    # Outside [start_step, end_step): the gradient passes unchanged.
+    late = OGMGE(alpha=0.5, noise=False, end_step=10)
+    same, m = late.modulate(model, batch, grads, key, jnp.int32(10))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(same),
+                                                    jax.tree.leaves(grads), strict=True))
+    assert float(m[f"ogm/coeff_{dominant}"]) == 1.0
+    # GE: noise with the gradient array's std, the same for the same key.
+    varied = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape),
+                          nnx.as_pure(nnx.state(model, nnx.Param)))
+    # (each call on a copy: in train mode the model's dropout stream advances per call)
+    noisy, _ = OGMGE(alpha=0.5).modulate(nnx.clone(model), batch, varied, key, jnp.int32(0))
+    again, _ = OGMGE(alpha=0.5).modulate(nnx.clone(model), batch, varied, key, jnp.int32(0))
+    scaled, _ = plain.modulate(nnx.clone(model), batch, varied, key, jnp.int32(0))
+    for a, b in zip(jax.tree.leaves(noisy), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    kernel = [(p, a, c, g) for (p, a), c, g in zip(
+        jax.tree_util.tree_flatten_with_path(noisy)[0], jax.tree.leaves(scaled),
+        jax.tree.leaves(varied), strict=True) if p[0].key == "encoders" and a.size >= 30]
+    assert kernel
+    for _, a, c, g in kernel:
+        noise = np.asarray(a) - np.asarray(c)
+        assert noise.std() == pytest.approx(float(np.std(g)), rel=0.4)
+
+
+def _fit(workdir, strategy, epochs=2):
+    model = make_model(0)
+    result = fit(model, Classification(3), make_data(), workdir=workdir, epochs=epochs,
+                 batch_size=BATCH, optimizer=OptimizerConfig(learning_rate=0.02), seed=0,
+                 strategy=strategy)
+    return model, result
+
+
+def test_fit_with_ogm_ge_logs_the_modulation_and_resumes_only_as_itself(tmp_path):
+    strategy = OGMGE(alpha=0.5)
+    _fit(tmp_path / "ogm", strategy)
+    steps = [r for r in read_log(tmp_path / "ogm" / "log.jsonl") if r["kind"] == "step"]
+    assert steps and all({"ogm/ratio_audio", "ogm/ratio_image", "ogm/coeff_audio",
+                          "ogm/coeff_image"} <= set(r) for r in steps)
+    assert all(0 < r["ogm/coeff_audio"] <= 1 and 0 < r["ogm/coeff_image"] <= 1
+               for r in steps)
+    assert any(min(r["ogm/coeff_audio"], r["ogm/coeff_image"]) < 1 for r in steps)
+    with pytest.raises(CheckpointMismatchError, match="strategy"):
+        _fit(tmp_path / "ogm", OGMGE(alpha=0.25), epochs=3)
+    _, resumed = _fit(tmp_path / "ogm", OGMGE(alpha=0.5), epochs=3)
+    assert resumed.resumed_from is not None
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: OGMGE(alpha=-1.0), ValueError, r"alpha: expected a finite number > 0"),
+    (lambda: OGMGE(alpha=1.0, modalities=("audio",)), ValueError, r"modalities: .*two"),
+    (lambda: OGMGE(alpha=1.0, modalities="audio"), TypeError, r"modalities: expected a tuple"),
+    (lambda: OGMGE(alpha=1.0, start_step=5, end_step=5), ValueError, r"end_step: "),
+    (lambda: OGMGE(alpha=1.0, start_step=-1), ValueError, r"start_step: "),
+])
+def test_bad_settings(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bad_strategies_fail_before_training(tmp_path):
+    with pytest.raises(TypeError, match="strategy: expected an object with a modulate"):
+        _fit(tmp_path / "a", "ogm")
+    with pytest.raises(ValueError, match=r"strategy: OGMGE modalities \['text'\]"):
+        _fit(tmp_path / "b", OGMGE(alpha=1.0, modalities=("audio", "text")))
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "ab")
