@@ -5,24 +5,28 @@ weights, and (in later modules) the classic fusion zoo, alignment losses and Opt
 training loops. Subpackages are imported on first use, so ``import lepton_mm`` is cheap.
 
 Public API at a glance:
-  lepton_mm.EncoderOutput        tokens [batch, time, dim], mask [batch, time], pooled
-  lepton_mm.masked_mean          masked mean over time
-  lepton_mm.features             log_mel_spectrogram, mel_filterbank, frame_mask
-  lepton_mm.encoders             ImageCNN, TextTransformer, AudioSpectrogramCNN
-  lepton_mm.pretrained           load_text_transformer, SentenceEncoder
-  lepton_mm.data                 load_mnist, load_fsdd, load_mustard, load_image, load_audio
-  lepton_mm.fusion               FUSIONS, build, modality_dropout and the fusion layers
-  lepton_mm.alignment            clip_loss, sigmoid_loss, cca_loss, ProjectionHead, ...
-  lepton_mm.models               MultimodalClassifier, TwoTower, tasks
-  lepton_mm.metrics              accuracy, F1, MAE, Pearson, MOSI Acc-2/7, recall@k (pure)
-  lepton_mm.robustness           mark_absent, add_gaussian_noise, ConditionEvaluator,
-                                 MultiBench's relative and effective robustness
-  lepton_mm.augment              seeded, mask-aware augmentation: image shifts, cutout,
-                                 SpecAugment, token masking, mixup, Augmenter
-  lepton_mm.training             fit, OptimizerConfig, checkpoints, sharding
-  lepton_mm.export               save / load a model as serialised StableHLO
-  lepton_mm.experiment           the run ledger: committed JSON records, stale detection,
-                                 shards, seed statistics
+  - ``lepton_mm.EncoderOutput``: tokens ``[batch, time, dim]``, mask ``[batch, time]``,
+    pooled ``[batch, dim]``.
+  - ``lepton_mm.masked_mean``: masked mean over time.
+  - ``lepton_mm.features``: ``log_mel_spectrogram``, ``mel_filterbank``, ``frame_mask``.
+  - ``lepton_mm.encoders``: ``ImageCNN``, ``TextTransformer``, ``AudioSpectrogramCNN``.
+  - ``lepton_mm.pretrained``: ``load_text_transformer``, ``SentenceEncoder``.
+  - ``lepton_mm.data``: ``load_mnist``, ``load_fsdd``, ``load_mustard``, ``load_image``,
+    ``load_audio``.
+  - ``lepton_mm.fusion``: ``FUSIONS``, ``build``, ``modality_dropout`` and the fusion
+    layers.
+  - ``lepton_mm.alignment``: ``clip_loss``, ``sigmoid_loss``, ``cca_loss``,
+    ``ProjectionHead``, ...
+  - ``lepton_mm.models``: ``MultimodalClassifier``, ``TwoTower``, tasks.
+  - ``lepton_mm.metrics``: accuracy, F1, MAE, Pearson, MOSI Acc-2/7, recall@k (pure).
+  - ``lepton_mm.robustness``: ``mark_absent``, ``add_gaussian_noise``,
+    ``ConditionEvaluator``, MultiBench's relative and effective robustness.
+  - ``lepton_mm.augment``: seeded, mask-aware augmentation: image shifts, cutout,
+    SpecAugment, token masking, mixup, ``Augmenter``.
+  - ``lepton_mm.training``: ``fit``, ``OptimizerConfig``, checkpoints, sharding.
+  - ``lepton_mm.export``: save / load a model as serialised StableHLO.
+  - ``lepton_mm.experiment``: the run ledger: committed JSON records, stale detection,
+    shards, seed statistics.
 """
 
 from __future__ import annotations

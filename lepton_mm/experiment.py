@@ -1,12 +1,12 @@
 """The run ledger: one small committed JSON record per finished experiment run.
 
-Each run is identified by a :class:`RunKey` and stored at
+Each run is identified by a ``RunKey`` and stored at
 ``<root>/<experiment>/<method>/seed<k>.json`` (``seed<k>-data<d>.json`` when the data seed
 is not 0). A record holds the run's metrics together with everything needed to judge
-whether it is still valid: the config and its :func:`config_hash`, the ``numerics``
+whether it is still valid: the config and its ``config_hash``, the ``numerics``
 label (e.g. ``"float32"``), the machine, package versions and git commit. A record is
 *current* when its config hash and numerics equal what the experiment expects now, and
-*stale* otherwise; :meth:`Ledger.todo` lists the runs to (re)do and :func:`collect`
+*stale* otherwise; ``Ledger.todo`` lists the runs to (re)do and ``collect``
 gathers the current ones for a results table.
 
 Writes are atomic (temp file in the same directory, ``fsync``, ``os.replace``), so an
@@ -80,7 +80,7 @@ __all__ = [
     "write_text",
 ]
 
-#: The keys every record holds (:func:`write_record` and :func:`read_record` check them).
+#: The keys every record holds (``write_record`` and ``read_record`` check them).
 REQUIRED_KEYS = (
     "experiment", "method", "seed", "data_seed", "command", "config", "config_hash",
     "numerics", "metrics", "robustness", "params", "seconds_per_epoch", "peak_rss_mb",
@@ -138,7 +138,7 @@ class RunKey:
           record: a mapping with ``experiment``, ``method``, ``seed`` and ``data_seed``.
 
         Returns:
-          The :class:`RunKey`.
+          The ``RunKey``.
         """
         missing = [k for k in ("experiment", "method", "seed", "data_seed") if k not in record]
         if missing:
@@ -349,7 +349,7 @@ def git_commit(root: str | os.PathLike[str] = ".", *,
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (since :func:`reset_peak_rss`), in MiB.
+    """The process's peak resident memory so far (since ``reset_peak_rss``), in MiB.
 
     Returns:
       ``ru_maxrss`` in MiB (Linux reports KiB, macOS bytes).
@@ -362,7 +362,7 @@ def reset_peak_rss() -> bool:
     """Resets the peak RSS (Linux: ``5`` to ``/proc/self/clear_refs``).
 
     Returns:
-      True on success; False where unsupported (then :func:`peak_rss_mb` is the peak
+      True on success; False where unsupported (then ``peak_rss_mb`` is the peak
       over the whole process).
     """
     try:
@@ -417,16 +417,16 @@ def make_record(
       params: the number of trainable parameters.
       seconds_per_epoch: mean wall time of a training epoch, or None (not trained here).
       peak_rss_mb: the run's peak resident memory in MiB.
-      machine: defaults to :func:`machine_info` (pass ``machine_info(device_kind=...)``
+      machine: defaults to ``machine_info`` (pass ``machine_info(device_kind=...)``
         on accelerators).
-      versions: defaults to :func:`versions`.
-      git_commit: defaults (``...``) to :func:`git_commit` of the working directory; None
+      versions: defaults to ``versions``.
+      git_commit: defaults (``...``) to ``git_commit`` of the working directory; None
         records "unknown".
-      extra: more top-level keys; they must not clash with :data:`REQUIRED_KEYS` or
+      extra: more top-level keys; they must not clash with ``REQUIRED_KEYS`` or
         ``"created"``.
 
     Returns:
-      The record: a JSON-ready dict with :data:`REQUIRED_KEYS`, ``"created"`` (ISO-8601
+      The record: a JSON-ready dict with ``REQUIRED_KEYS``, ``"created"`` (ISO-8601
       UTC) and the ``extra`` keys.
 
     Raises:
@@ -538,7 +538,7 @@ def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
       path: the file to write; parent directories are created.
 
     Returns:
-      ``path`` as a :class:`~pathlib.Path`.
+      ``path`` as a ``pathlib.Path``.
     """
     return _atomic_write(_dumps(obj).encode("utf-8"), path)
 
@@ -551,7 +551,7 @@ def write_text(text: str, path: str | os.PathLike[str]) -> Path:
       path: the file to write; parent directories are created.
 
     Returns:
-      ``path`` as a :class:`~pathlib.Path`.
+      ``path`` as a ``pathlib.Path``.
     """
     return _atomic_write(text.encode("utf-8"), path)
 
@@ -563,14 +563,14 @@ def write_record(record: Mapping[str, Any], root: str | os.PathLike[str]) -> Pat
     newline), so re-writing an unchanged record leaves git clean.
 
     Args:
-      record: a record from :func:`make_record`.
+      record: a record from ``make_record``.
       root: the results directory.
 
     Returns:
       The record's path, ``RunKey.from_record(record).record_path(root)``.
 
     Raises:
-      ValueError: the record lacks :data:`REQUIRED_KEYS` (all are listed), its key is
+      ValueError: the record lacks ``REQUIRED_KEYS`` (all are listed), its key is
         invalid, its ``config_hash`` does not match its ``config``, or it holds NaN.
     """
     _check_required(record, "write_record")
@@ -593,7 +593,7 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
       FileNotFoundError: ``path`` does not exist.
       ValueError: ``path`` (named in the message) is not valid JSON, not an object, or
-        lacks :data:`REQUIRED_KEYS`.
+        lacks ``REQUIRED_KEYS``.
     """
     text = Path(path).read_text(encoding="utf-8")
     try:
@@ -694,7 +694,7 @@ class Ledger:
         return record
 
     def status(self, key: RunKey, *, config_hash: str, numerics: str) -> str:
-        """:func:`record_status` of ``key``'s record.
+        """``record_status`` of ``key``'s record.
 
         Args:
           key: a run of this experiment.
@@ -742,10 +742,10 @@ class Ledger:
                                numerics=numerics) != "current"]
 
     def write(self, record: Mapping[str, Any]) -> Path:
-        """Atomically writes a record of this experiment (see :func:`write_record`).
+        """Atomically writes a record of this experiment (see ``write_record``).
 
         Args:
-          record: a record from :func:`make_record`.
+          record: a record from ``make_record``.
 
         Returns:
           The record's path.
@@ -818,7 +818,7 @@ def format_mean_std(stats: Mapping[str, Any] | None, *, percent: bool = True,
     """``"81.9 ± 0.4"`` for a results table.
 
     Args:
-      stats: from :func:`seed_stats`, or None.
+      stats: from ``seed_stats``, or None.
       percent: multiply by 100.
       digits: decimals.
 
@@ -837,7 +837,7 @@ def format_mean_std(stats: Mapping[str, Any] | None, *, percent: bool = True,
 
 @dataclasses.dataclass(frozen=True)
 class LedgerReport:
-    """What :func:`collect` found.
+    """What ``collect`` found.
 
     Attributes:
       current: method -> its current records, sorted by (data_seed, seed); every
@@ -879,7 +879,7 @@ def collect(ledger: Ledger, expected: Sequence[RunKey], *,
       extra_methods: methods to collect without an expected config.
 
     Returns:
-      A :class:`LedgerReport`.
+      A ``LedgerReport``.
 
     Raises:
       ValueError: ``expected`` repeats a key or holds another experiment's key, or a

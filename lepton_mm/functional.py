@@ -153,7 +153,7 @@ class NNXLinen(linen.Module):
     ``mutable=["batch_stats"]``). ``init`` runs in eval mode unless ``train=True``.
 
     Attributes:
-      factory: builds the NNX module from ``rngs=`` (see :func:`to_linen`).
+      factory: builds the NNX module from ``rngs=`` (see ``to_linen``).
       method: the NNX module's method to call.
     """
 
@@ -165,7 +165,8 @@ class NNXLinen(linen.Module):
         """Runs the NNX module's ``method`` in train or eval mode.
 
         Args:
-          *args, **kwargs: the NNX method's arguments.
+          *args: the NNX method's positional arguments.
+          **kwargs: the NNX method's keyword arguments.
           train: train mode (dropout from the ``"dropout"`` rng, batch statistics).
 
         Returns:
@@ -220,12 +221,13 @@ def _fill_rng(leaf: Any) -> Any:
 
 def to_linen(factory: Callable[..., nnx.Module], *args: Any, method: str = "__call__",
              **kwargs: Any) -> NNXLinen:
-    """``factory(*args, **kwargs, rngs=...)`` as a Linen module (:class:`NNXLinen`).
+    """``factory(*args, **kwargs, rngs=...)`` as a Linen module (``NNXLinen``).
 
     Args:
       factory: a module class or builder taking ``rngs=``, e.g. ``CrossAttentionFusion``
         or ``lepton_mm.fusion.build``.
-      *args, **kwargs: its other arguments.
+      *args: its other positional arguments.
+      **kwargs: its other keyword arguments.
       method: the method the Linen module calls.
 
     Returns:

@@ -1,8 +1,8 @@
 """One harness for ledgered experiments: train the runs the ledger lacks, report the rest.
 
-An experiment script subclasses :class:`Experiment` with what is its own (the config,
+An experiment script subclasses ``Experiment`` with what is its own (the config,
 the data, how one run trains, how the records read as tables) and gets the rest from
-here: the run keys and the to-do list from the ledger (:mod:`lepton_mm.experiment`),
+here: the run keys and the to-do list from the ledger (``lepton_mm.experiment``),
 sharding, a checkpoint workdir per run that a changed config never resumes, records
 with the command that reproduces them, the report (``results.json``, ``results.md``,
 figures) and its copy into a docs page, and the shared command line (``--seeds``,
@@ -17,7 +17,7 @@ figures) and its copy into a docs page, and the shared command line (``--seeds``
 
     sys.exit(run_main(MyExperiment(config), args))
 
-Nothing here imports JAX at module level; :meth:`Experiment.run` imports it to record
+Nothing here imports JAX at module level; ``Experiment.run`` imports it to record
 the device kind.
 """
 
@@ -145,8 +145,8 @@ class Experiment(abc.ABC):
     """One experiment over a config: its runs, their records, its report.
 
     A subclass sets ``name`` (the ledger's experiment) and ``script`` (its path from the
-    repository root) and implements :meth:`methods`, :meth:`train`, :meth:`summarize`
-    and :meth:`tables`; it may override the others. The config is a frozen dataclass
+    repository root) and implements ``methods``, ``train``, ``summarize``
+    and ``tables``; it may override the others. The config is a frozen dataclass
     with at least ``seeds``, ``workdir``, ``results`` and ``quick`` fields (and
     ``data_seed``, ``progress`` when it has them).
 
@@ -158,11 +158,11 @@ class Experiment(abc.ABC):
       extra_methods: rows the experiment does not train (a peer library's), reported
         when their records carry the current numerics.
       not_recorded: config fields no run's result depends on (never hashed).
-      flags: ``(config field, command-line flag)`` pairs, for :meth:`command` (written
+      flags: ``(config field, command-line flag)`` pairs, for ``command`` (written
         for fields whose value differs from the default config's).
-      method_fields: config fields :meth:`method_args` writes on the command line
+      method_fields: config fields ``method_args`` writes on the command line
         (e.g. a rate that is part of the method's name).
-      figures: file names of the figures :meth:`plot` writes (copied by ``--docs``).
+      figures: file names of the figures ``plot`` writes (copied by ``--docs``).
     """
 
     name: ClassVar[str]
@@ -306,8 +306,8 @@ class Experiment(abc.ABC):
                                 numerics=self.numerics)
 
     def run(self, *, shard: str | None = None, force: bool = False) -> dict[str, Any]:
-        """Trains the runs of :meth:`todo`, writing each record as soon as its run ends
-        (stopping loses at most the run in progress); returns :meth:`report` to the
+        """Trains the runs of ``todo``, writing each record as soon as its run ends
+        (stopping loses at most the run in progress); returns ``report`` to the
         workdir.
 
         A forced run trains from scratch (its workdir is removed first). The records
@@ -346,11 +346,11 @@ class Experiment(abc.ABC):
         """Reads the ledger (trains nothing); writes ``results.json``, ``results.md`` and
         the figures to ``out``; returns the ``results.json`` content.
 
-        ``results.json``: ``methods`` (:meth:`summarize` of the current records, the
+        ``results.json``: ``methods`` (``summarize`` of the current records, the
         ``extra_methods`` included), ``complete`` (every expected run has a current
         record), ``expected_runs``, ``current_runs``, ``missing`` and ``stale`` (run
         labels; a stale record, made with another config or numerics, is never in a
-        table), ``numerics`` and :meth:`report_fields`. The same records give
+        table), ``numerics`` and ``report_fields``. The same records give
         byte-identical files.
         """
         out = Path(out)
@@ -382,7 +382,7 @@ class Experiment(abc.ABC):
         return (f"<!-- {self.name}-report:begin -->", f"<!-- {self.name}-report:end -->")
 
     def docs_block(self, report_dir: str | Path) -> str:
-        """What :func:`update_docs` puts in the page: the markers around ``results.md``."""
+        """What ``update_docs`` puts in the page: the markers around ``results.md``."""
         begin, end = self.docs_markers()
         return f"{begin}\n{(Path(report_dir) / 'results.md').read_text()}{end}"
 
@@ -393,7 +393,7 @@ def update_docs(experiment: Experiment, report_dir: str | Path, doc: str | Path)
 
     Args:
       experiment: whose markers and figures.
-      report_dir: a folder :meth:`Experiment.report` wrote.
+      report_dir: a folder ``Experiment.report`` wrote.
       doc: the markdown page holding the markers.
 
     Raises:
@@ -486,7 +486,7 @@ def add_flags(parser: argparse.ArgumentParser, experiment: type[Experiment],
 
     Args:
       parser: the script's parser.
-      experiment: the :class:`Experiment` subclass whose ``flags`` to add.
+      experiment: the ``Experiment`` subclass whose ``flags`` to add.
       config_cls: its config dataclass.
     """
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
@@ -519,11 +519,11 @@ def add_flags(parser: argparse.ArgumentParser, experiment: type[Experiment],
 
 
 def flag_overrides(args: argparse.Namespace, experiment: type[Experiment]) -> dict[str, Any]:
-    """The config fields given on the command line through :func:`add_flags`.
+    """The config fields given on the command line through ``add_flags``.
 
     Args:
       args: the parsed arguments.
-      experiment: the :class:`Experiment` subclass whose ``flags`` were added.
+      experiment: the ``Experiment`` subclass whose ``flags`` were added.
 
     Returns:
       ``{field: value}`` for every flag that was given.

@@ -551,7 +551,8 @@ def plot_sweep(sweep: Mapping[str, Mapping[str, Any]], path: Any, *, xlabel: str
     Args:
       sweep: method -> ``{"levels", "mean", "std"}`` (``summarize_sweeps``' entries).
       path: the PNG to write.
-      xlabel, title: the axis label and title.
+      xlabel: the x-axis label.
+      title: the plot's title.
       invert_x: draw the levels decreasing (e.g. SNR: noisier to the right).
       mark: ``(level, label)`` of a dotted vertical line (e.g. the training SNR).
       group: method -> ``(base, variant)``: a variant is dashed in its base's colour.

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lepton_mm.fusion.modality_dropout import modality_dropout
+from lepton_mm.fusion import modality_dropout
 from lepton_mm.types import EncoderOutput
 
 

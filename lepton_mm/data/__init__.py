@@ -1,13 +1,13 @@
 """Data: the bundled data sets, readers for your own files, and batch sources for ``fit``.
 
-  BatchSource                     the protocol: ``len``, ``num_batches``, ``batches``
-  ArrayDataset, BucketedDataset   in-memory sources (one shape; length buckets)
-  epoch_permutation               an epoch's shuffled order, from (seed, epoch) only
-  ManifestDataset                 your own files listed in a CSV / JSONL manifest, read
-                                  through grain; ManifestRowError names a bad row
-  LogMelFeatures                  per-example audio front end: waveform -> log-mel, mask
-  export_avmnist_files            AV-MNIST written as PNG + WAV files and a manifest;
-  avmnist_file_features           the feature functions that read them back
+- ``BatchSource``: the protocol: ``len``, ``num_batches``, ``batches``.
+- ``ArrayDataset``, ``BucketedDataset``: in-memory sources (one shape; length buckets).
+- ``epoch_permutation``: an epoch's shuffled order, from (seed, epoch) only.
+- ``ManifestDataset``: your own files listed in a CSV / JSONL manifest, read through
+  grain; ``ManifestRowError`` names a bad row.
+- ``LogMelFeatures``: per-example audio front end: waveform -> log-mel, mask.
+- ``export_avmnist_files``: AV-MNIST written as PNG + WAV files and a manifest;
+  ``avmnist_file_features``: the feature functions that read them back.
 
 Numpy only (plus JAX for AV-MNIST's on-the-fly audio features): nothing here imports
 Flax, and nothing downloads.

@@ -610,7 +610,9 @@ def avmnist_arrays(*, data_seed: int = 0, snr_db: float = SNR_DB,
     ~8 s per full epoch, every epoch.
 
     Args:
-      data_seed, snr_db, data_dir: as for ``load_avmnist``.
+      data_seed: as for ``load_avmnist``.
+      snr_db: as for ``load_avmnist``.
+      data_dir: as for ``load_avmnist``.
       sizes: per split name, keep its first this many examples (None or absent: all).
       normalize_audio: standardise every split's log-mels with the training split's
         ``log_mel_statistics`` (returned as ``"audio_stats"``).

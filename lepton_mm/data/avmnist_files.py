@@ -90,7 +90,9 @@ def export_avmnist_files(out_dir: str | os.PathLike[str], *, split: str = "train
       split: ``"train"``, ``"val"`` or ``"test"``.
       index: which examples of the split (anything ``AVMNISTSplit.subset`` takes, e.g.
         ``np.arange(200)`` or ``slice(0, 200)``); None: all of them.
-      data_seed, snr_db, data_dir: as for ``load_avmnist``.
+      data_seed: as for ``load_avmnist``.
+      snr_db: as for ``load_avmnist``.
+      data_dir: as for ``load_avmnist``.
       manifest_format: ``"csv"`` or ``"jsonl"``.
 
     Returns:

@@ -360,7 +360,9 @@ class BucketedDataset(ArrayDataset):
         """The epoch's batches as example indices, one bucket per batch.
 
         Args:
-          batch_size, seed, epoch: as for ``ArrayDataset.batch_indices``.
+          batch_size: as for ``ArrayDataset.batch_indices``.
+          seed: as for ``ArrayDataset.batch_indices``.
+          epoch: as for ``ArrayDataset.batch_indices``.
           shuffle: shuffle within buckets and the order of the batches; False keeps
             buckets in increasing length, examples in dataset order.
 

@@ -11,11 +11,11 @@ from lepton_mm.fusion.base import FUSIONS, FusionLayer, build, register
 from lepton_mm.fusion.bottleneck import BottleneckFusion
 from lepton_mm.fusion.concat import ConcatFusion
 from lepton_mm.fusion.cross_attention import CrossAttentionFusion
+from lepton_mm.fusion.dropout import modality_dropout
 from lepton_mm.fusion.early_transformer import EarlyTransformerFusion
 from lepton_mm.fusion.film import FiLMFusion
 from lepton_mm.fusion.gated import GatedFusion
 from lepton_mm.fusion.late import LateFusion
-from lepton_mm.fusion.modality_dropout import modality_dropout
 from lepton_mm.fusion.multiplicative import MultiplicativeFusion
 from lepton_mm.fusion.tensor import LowRankFusion, TensorFusion
 

@@ -132,7 +132,10 @@ class FusionLayer(nnx.Module):
           The outputs as a tuple in ``self.modalities`` order.
 
         Raises:
-          ValueError / TypeError naming the modality and the expected shape.
+          ValueError: a missing or unexpected modality, or tokens / mask / pooled of the
+            wrong shape (the message names the modality and the expected shape).
+          TypeError: ``inputs`` is not a mapping, a value is not an ``EncoderOutput``, or
+            an array has the wrong dtype.
         """
         if not isinstance(inputs, Mapping):
             raise TypeError(

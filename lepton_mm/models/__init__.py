@@ -1,13 +1,13 @@
 """Models (compositions of encoders, fusion layers and heads) and training tasks.
 
-  MultimodalClassifier, build_classifier    encoders by modality → fusion → head
-  encode_modalities, apply_presence         the classifier's encoding half, for code
-                                            that runs encoders and fusion separately
-  PooledFusion                              the unimodal pass-through "fusion"
-  TwoTower, TwoTowerOutput                  dual encoder for contrastive alignment
-  PromptMatcher, PromptTable                classifier over frozen text-prompt embeddings
-  Classification, Binary, MultiLabel,       objectives: loss(outputs, batch, valid)
-  Regression, Contrastive                   and metrics(outputs, batch, valid)
+- ``MultimodalClassifier``, ``build_classifier``: encoders by modality → fusion → head.
+- ``encode_modalities``, ``apply_presence``: the classifier's encoding half, for code
+  that runs encoders and fusion separately.
+- ``PooledFusion``: the unimodal pass-through "fusion".
+- ``TwoTower``, ``TwoTowerOutput``: dual encoder for contrastive alignment.
+- ``PromptMatcher``, ``PromptTable``: classifier over frozen text-prompt embeddings.
+- ``Classification``, ``Binary``, ``MultiLabel``, ``Regression``, ``Contrastive``:
+  objectives: ``loss(outputs, batch, valid)`` and ``metrics(outputs, batch, valid)``.
 
 The batch format (every model, task and ``lepton_mm.training.fit`` share it)::
 

@@ -34,11 +34,9 @@ class PromptTable(nnx.Variable):
     """Frozen prompt embeddings: an ``nnx.Variable`` that is not an ``nnx.Param``.
 
     Optimisers over ``nnx.Param`` (``fit``, ``nnx.Optimizer(..., wrt=nnx.Param)``) never
-    change it; it is saved in checkpoints with the rest of the model state.
-
-    Args:
-      value: float32 ``[templates, classes, text_dim]`` prompt embeddings.
-      **metadata: ``nnx.Variable`` metadata.
+    change it; it is saved in checkpoints with the rest of the model state. Build it as
+    any ``nnx.Variable``: ``PromptTable(value, **metadata)``, with ``value`` the float32
+    ``[templates, classes, text_dim]`` prompt embeddings.
     """
 
 

@@ -1,18 +1,20 @@
 """Training: optimisers, metrics, the ``fit`` loop, checkpoints, sharding and logs.
 
-  OptimizerConfig, make_optimizer,          optax optimisers from a frozen config
-  learning_rate_schedule, count_params, ...
-  accuracy, precision_recall_f1, mae, ...   metrics: pure functions with a ``valid`` mask
-  fit, FitResult, evaluate, predict         the training loop (exact resume, early stop)
-                                            over any ``lepton_mm.data.BatchSource``
-  seed_rngs                                 model init from one seed
-  ArrayDataset, epoch_permutation           re-exported from ``lepton_mm.data`` (where
-                                            the batch sources live) for older imports
-  Checkpointer, load_model, ...             Orbax checkpoints
-  make_mesh, initialize_distributed, ...    data parallelism, multi-host start-up
-  JsonlLogger, read_log, plot_curves        ``log.jsonl`` and ``curves.png``
-  Logger, TensorBoardLogger, WandbLogger,   where ``fit(loggers=...)`` sends the same
-  MlflowLogger, LOGGERS, scalar_metrics     records (optional extras)
+- ``OptimizerConfig``, ``make_optimizer``, ``learning_rate_schedule``, ``count_params``,
+  ...: optax optimisers from a frozen config.
+- ``accuracy``, ``precision_recall_f1``, ``mae``, ...: metrics: pure functions with a
+  ``valid`` mask.
+- ``fit``, ``FitResult``, ``evaluate``, ``predict``: the training loop (exact resume,
+  early stop) over any ``lepton_mm.data.BatchSource``.
+- ``seed_rngs``: model init from one seed.
+- ``ArrayDataset``, ``epoch_permutation``: re-exported from ``lepton_mm.data`` (where the
+  batch sources live) for older imports.
+- ``Checkpointer``, ``load_model``, ...: Orbax checkpoints.
+- ``make_mesh``, ``initialize_distributed``, ...: data parallelism, multi-host start-up.
+- ``JsonlLogger``, ``read_log``, ``plot_curves``: ``log.jsonl`` and ``curves.png``.
+- ``Logger``, ``TensorBoardLogger``, ``WandbLogger``, ``MlflowLogger``, ``LOGGERS``,
+  ``scalar_metrics``: where ``fit(loggers=...)`` sends the same records (optional
+  extras).
 """
 
 from lepton_mm.metrics import (
