@@ -924,9 +924,11 @@ def fit(
         the key follows from ``seed`` and the step, so resuming stays exact. Its
         ``repr`` (dataclass) or qualified name is stored and must match to resume.
       adversary: ``(model, batch, key) -> batch`` applied after ``augment`` to the model
-        at the current parameters: adversarial training, e.g. ``lambda m, b, k:
-        lepton_mm.adversarial.pgd(model_loss(m), b, eps=..., steps=..., key=k)``. The
-        attacked batch is a constant for the gradient.
+        at the current parameters: adversarial training, e.g. ``functools.partial(
+        attack, eps=0.1)`` with ``def attack(m, b, k, *, eps): return
+        lepton_mm.adversarial.pgd(model_loss(m, task=task), b, eps=eps, steps=...,
+        key=k)`` (``task``: the task trained on; a partial's settings are stored, a
+        lambda's are not). The attacked batch is a constant for the gradient.
       nan_policy: ``"raise"``: stop at a non-finite loss or gradient with
         ``FloatingPointError`` naming the step and the last good checkpoint;
         ``"skip"``: skip that update and go on (counted in ``skipped_steps``).
