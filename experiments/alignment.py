@@ -439,6 +439,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AlignmentConfig, argparse
     harness.add_flags(parser, Alignment, AlignmentConfig)
     args = parser.parse_args(argv)
     overrides = {**harness.base_overrides(parser, args, "alignment"),
+                 **harness.config_file(parser, args, AlignmentConfig),
                  **harness.flag_overrides(args, Alignment)}
     if args.parts is not None:
         overrides["parts"] = tuple(p for p in args.parts.split(",") if p)

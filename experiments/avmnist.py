@@ -501,13 +501,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[AVMNISTConfig, argparse.N
                              "fusion names (default: all; --quick: a representative five)")
     harness.add_arguments(parser, quick="smoke check: subset, 1 seed, 5 methods")
     harness.add_flags(parser, AVMNIST, AVMNISTConfig)
-    parser.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
+    parser.add_argument("--modality-dropout", type=float, default=None, metavar="P",
                         help="also train every fusion method with modality dropout at "
                              "rate P, as <method>+mdrop")
     args = parser.parse_args(argv)
     overrides = {**harness.base_overrides(parser, args, "avmnist"),
-                 **harness.flag_overrides(args, AVMNIST),
-                 "modality_dropout": args.modality_dropout}
+                 **harness.config_file(parser, args, AVMNISTConfig),
+                 **harness.flag_overrides(args, AVMNIST)}
+    if args.modality_dropout is not None:
+        overrides["modality_dropout"] = args.modality_dropout
     if args.fusion is not None:
         overrides["methods"] = tuple(m for m in args.fusion.split(",") if m)
     return (quick_config if args.quick else AVMNISTConfig)(**overrides), args

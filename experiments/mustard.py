@@ -485,6 +485,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MUStARDConfig, argparse.N
     harness.add_flags(parser, MUStARD, MUStARDConfig)
     args = parser.parse_args(argv)
     overrides = {**harness.base_overrides(parser, args, "mustard"),
+                 **harness.config_file(parser, args, MUStARDConfig),
                  **harness.flag_overrides(args, MUStARD)}
     if args.methods is not None:
         overrides["methods"] = tuple(m for m in args.methods.split(",") if m)

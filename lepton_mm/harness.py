@@ -43,6 +43,7 @@ __all__ = [
     "add_arguments",
     "add_flags",
     "base_overrides",
+    "config_file",
     "enable_compilation_cache",
     "fit_facts",
     "flag_overrides",
@@ -426,6 +427,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, quick: str) -> None:
     ``--seeds``/``--seed``, ``--workdir``, ``--results``, ``--quick``, ``--progress``,
     ``--shard``, ``--force``, ``--report``, ``--out`` and ``--docs``.
     """
+    parser.add_argument("--config", default=None, metavar="TOML",
+                        help="settings from a TOML file of config fields (e.g. "
+                             "experiments/configs/*.toml); flags given too override it")
     parser.add_argument("--seeds", type=parse_ints, default=None, help="e.g. 0,1,2")
     parser.add_argument("--seed", type=int, default=None, help="a single seed")
     parser.add_argument("--workdir", default=None, help="checkpoints (not committed)")
@@ -492,9 +496,7 @@ def add_flags(parser: argparse.ArgumentParser, experiment: type[Experiment],
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     descriptions = _field_help(config_cls)
     for field, flag in experiment.flags:
-        kind_of = fields[field].type  # a string under ``from __future__ import annotations``
-        annotation = kind_of if isinstance(kind_of, str) else getattr(
-            kind_of, "__name__", None) if isinstance(kind_of, type) else str(kind_of)
+        annotation = _annotation_text(fields[field].type)
         default = fields[field].default
         if fields[field].default_factory is not dataclasses.MISSING:
             default = fields[field].default_factory()
@@ -565,6 +567,73 @@ def base_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace,
     out["results"] = args.results or (str(Path(out["workdir"]) / "results")
                                       if args.quick else "results")
     return out
+
+
+def config_file(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                config_cls: type) -> dict[str, Any]:
+    """The config fields set in ``--config FILE`` (TOML), minus those given as flags.
+
+    Keys are the config dataclass's field names; lists become tuples; each value must
+    have its field's type (an int is a float where a float is expected). A missing or
+    malformed file, an unknown key or a wrong type ends the program through
+    ``parser.error`` (one line naming the file and the key, exit status 2).
+
+    Args:
+      parser: the script's parser.
+      args: its parsed arguments (``args.config`` the file, or None).
+      config_cls: the experiment's config dataclass.
+
+    Returns:
+      ``{field: value}``: apply before the flags' overrides (flags win).
+    """
+    if not args.config:
+        return {}
+    import tomllib
+
+    path = Path(args.config)
+    try:
+        settings = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        parser.error(f"--config {path}: cannot read it as TOML ({e})")
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    out = {}
+    for key, value in settings.items():
+        if key not in fields:
+            parser.error(f"--config {path}: unknown setting {key!r}; known: "
+                         f"{', '.join(sorted(fields))}")
+        try:
+            out[key] = _typed(value, _annotation_text(fields[key].type))
+        except TypeError as e:
+            parser.error(f"--config {path}: {key} = {value!r}: {e}")
+    given = {"seeds": args.seeds is not None or args.seed is not None,
+             "workdir": args.workdir is not None, "results": args.results is not None,
+             "progress": args.progress is not None}
+    return {k: v for k, v in out.items() if not given.get(k, False)}
+
+
+def _annotation_text(kind: Any) -> str:
+    """A dataclass field's type as text: ``"float"``, ``"tuple[int, ...]"``, ... (it
+    already is a string under ``from __future__ import annotations``)."""
+    if isinstance(kind, str):
+        return kind
+    return kind.__name__ if isinstance(kind, type) else str(kind)
+
+
+def _typed(value: Any, annotation: str) -> Any:
+    """A TOML value as the config field's type (from its annotation text)."""
+    for kind in (part.strip() for part in annotation.split("|")):  # TOML has no null
+        if kind.startswith("tuple[") and isinstance(value, list):
+            item = kind[len("tuple["):].split(",")[0].strip()
+            return tuple(_typed(v, item) for v in value)
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "str" and isinstance(value, str):
+            return value
+    raise TypeError(f"expected {annotation}")
 
 
 def enable_compilation_cache(path: str | Path) -> None:

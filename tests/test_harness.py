@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import types
 
 import pytest
@@ -305,3 +306,56 @@ def test_fit_facts_and_all_finite():
     assert harness.fit_facts(restored, 1.0)["seconds_per_epoch"] is None
     assert harness.parse_ints("0, 1,,2") == (0, 1, 2)
     assert harness.parse_floats("-15,2.5") == (-15.0, 2.5)
+
+
+def _config_parser():
+    parser = argparse.ArgumentParser(prog="toy.py")
+    harness.add_arguments(parser, quick="q")
+    harness.add_flags(parser, Toy, ToyConfig)
+    return parser
+
+
+def _from_file(tmp_path, text, argv=()):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    parser = _config_parser()
+    args = parser.parse_args(["--config", str(path), *argv])
+    return {**harness.base_overrides(parser, args, "toy"),
+            **harness.config_file(parser, args, ToyConfig),
+            **harness.flag_overrides(args, Toy)}
+
+
+def test_config_files_set_typed_fields_and_flags_override_them(tmp_path):
+    got = _from_file(tmp_path, 'rate = 1\nlevels = [0.5, 2]\ntags = ["p"]\nseeds = [3, 4]\n'
+                               'noisy = false\nworkdir = "w"\n')
+    assert got == {"seeds": (3, 4), "workdir": "w", "results": "results", "rate": 1.0,
+                   "levels": (0.5, 2.0), "tags": ("p",), "noisy": False}
+    assert isinstance(got["rate"], float)
+    got = _from_file(tmp_path, 'rate = 1\nseeds = [3]\nworkdir = "w"\n',
+                     ["--rate", "0.25", "--seed", "7", "--workdir", "x"])
+    assert (got["rate"], got["seeds"], got["workdir"]) == (0.25, (7,), "x")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("speed = 1\n", r"--config .*c.toml: unknown setting 'speed'; known: .*rate"),
+    ('rate = "fast"\n', r"rate = 'fast': expected float"),
+    ("levels = 1.0\n", r"levels = 1.0: expected tuple\[float, ...\]"),
+    ("noisy = 1\n", r"noisy = 1: expected bool"),
+    ("rate = \n", r"cannot read it as TOML"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, match):
+    with pytest.raises(SystemExit) as exit_info:
+        _from_file(tmp_path, text)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(match, err), err
+
+
+def test_the_shipped_table_configs_are_the_scripts_defaults(load_script):
+    """`--config experiments/configs/<name>_table.toml` reproduces the published tables'
+    runs: the same config (so the same hashes, records and commands) as the defaults."""
+    for name, cls in (("avmnist", "AVMNISTConfig"), ("mustard", "MUStARDConfig"),
+                      ("alignment", "AlignmentConfig")):
+        script = load_script(name)
+        config, _ = script.parse_args(["--config", f"experiments/configs/{name}_table.toml"])
+        assert config == getattr(script, cls)(), name
