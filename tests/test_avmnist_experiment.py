@@ -112,6 +112,7 @@ def _check_summary(results, methods, sweeps):
         assert results["concat"][sweep]["effective_robustness"]["mean"] == pytest.approx(0)
 
 
+@pytest.mark.slow
 def test_runs_become_records_and_the_report_reads_them(avmnist, load_script, tmp_path):
     """Records are written per run, a re-run trains nothing, the report is
     byte-identical, a changed protocol makes records stale, shards partition."""
@@ -184,6 +185,7 @@ def test_runs_become_records_and_the_report_reads_them(avmnist, load_script, tmp
                   key=keys.index) == keys
 
 
+@pytest.mark.slow
 def test_modality_dropout_trains_a_separate_run(avmnist, tmp_path):
     config = avmnist.quick_config(
         methods=("concat",), num_train=64, num_val=32, num_test=32, epochs=1,

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("concat", "low_rank", "cross_attention")
 TRAIN_PAIRS = (*(f"train_step_{m}" for m in MODELS), *(f"train_step_{m}_b40" for m in MODELS))
@@ -25,6 +27,7 @@ def _positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_the_expected_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(

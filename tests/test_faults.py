@@ -214,6 +214,7 @@ def _log_records(workdir):
     return records
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_and_during_writes_then_resume_exactly(
         tmp_path, reliability_report):
     (tmp_path / "train.py").write_text(SCRIPT)

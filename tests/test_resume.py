@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = textwrap.dedent('''
     import json, sys, time
@@ -135,6 +136,7 @@ def _log_records(workdir):
     return records
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)

@@ -158,6 +158,7 @@ def test_data_parallel_on_eight_cpu_devices_equals_one_device(tmp_path):
         assert result["fit_metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_match_one_process(tmp_path):
     multi, single = tmp_path / "multi.py", tmp_path / "single.py"
     multi.write_text(MULTI_PROCESS)
