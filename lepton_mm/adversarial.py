@@ -518,7 +518,8 @@ def pgd(loss_fn: LossFn | nnx.Module, batch: Mapping[str, Any], *,
 
     Args:
       loss_fn: ``loss_fn(batch) -> scalar`` to maximise, or a model (then
-        ``model_loss(model)``).
+        ``model_loss(model)``). A plain function is compiled once per function object:
+        reuse one object across calls (a new lambda per call compiles again).
       batch: a batch dict, as for ``fgsm``.
       eps: the radius (>= 0), or a dict modality -> radius.
       steps: number of gradient steps (>= 1).

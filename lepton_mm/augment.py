@@ -762,7 +762,8 @@ def mix_labels(labels: Array, mix: Mixup, *, num_classes: int | None = None) -> 
       float32 ``[batch, classes]``, rows summing to 1 when the targets' rows do.
 
     Raises:
-      TypeError: ``labels`` is neither int ``[batch]`` nor float ``[batch, classes]``.
+      TypeError: ``labels`` is neither int ``[batch]`` nor float ``[batch, classes]``,
+        or ``num_classes`` is not an int.
       ValueError: shapes disagree with ``mix``, or ``num_classes`` is missing.
     """
     if not isinstance(mix, Mixup):
@@ -774,8 +775,10 @@ def mix_labels(labels: Array, mix: Mixup, *, num_classes: int | None = None) -> 
         check_array("labels", labels, "batch", dims=dims)
         if num_classes is None:
             raise ValueError("num_classes: required to one-hot encode int labels.")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
-                or num_classes <= 0:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            raise TypeError(f"num_classes: expected a positive int, got "
+                            f"{type(num_classes).__name__}.")
+        if num_classes <= 0:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}.")
         targets = jax.nn.one_hot(labels, int(num_classes), dtype=jnp.float32)
     else:
