@@ -131,7 +131,8 @@ class OGMGE:
     h`` with ``h ~ N(0, std(g)^2)`` per parameter array (Generalisation Enhancement, Eq.
     13; the standard deviation of the array's gradient, as the authors' code does) when
     ``noise`` is on. Fusion and head gradients are left alone. Logged per step:
-    ``ogm/ratio_<u>`` and ``ogm/coeff_<u>``.
+    ``ogm/ratio_<u>`` and ``ogm/coeff_<u>``. Cost: one extra forward pass (no
+    backward) per balanced modality per step.
 
     Attributes:
       alpha: modulation strength (> 0); larger damps the dominant modality more.
