@@ -300,11 +300,17 @@ class Experiment(abc.ABC):
         from i (a fixed split, so workers that start at different times, or restart,
         never skip or repeat a run), then keeps those without a current record (all of
         them with ``force``)."""
-        keys = ledger.shard(self.keys(), shard)
-        if force:
-            return keys
-        return self.ledger.todo(keys, config_hashes=self.config_hash,
-                                numerics=self.numerics)
+        keys = self.keys()
+        return self._todo(keys, self._missing(keys), force=force, shard=shard)
+
+    def _missing(self, keys: Sequence[RunKey]) -> list[RunKey]:
+        return self.ledger.todo(keys, config_hashes=self.config_hash, numerics=self.numerics)
+
+    @staticmethod
+    def _todo(keys: Sequence[RunKey], missing: Sequence[RunKey], *, force: bool,
+              shard: str | None) -> list[RunKey]:
+        share = ledger.shard(keys, shard)
+        return share if force else [k for k in share if k in set(missing)]
 
     def run(self, *, shard: str | None = None, force: bool = False) -> dict[str, Any]:
         """Trains the runs of ``todo``, writing each record as soon as its run ends
@@ -317,8 +323,9 @@ class Experiment(abc.ABC):
         import jax
 
         keys = self.keys()
-        done = len(keys) - len(self.todo())
-        todo = self.todo(force=force, shard=shard)
+        missing = self._missing(keys)  # the records are read once
+        done = len(keys) - len(missing)
+        todo = self._todo(keys, missing, force=force, shard=shard)
         commands = {key: self.command(key) for key in todo}  # unreproducible: fail now
         print(f"{self.name}: {done} of {len(keys)} runs have a current record; training "
               f"{len(todo)}" + (f" (shard {shard})" if shard else ""), flush=True)
