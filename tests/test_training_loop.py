@@ -25,6 +25,7 @@ from lepton_mm.training import (
     read_log,
     seed_rngs,
 )
+from lepton_mm.training.loop import _clear_compiled_steps
 from lepton_mm.types import EncoderOutput
 
 N, BATCH = 20, 8  # 3 batches per epoch, the last one padded (4 of 8 rows valid)
@@ -75,6 +76,7 @@ def run(workdir, seed=0, **kw):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fit")
+    _clear_compiled_steps()  # another test in this worker may have compiled this model
     model, result = run(workdir)
     return workdir, model, result
 
@@ -495,6 +497,7 @@ def test_bucketed_source_trains_compiles_once_per_bucket_and_resumes_mid_epoch(t
     assert source.num_buckets() == 3 and steps_per_epoch > len(arrays["label"]) // 4
 
     reference = token_model()
+    _clear_compiled_steps()
     uninterrupted = fit(reference, Classification(3), source, workdir=tmp_path / "ref", **kw)
     assert uninterrupted.step == 2 * steps_per_epoch
     # one shape per bucket, for the train step and for the eval step

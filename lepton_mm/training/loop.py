@@ -363,6 +363,7 @@ def _cached(fn: Any) -> Any:
         except TypeError:  # an unhashable task or graph: build afresh
             return fn(*args)
 
+    call.cache_clear = cached.cache_clear
     return call
 
 
@@ -374,6 +375,14 @@ _cached_metrics = _cached(_metrics_fn)
 _cached_train_step = _cached(_train_step_fn)
 # One transformation object per optimiser config, so that the train step cache hits.
 _cached_optimizer = _cached(make_optimizer)
+
+
+def _clear_compiled_steps() -> None:
+    """Empties the step caches above, so that the next ``fit`` / ``evaluate`` compiles
+    afresh (tests that count compilations use it: an earlier test in the same process
+    may have compiled the same model already)."""
+    for cache in (_cached_eval_step, _cached_metrics, _cached_train_step, _cached_optimizer):
+        cache.cache_clear()
 
 
 class _Evaluator:
