@@ -10,16 +10,27 @@ train step and go to ``fit(..., strategy=...)``:
   the gradient of the dominant modality's encoder, adding Gaussian noise to keep SGD's
   generalisation.
 
+* ``GradientBlending``: Gradient Blending (Wang, Tran & Feiszli, "What Makes
+  Training Multi-Modal Classification Networks Hard?", CVPR 2020): the loss becomes a
+  weighted sum of the fused loss and each modality's own loss, the weights chosen from
+  each head's overfitting-to-generalisation ratio (``gradient_blending_weights``,
+  measured with ``head_losses`` on a pilot run: the paper's offline G-Blend).
+
 Pure functions do the arithmetic and can be used in any train step:
 ``label_scores`` (each modality's confidence in the true label with the others marked
-absent) and ``ogm_ge_coefficients`` (the paper's Eq. 9-10).
+absent), ``ogm_ge_coefficients`` (OGM-GE's Eq. 9-10), ``unimodal_losses`` and
+``gradient_blending_weights`` (G-Blend's Proposition 1 with Eq. 6-7's estimates).
 
-A strategy is any object with ``modulate(model, batch, grads, key) -> (grads,
-metrics)``, called inside the compiled step after the gradient and before the optimiser:
-``model`` at the step's parameters, ``grads`` an ``nnx.State`` of float32 arrays like
-the model's ``nnx.Param`` state, ``metrics`` a dict of float32 scalars that ``fit``
-logs with each step. It must be hashable with a stable ``repr`` (a frozen dataclass):
-``fit`` stores the ``repr`` to resume the same run.
+A strategy is any object with either or both of two methods, called inside the
+compiled step. ``loss(forward, task, batch, outputs, loss, key, step) -> (objective,
+metrics)`` returns what is differentiated in place of the task's loss; ``forward(batch)
+-> outputs`` runs the model at the parameters being differentiated (its passes leave
+batch statistics alone). ``modulate(model, batch, grads, key, step) -> (grads,
+metrics)`` acts after the gradient and before the optimiser: ``model`` at the step's
+parameters, ``grads`` an ``nnx.State`` of float32 arrays like the model's ``nnx.Param``
+state. ``metrics`` are dicts of float32 scalars that ``fit`` logs with each step. A
+strategy must be hashable with a stable ``repr`` (a frozen dataclass): ``fit`` stores
+the ``repr`` to resume the same run.
 """
 
 from __future__ import annotations
@@ -38,7 +49,11 @@ from lepton_mm.types import RESERVED_KEYS
 
 Array = jax.Array
 
-__all__ = ["OGMGE", "label_scores", "ogm_ge_coefficients"]
+__all__ = ["OGMGE", "FUSED", "GradientBlending", "gradient_blending_weights", "head_losses",
+           "label_scores", "ogm_ge_coefficients", "unimodal_losses"]
+
+FUSED = "fused"
+"""The name of the fused model's own head in Gradient Blending's weights and losses."""
 
 
 def label_scores(model: Any, batch: Mapping[str, Any], modalities: Sequence[str]) -> dict[
@@ -62,14 +77,10 @@ def label_scores(model: Any, batch: Mapping[str, Any], modalities: Sequence[str]
       ``{u: float32 [batch]}``, each in ``[0, 1]``; an example that lacks ``u`` scores 0.
     """
     labels = batch["label"]
-    size = labels.shape[0]
-    given = batch.get("present") or {}
     out = {}
     for u in modalities:
-        own = jnp.ones((size,), bool) if given.get(u) is None else jnp.asarray(given[u])
-        present = {m: own if m == u else jnp.zeros((size,), bool)
-                   for m in batch if m not in RESERVED_KEYS}
-        logits = model({**batch, "present": present}).astype(jnp.float32)
+        only, own = _only(batch, u)
+        logits = model(only).astype(jnp.float32)
         prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1),
                                    labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
         out[u] = jnp.where(own, prob, 0.0)
@@ -225,6 +236,208 @@ class OGMGE:
                    **{f"ogm/coeff_{u}": jnp.where(active, c, 1.0)
                       for u, c in coefficients.items()}}
         return out, metrics
+
+
+def _only(batch: Mapping[str, Any], modality: str) -> tuple[dict[str, Any], Array]:
+    """``batch`` with only ``modality`` present, and where it was present (bool [batch])."""
+    size = batch["label"].shape[0] if "label" in batch else jax.tree.leaves(
+        batch[modality])[0].shape[0]
+    given = batch.get("present") or {}
+    own = jnp.ones((size,), bool) if given.get(modality) is None else jnp.asarray(
+        given[modality])
+    present = {m: own if m == modality else jnp.zeros((size,), bool)
+               for m in batch if m not in RESERVED_KEYS}
+    return {**batch, "present": present}, own
+
+
+def unimodal_losses(forward: Any, task: Any, batch: Mapping[str, Any],
+                    modalities: Sequence[str]) -> dict[str, Array]:
+    """Each modality's own loss: the task's loss of the model with only it present.
+
+    The unimodal heads of Gradient Blending (Wang et al. 2020, Fig. 4) without extra
+    parameters: the fused model's head, fed by one encoder with the others marked
+    absent through ``batch["present"]`` (which every fusion layer honours). Rows where
+    the modality itself is absent, or that are not ``batch["valid"]``, are left out.
+
+    Args:
+      forward: ``batch -> outputs``, the model (or ``fit``'s ``forward``).
+      task: a task from ``lepton_mm.models`` (``task.loss(outputs, batch, valid)``).
+      batch: a batch dict with ``"label"`` (and optionally ``"present"``, ``"valid"``).
+      modalities: the modalities to score.
+
+    Returns:
+      ``{u: float32 scalar}``.
+    """
+    valid = batch.get("valid")
+    out = {}
+    for u in modalities:
+        only, own = _only(batch, u)
+        rows = own if valid is None else own & jnp.asarray(valid)
+        out[u] = jnp.asarray(task.loss(forward(only), only, rows), jnp.float32)
+    return out
+
+
+def gradient_blending_weights(before: Mapping[str, tuple[float, float]],
+                              after: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """Gradient Blending's weights from each head's losses at two points of a pilot run.
+
+    Wang, Tran & Feiszli (CVPR 2020), Proposition 1: ``w_k = (1/Z) <grad L*, v_k> /
+    sigma_k^2`` with ``Z = sum_k <grad L*, v_k> / (2 sigma_k^2)``, estimated (Sec. 3.3,
+    Eq. 6-7) between epochs ``n`` and ``n + dn`` by the generalisation gain ``dG_k =
+    L^V_n - L^V_{n+dn}`` and the overfitting growth ``dO_k = O_{n+dn} - O_n``, ``O =
+    L^V - L^T``: ``w_k = (dG_k / dO_k^2) / Z``, ``Z = sum_k dG_k / (2 dO_k^2)``. The
+    weights therefore sum to 2 (the paper's normalisation); only their ratios and the
+    learning rate's scale matter. Two choices of ours where the estimate breaks down:
+    a head whose validation loss did not fall (``dG_k <= 0``) gets weight 0, and
+    ``dO_k^2`` is floored at ``1e-12``.
+
+    Args:
+      before, after: ``{head: (train_loss, validation_loss)}`` at epochs ``n`` and
+        ``n + dn`` for the same heads (``FUSED`` and modality names, from
+        ``head_losses``).
+
+    Returns:
+      ``{head: weight}``, each ``>= 0``.
+
+    Raises:
+      ValueError: the heads differ, a loss is not finite, or no head's validation loss
+        fell.
+
+    Examples:
+      >>> w = gradient_blending_weights({"a": (1.0, 1.2), "b": (1.0, 1.1)},
+      ...                               {"a": (0.5, 0.9), "b": (0.8, 1.0)})
+      >>> {k: round(v, 4) for k, v in w.items()}
+      {'a': 0.8571, 'b': 1.1429}
+    """
+    if not isinstance(before, Mapping) or not isinstance(after, Mapping):
+        raise TypeError("before, after: expected {head: (train_loss, validation_loss)} "
+                        "mappings.")
+    if set(before) != set(after) or not before:
+        raise ValueError(f"before, after: expected the same heads, got {sorted(before)} "
+                         f"and {sorted(after)}.")
+    ratios = {}
+    for k in sorted(before):
+        pair = []
+        for name, losses in (("before", before[k]), ("after", after[k])):
+            try:
+                train, val = (float(x) for x in losses)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}[{k!r}]: expected (train_loss, validation_loss), "
+                                 f"got {losses!r}.") from None
+            if not (math.isfinite(train) and math.isfinite(val)):
+                raise ValueError(f"{name}[{k!r}]: expected finite losses, got {losses!r}.")
+            pair.append((train, val))
+        (train_n, val_n), (train_m, val_m) = pair
+        gain = val_n - val_m
+        growth = (val_m - train_m) - (val_n - train_n)
+        ratios[k] = max(gain, 0.0) / max(growth * growth, 1e-12)
+    z = sum(ratios.values()) / 2
+    if z <= 0:
+        raise ValueError("before, after: no head's validation loss fell between the two "
+                         "points; train the pilot longer or measure earlier.")
+    return {k: r / z for k, r in ratios.items()}
+
+
+def head_losses(model: Any, task: Any, data: Mapping[str, Any], *,
+                modalities: Sequence[str] | None = None,
+                batch_size: int = 256) -> dict[str, float]:
+    """The loss of each Gradient Blending head over ``data``, the model in eval mode.
+
+    ``FUSED``: the model with every modality present; ``u``: with only ``u`` present
+    (``lepton_mm.robustness.mark_absent`` on the others). Call it on the training and
+    the validation arrays at two epochs of a pilot run and pass the results to
+    ``gradient_blending_weights``.
+
+    Args:
+      model: a ``MultimodalClassifier`` (or any model with ``encoders``).
+      task: its task.
+      data: a dict of arrays with a shared leading axis (a batch dict).
+      modalities: the modalities to score (default: every encoder).
+      batch_size: evaluation batch size.
+
+    Returns:
+      ``{FUSED: loss, u: loss, ...}`` as floats.
+    """
+    from lepton_mm.robustness import mark_absent
+    from lepton_mm.training import evaluate
+
+    names = sorted(modalities) if modalities else sorted(model.encoders)
+    out = {FUSED: float(evaluate(model, task, data, batch_size=batch_size)["loss"])}
+    for u in names:
+        others = [m for m in data if m not in RESERVED_KEYS and m != u]
+        out[u] = float(evaluate(model, task, mark_absent(data, others) if others else data,
+                                batch_size=batch_size)["loss"])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientBlending:
+    """Gradient Blending (Wang, Tran & Feiszli, CVPR 2020): a weighted multi-head loss.
+
+    The objective is ``w_fused * L_fused + sum_u w_u * L_u`` (the paper's Eq. 4-5): the
+    fused model's loss plus each modality's own loss (``unimodal_losses``: the same head
+    fed by that modality alone, in place of the paper's extra per-modality classifier
+    heads). Weights come from ``gradient_blending_weights`` on a pilot run (offline
+    G-Blend) or are set by hand. Logged per step: ``gblend/loss_<head>``. Cost: one
+    extra forward and backward pass per weighted modality per step.
+
+    Attributes:
+      weights: ``{head: weight >= 0}`` over ``FUSED`` and modality names, at least one
+        > 0 (a mapping is accepted and stored as sorted ``(head, weight)`` pairs).
+    """
+
+    weights: Any
+
+    def __post_init__(self):
+        items = self.weights.items() if isinstance(self.weights, Mapping) else self.weights
+        try:
+            pairs = tuple(sorted((str(k), float(v)) for k, v in items))
+        except (TypeError, ValueError):
+            raise TypeError(f"weights: expected {{head: weight}}, got {self.weights!r}.") from None
+        if not pairs or any(not isinstance(k, str) for k, _ in items):
+            raise ValueError(f"weights: expected {{head: weight}} with at least one head, got "
+                             f"{self.weights!r}.")
+        for k, v in pairs:
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"weights[{k!r}]: expected a finite number >= 0, got {v!r}.")
+        if all(v == 0 for _, v in pairs):
+            raise ValueError("weights: expected at least one weight > 0, got all 0.")
+        object.__setattr__(self, "weights", pairs)
+
+    def check(self, model: Any) -> None:
+        """Errors before any compilation: each weighted head must be a modality of the
+        model (or ``FUSED``)."""
+        encoders = getattr(model, "encoders", None)
+        if encoders is None or not hasattr(encoders, "keys"):
+            raise TypeError(f"strategy: GradientBlending needs a model with an `encoders` "
+                            f"dict (MultimodalClassifier), got {type(model).__name__}.")
+        unknown = [k for k, _ in self.weights if k != FUSED and k not in encoders]
+        if unknown:
+            raise ValueError(f"strategy: GradientBlending heads {unknown} are not encoders "
+                             f"of the model (it has {sorted(encoders)}; the fused head is "
+                             f"{FUSED!r}).")
+
+    def loss(self, forward: Any, task: Any, batch: Mapping[str, Any], outputs: Any,
+             loss: Array, key: Array, step: Array) -> tuple[Array, dict[str, Array]]:
+        """``(blended objective, metrics)`` for one step (see the class docstring).
+
+        Args:
+          forward: ``batch -> outputs``, the model at the parameters differentiated.
+          task: the task.
+          batch: the step's batch (with ``"valid"``).
+          outputs, loss: the step's fused outputs and their loss.
+          key, step: unused (the blend is deterministic).
+
+        Returns:
+          The objective and ``{"gblend/loss_<head>": loss}``.
+        """
+        del outputs, key, step
+        weights = dict(self.weights)
+        modalities = [k for k in weights if k != FUSED and weights[k] > 0]
+        losses = {FUSED: jnp.asarray(loss, jnp.float32),
+                  **unimodal_losses(forward, task, batch, modalities)}
+        objective = sum(weights.get(k, 0.0) * v for k, v in losses.items())
+        return objective, {f"gblend/loss_{k}": v for k, v in losses.items()}
 
 
 def _encoder_of(path: Sequence[Any]) -> str | None:

@@ -1,5 +1,6 @@
-"""lepton_mm.balance: OGM-GE's scores and coefficients against hand-computed values, the
-gradient modulation, and fit(strategy=...)."""
+"""lepton_mm.balance: OGM-GE's scores and coefficients and Gradient Blending's weights
+against hand-computed values, the gradient modulation, the blended loss's gradient, and
+fit(strategy=...)."""
 
 import doctest
 import math
@@ -9,11 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_training_loop import BATCH, make_data, make_model
+from test_training_loop import BATCH, make_data, make_model, params_of
 
 from lepton_mm import balance
-from lepton_mm.balance import OGMGE, label_scores, ogm_ge_coefficients
+from lepton_mm.balance import (
+    FUSED,
+    OGMGE,
+    GradientBlending,
+    gradient_blending_weights,
+    head_losses,
+    label_scores,
+    ogm_ge_coefficients,
+    unimodal_losses,
+)
 from lepton_mm.data import ArrayDataset
+from lepton_mm.robustness import mark_absent
+from lepton_mm.training import evaluate
 from lepton_mm.models import Classification
 from lepton_mm.training import CheckpointMismatchError, OptimizerConfig, fit, read_log
 
@@ -146,8 +158,134 @@ def test_bad_settings(make, error, match):
 
 
 def test_bad_strategies_fail_before_training(tmp_path):
-    with pytest.raises(TypeError, match="strategy: expected an object with a modulate"):
+    with pytest.raises(TypeError, match="strategy: expected an object with a modulate.* or a "
+                                        "loss"):
         _fit(tmp_path / "a", "ogm")
     with pytest.raises(ValueError, match=r"strategy: OGMGE modalities \['text'\]"):
         _fit(tmp_path / "b", OGMGE(alpha=1.0, modalities=("audio", "text")))
     assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "ab")
+
+
+# ---- Gradient Blending ---------------------------------------------------------------
+
+
+def test_blending_weights_match_proposition_1_by_hand():
+    before = {FUSED: (0.9, 1.00), "audio": (1.0, 1.05), "image": (0.7, 0.90)}
+    after = {FUSED: (0.5, 0.80), "audio": (0.9, 1.00), "image": (0.3, 0.95)}
+    w = gradient_blending_weights(before, after)
+    # dG = L^V_n - L^V_n+dn; dO = (L^V - L^T)_n+dn - (L^V - L^T)_n; w = (dG/dO^2) / Z
+    g_f, o_f = 1.00 - 0.80, (0.80 - 0.5) - (1.00 - 0.9)
+    g_a, o_a = 1.05 - 1.00, (1.00 - 0.9) - (1.05 - 1.0)
+    r_f, r_a = g_f / o_f**2, g_a / o_a**2  # image: validation loss rose -> weight 0
+    z = (r_f + r_a) / 2
+    assert w == pytest.approx({FUSED: r_f / z, "audio": r_a / z, "image": 0.0}, rel=1e-12)
+    assert sum(w.values()) == pytest.approx(2.0)  # the paper's Z
+    with pytest.raises(ValueError, match="no head's validation loss fell"):
+        gradient_blending_weights({"a": (1.0, 1.0)}, {"a": (0.5, 1.2)})
+    with pytest.raises(ValueError, match="the same heads"):
+        gradient_blending_weights({"a": (1.0, 1.0)}, {"b": (0.5, 0.9)})
+    with pytest.raises(ValueError, match=r"after\['a'\]: expected finite"):
+        gradient_blending_weights({"a": (1.0, 1.0)}, {"a": (0.5, float("nan"))})
+    with pytest.raises(ValueError, match=r"before\['a'\]: expected \(train_loss"):
+        gradient_blending_weights({"a": 1.0}, {"a": (0.5, 0.9)})
+
+
+def test_unimodal_losses_are_the_task_loss_with_one_modality_present():
+    model, batch = make_model(0), _batch()
+    model.eval()
+    task = Classification(3)
+    losses = unimodal_losses(model, task, batch, ["audio", "image"])
+    n = len(batch["label"])
+    own = batch["present"]["audio"]
+    alone = {**batch, "present": {"audio": own, "image": np.zeros(n, bool)}}
+    logp = np.asarray(jax.nn.log_softmax(model(alone), axis=-1))[np.arange(n), batch["label"]]
+    assert float(losses["audio"]) == pytest.approx(-logp[own].mean(), rel=1e-5)
+    alone = {**batch, "present": {"audio": np.zeros(n, bool), "image": np.ones(n, bool)}}
+    logp = np.asarray(jax.nn.log_softmax(model(alone), axis=-1))[np.arange(n), batch["label"]]
+    assert float(losses["image"]) == pytest.approx(-logp.mean(), rel=1e-5)
+    # head_losses: the same, through evaluate, over a whole dataset
+    data = make_data(12, seed=1)
+    heads = head_losses(model, task, data, batch_size=5)
+    assert heads[FUSED] == pytest.approx(evaluate(model, task, data)["loss"], rel=1e-6)
+    assert heads["audio"] == pytest.approx(
+        evaluate(model, task, mark_absent(data, "image"))["loss"], rel=1e-6)
+    assert heads["image"] != pytest.approx(heads["audio"])
+
+
+def test_blended_gradient_is_the_weighted_sum_of_the_heads_gradients():
+    model, batch = make_model(0), _batch()
+    model.eval()  # no dropout: every pass is the same function
+    task = Classification(3)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    weights = {FUSED: 1.0, "audio": 0.5, "image": 2.0}
+    blend = GradientBlending(weights)
+
+    def head(name):
+        def f(p):
+            m = nnx.merge(graphdef, p, rest)
+            if name == FUSED:
+                return task.loss(m(batch), batch, batch["valid"])
+            return unimodal_losses(m, task, batch, [name])[name]
+        return f
+
+    def objective(p):
+        m = nnx.merge(graphdef, p, rest)
+        outputs = m(batch)
+        value, metrics = blend.loss(m, task, batch, outputs,
+                                    task.loss(outputs, batch, batch["valid"]),
+                                    jax.random.key(0), jnp.int32(0))
+        return value, metrics
+
+    batch = {**batch, "valid": np.ones(len(batch["label"]), bool)}
+    (value, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    expected = sum(w * float(head(k)(params)) for k, w in weights.items())
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    assert set(metrics) == {"gblend/loss_fused", "gblend/loss_audio", "gblend/loss_image"}
+    parts = {k: jax.grad(head(k))(params) for k in weights}
+    summed = jax.tree.map(lambda *g: sum(w * x for w, x in zip(weights.values(), g)),
+                          *parts.values())
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(summed), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_with_gradient_blending_logs_the_heads_and_leaves_batch_stats_alone(tmp_path):
+    stats = lambda m: [np.asarray(x) for x in jax.tree.leaves(
+        nnx.as_pure(nnx.state(m, nnx.BatchStat)))]
+    plain_model, plain = _fit(tmp_path / "plain", None, epochs=1)
+    # A negligible weight on the audio head: the same updates as plain training up to
+    # float error, and the extra audio-only passes must not move the batch statistics.
+    tiny_model, tiny = _fit(tmp_path / "tiny", GradientBlending({FUSED: 1.0, "audio": 1e-9}),
+                            epochs=1)
+    assert stats(plain_model)
+    for a, b in zip(stats(tiny_model), stats(plain_model), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    steps = [r for r in read_log(tmp_path / "tiny" / "log.jsonl") if r["kind"] == "step"]
+    assert steps and all({"gblend/loss_fused", "gblend/loss_audio"} <= set(r) for r in steps)
+    # the logged loss is the task's loss on the fused outputs, not the objective
+    assert all(r["loss"] == pytest.approx(r["gblend/loss_fused"], rel=1e-6) for r in steps)
+
+    blended_model, _ = _fit(tmp_path / "blend", GradientBlending({FUSED: 1.0, "audio": 1.0}),
+                            epochs=1)
+    moved = [not np.allclose(a, b, rtol=1e-3) for a, b in zip(
+        params_of(blended_model), params_of(plain_model), strict=True)]
+    assert any(moved)
+    with pytest.raises(CheckpointMismatchError, match="strategy"):
+        _fit(tmp_path / "blend", GradientBlending({FUSED: 1.0, "audio": 0.5}), epochs=2)
+
+
+@pytest.mark.parametrize("weights, error, match", [
+    ({FUSED: -1.0}, ValueError, r"weights\['fused'\]: expected a finite number >= 0"),
+    ({FUSED: 0.0, "audio": 0.0}, ValueError, r"weights: expected at least one weight > 0"),
+    ({}, ValueError, r"weights: expected \{head: weight\} with at least one head"),
+    ("fused", TypeError, r"weights: expected \{head: weight\}"),
+])
+def test_bad_blending_weights(weights, error, match):
+    with pytest.raises(error, match=match):
+        GradientBlending(weights)
+
+
+def test_blending_an_unknown_head_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"GradientBlending heads \['text'\] are not "
+                                         r"encoders"):
+        _fit(tmp_path / "t", GradientBlending({FUSED: 1.0, "text": 1.0}))
+    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())

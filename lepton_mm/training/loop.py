@@ -192,10 +192,16 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
         are cast to float32 for the loss; the gradients arrive in float32 and update
         the float32 parameters (master weights). bfloat16 has float32's exponent range,
         so no loss scaling is needed.
-      strategy: an object with ``modulate(model, batch, grads, key, step) -> (grads,
-        metrics)`` (e.g. ``lepton_mm.balance.OGMGE``) applied to the gradient before the
-        optimiser, with the model at the step's parameters; its key is as above with
-        ``2``; ``stats["strategy"]`` holds its metrics (float32 scalars).
+      strategy: a training strategy with either or both of two methods (see
+        ``lepton_mm.balance``). ``loss(forward, task, batch, outputs, loss, key, step)
+        -> (objective, metrics)`` replaces the task's loss as what is differentiated
+        (e.g. ``GradientBlending``): ``forward(batch) -> outputs`` runs the model at
+        the parameters being differentiated (train mode, float32 outputs; its passes
+        do not move batch statistics), ``outputs`` and ``loss`` are the step's own;
+        key as above with ``3``. ``modulate(model, batch, grads, key, step) -> (grads,
+        metrics)`` (e.g. ``OGMGE``) acts on the gradient before the optimiser, with the
+        model at the step's parameters; key as above with ``2``. ``stats["loss"]`` stays
+        the task's loss; ``stats["strategy"]`` holds the metrics (float32 scalars).
 
     Returns:
       The jitted step function; its ``traces.count`` counts the compilations.
@@ -229,6 +235,8 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
     """The jitted ``(state, batch, step, alive, md_key_data, aug_key_data) -> (state,
     stats)``."""
     low = None if compute_dtype is None else jnp.dtype(compute_dtype)
+    strategy_loss = getattr(strategy, "loss", None)
+    strategy_modulate = getattr(strategy, "modulate", None)
 
     def step_fn(state: TrainState, batch: Mapping[str, Any], step: Array, alive: Array,
                 md_key_data: Array, aug_key_data: Array):
@@ -246,28 +254,38 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
             if low is None:
                 model = nnx.merge(graphdef, params, state.rest)
                 outputs = _call_model(model, batch, modality_dropout, key)
+                forward = model
             else:  # mixed precision: low-precision copies in, float32 out
                 model = nnx.merge(graphdef, _cast_floats(params, low), state.rest)
                 outputs = _cast_floats(_call_model(model, _cast_inputs(batch, low),
                                                    modality_dropout, key), jnp.float32)
+                forward = lambda b: _cast_floats(model(_cast_inputs(b, low)), jnp.float32)
             loss = task.loss(outputs, batch, batch["valid"])
+            # The state after the step's own forward pass: a strategy's extra passes
+            # below (other presence masks) neither move batch statistics nor RNG counts.
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
             new_rest = nnx.as_pure(new_rest)
             if low is not None:  # stored at the state's own precision
                 new_rest = jax.tree.map(lambda n, o: n.astype(o.dtype), new_rest,
                                         state.rest)
-            return loss, new_rest
+            objective, extra = loss, {}
+            if strategy_loss is not None:  # e.g. Gradient Blending (lepton_mm.balance)
+                objective, extra = strategy_loss(forward, task, batch, outputs, loss,
+                                                 jax.random.fold_in(aug_key, 3), step)
+            return objective, (loss, new_rest, extra)
 
-        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        extra = {}
-        if strategy is not None:  # e.g. gradient modulation (lepton_mm.balance)
-            grads, extra = strategy.modulate(
+        (objective, (loss, new_rest, extra)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        extra = dict(extra)
+        if strategy_modulate is not None:  # e.g. gradient modulation (lepton_mm.balance)
+            grads, more = strategy_modulate(
                 nnx.merge(graphdef, state.params, state.rest), batch, grads,
                 jax.random.fold_in(aug_key, 2), step)
+            extra.update(more)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
         apply = finite & alive
         new_state = TrainState(new_params, new_rest, new_opt)
         new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_state, state)
@@ -681,9 +699,11 @@ def _strategy_name(strategy: Any) -> str | None:
     """A training strategy's stored name (its ``repr``), after checking its interface."""
     if strategy is None:
         return None
-    if not callable(getattr(strategy, "modulate", None)):
+    if not (callable(getattr(strategy, "modulate", None))
+            or callable(getattr(strategy, "loss", None))):
         raise TypeError(f"strategy: expected an object with a modulate(model, batch, grads, "
-                        f"key, step) method (e.g. lepton_mm.balance.OGMGE), got "
+                        f"key, step) or a loss(forward, task, batch, outputs, loss, key, "
+                        f"step) method (e.g. lepton_mm.balance.OGMGE), got "
                         f"{type(strategy).__name__}.")
     try:
         hash(strategy)
@@ -712,7 +732,7 @@ def _check_hook_output(name: str, before: Any, after: Any) -> None:
 
 
 def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
-                 adversary: Any, strategy: Any = None) -> None:
+                 adversary: Any, strategy: Any = None, task: Any = None) -> None:
     """Traces the hooks abstractly on a sample batch: errors before any compilation."""
     if augment is None and adversary is None and strategy is None:
         return
@@ -728,10 +748,27 @@ def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
             jax.eval_shape(lambda s, b, k: adversary(nnx.merge(graphdef, s), b, k), state,
                            sample, key))))
     if strategy is not None:
-        if hasattr(strategy, "check"):
-            strategy.check(model)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+        _check_strategy(model, task, sample, key, strategy)
+
+
+def _check_strategy(model: nnx.Module, task: Any, sample: Mapping[str, Any], key: Any,
+                    strategy: Any) -> None:
+    """Traces a strategy's methods abstractly on a sample batch (see ``_check_hooks``)."""
+    if hasattr(strategy, "check"):
+        strategy.check(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    if callable(getattr(strategy, "loss", None)) and task is not None:
+        def objective(p, r, b, k):
+            forward = nnx.merge(graphdef, p, r)
+            outputs = forward(b)
+            return strategy.loss(forward, task, b, outputs, task.loss(outputs, b, b["valid"]),
+                                 k, jnp.int32(0))
+        value, metrics = _traced_hook("strategy", lambda: jax.eval_shape(
+            objective, params, rest, sample, key))
+        if getattr(value, "shape", None) != () or not _scalar_dict(metrics):
+            raise TypeError("strategy: loss must return (scalar objective, {name: scalar}).")
+    if callable(getattr(strategy, "modulate", None)):
         grads, metrics = _traced_hook("strategy", lambda: jax.eval_shape(
             lambda p, r, b, k: strategy.modulate(nnx.merge(graphdef, p, r), b, p, k,
                                                  jnp.int32(0)), params, rest, sample, key))
@@ -741,10 +778,13 @@ def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
                                 strict=True)):
             raise TypeError("strategy: modulate must return gradients shaped like the "
                             "model's parameters.")
-        if not isinstance(metrics, Mapping) or any(
-                not isinstance(k, str) or getattr(v, "shape", None) != () for k, v in
-                metrics.items()):
+        if not _scalar_dict(metrics):
             raise TypeError("strategy: modulate must return (grads, {name: scalar}).")
+
+
+def _scalar_dict(metrics: Any) -> bool:
+    return isinstance(metrics, Mapping) and all(
+        isinstance(k, str) and getattr(v, "shape", None) == () for k, v in metrics.items())
 
 
 def _state_placement(mesh: Any) -> Any:
@@ -830,7 +870,7 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
                     train_sample = sample
             except (ValueError, TypeError) as e:
                 raise type(e)(f"{name}: {e}") from None
-    _check_hooks(model, train_sample, augment, adversary, strategy)
+    _check_hooks(model, train_sample, augment, adversary, strategy, task)
     run_config = {
         "task": _task_config(task), "optimizer": optimizer_setting,
         "batch_size": batch_size,
