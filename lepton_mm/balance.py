@@ -16,10 +16,21 @@ train step and go to ``fit(..., strategy=...)``:
   each head's overfitting-to-generalisation ratio (``gradient_blending_weights``,
   measured with ``head_losses`` on a pilot run: the paper's offline G-Blend).
 
+* ``MMPareto``: Multimodal Pareto (Wei & Hu, "MMPareto: Boosting Multimodal Learning
+  with Innocent Unimodal Assistance", ICML 2024): each modality's own loss assists its
+  encoder, its gradient merged with the fused loss's gradient by a conflict-free
+  (Pareto) combination whose norm is that of their sum.
+
+* ``MSLR``: Modality-Specific Learning Rates (Yao & Mihalcea, "Modality-specific
+  Learning Rates for Effective Multimodal Additive Late-fusion", Findings of ACL 2022),
+  the fixed-rate form: each modality encoder's gradient times a fixed factor (a true
+  per-modality learning rate with SGD only; see the class for Adam).
+
 Pure functions do the arithmetic and can be used in any train step:
 ``label_scores`` (each modality's confidence in the true label with the others marked
-absent), ``ogm_ge_coefficients`` (OGM-GE's Eq. 9-10), ``unimodal_losses`` and
-``gradient_blending_weights`` (G-Blend's Proposition 1 with Eq. 6-7's estimates).
+absent), ``ogm_ge_coefficients`` (OGM-GE's Eq. 9-10), ``unimodal_losses``,
+``gradient_blending_weights`` (G-Blend's Proposition 1 with Eq. 6-7's estimates) and
+``pareto_combine`` (MMPareto's combination of two gradients).
 
 A strategy is any object with either or both of two methods, called inside the
 compiled step. ``loss(forward, task, batch, outputs, loss, key, step) -> (objective,
@@ -38,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,8 +61,9 @@ from lepton_mm.types import RESERVED_KEYS
 
 Array = jax.Array
 
-__all__ = ["OGMGE", "FUSED", "GradientBlending", "gradient_blending_weights", "head_losses",
-           "label_scores", "ogm_ge_coefficients", "unimodal_losses"]
+__all__ = ["FUSED", "MSLR", "OGMGE", "GradientBlending", "MMPareto",
+           "gradient_blending_weights", "head_losses", "label_scores", "ogm_ge_coefficients",
+           "pareto_combine", "unimodal_losses"]
 
 FUSED = "fused"
 """The name of the fused model's own head in Gradient Blending's weights and losses."""
@@ -440,6 +453,300 @@ class GradientBlending:
         return objective, {f"gblend/loss_{k}": v for k, v in losses.items()}
 
 
+def pareto_combine(g_m: Any, g_u: Any) -> tuple[Any, Array, Array]:
+    """MMPareto's combination of a multimodal and a unimodal gradient.
+
+    With ``cos = <g_m, g_u> / (||g_m|| ||g_u||)`` (0 when either is zero):
+
+    * no conflict (``cos >= 0``): ``h = (g_m + g_u) / 2``, i.e. ``alpha = 1/2``;
+    * conflict (``cos < 0``): the two-task MGDA min-norm point of the segment between
+      them, ``alpha = clip(<g_u - g_m, g_u> / ||g_m - g_u||^2, 0, 1)`` and ``h = alpha
+      g_m + (1 - alpha) g_u``, whose inner product with each gradient is ``||h||^2 >= 0``
+      (a direction that does not increase either loss to first order);
+
+    then the magnitude is rescaled to that of the plain sum: ``direction = ||g_m + g_u||
+    h / ||h||`` (0 where ``h`` is 0 up to float32 rounding: exactly opposite gradients).
+    Without conflict this is ``g_m + g_u`` itself. The inner products and norms run
+    over all leaves together (one vector: in ``MMPareto``, a whole encoder), accumulated
+    in float32.
+
+    Args:
+      g_m: the multimodal loss's gradient: an array or a pytree of arrays.
+      g_u: the unimodal loss's gradient, with ``g_m``'s structure and shapes.
+
+    Returns:
+      ``(direction, alpha, cos)``: ``direction`` like ``g_m`` (its dtypes), ``alpha``
+      (the weight of ``g_m`` in ``h``, in ``[0, 1]``) and ``cos`` float32 scalars.
+
+    Raises:
+      ValueError: the structures or shapes differ, or there are no arrays.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> d, alpha, cos = pareto_combine(jnp.array([1.0, 0.0]), jnp.array([-1.0, 1.0]))
+      >>> round(float(alpha), 4), round(float(cos), 4)  # alpha = 3/5
+      (0.6, -0.7071)
+      >>> [round(float(x), 4) for x in d]  # (0.2, 0.4) rescaled to ||(0, 1)|| = 1
+      [0.4472, 0.8944]
+      >>> d, alpha, _ = pareto_combine(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0]))
+      >>> float(alpha), [float(x) for x in d]  # no conflict: the sum
+      (0.5, [2.0, 1.0])
+    """
+    leaves_m, tree_m = jax.tree.flatten(g_m)
+    leaves_u, tree_u = jax.tree.flatten(g_u)
+    if tree_m != tree_u:
+        raise ValueError(f"g_u: expected the structure of g_m ({tree_m}), got {tree_u}.")
+    if not leaves_m:
+        raise ValueError("g_m: expected at least one array, got none.")
+    for i, (m, u) in enumerate(zip(leaves_m, leaves_u, strict=True)):
+        if jnp.shape(m) != jnp.shape(u):
+            raise ValueError(f"g_u: leaf {i} has shape {jnp.shape(u)}, g_m's has "
+                             f"{jnp.shape(m)}.")
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    m32, u32 = [f32(m) for m in leaves_m], [f32(u) for u in leaves_u]
+    dot = lambda xs, ys: sum(jnp.sum(x * y) for x, y in zip(xs, ys, strict=True))
+    mm, uu, mu = dot(m32, m32), dot(u32, u32), dot(m32, u32)
+    norms = jnp.sqrt(mm) * jnp.sqrt(uu)
+    cos = jnp.where(norms > 0, mu / jnp.where(norms > 0, norms, 1.0), 0.0)
+    gap = mm + uu - 2 * mu  # ||g_m - g_u||^2 (> 0 under conflict)
+    min_norm = jnp.clip((uu - mu) / jnp.where(gap > 0, gap, 1.0), 0.0, 1.0)
+    alpha = jnp.where(cos < 0, min_norm, 0.5)
+    h = [alpha * m + (1 - alpha) * u for m, u in zip(m32, u32, strict=True)]
+    h_norm = jnp.sqrt(dot(h, h))
+    target = jnp.sqrt(sum(jnp.sum(jnp.square(m + u)) for m, u in zip(m32, u32, strict=True)))
+    # Exactly opposite gradients leave h as rounding error: no direction to rescale.
+    tiny = 8 * jnp.finfo(jnp.float32).eps * (jnp.sqrt(mm) + jnp.sqrt(uu))
+    live = h_norm > tiny
+    scale = jnp.where(live, target / jnp.where(live, h_norm, 1.0), 0.0)
+    out = [(scale * x).astype(jnp.result_type(m)) for x, m in zip(h, leaves_m, strict=True)]
+    return jax.tree.unflatten(tree_m, out), alpha, cos
+
+
+@dataclasses.dataclass(frozen=True)
+class MMPareto:
+    """Multimodal Pareto (Wei & Hu, ICML 2024): unimodal assistance without conflict.
+
+    The objective is the fused (multimodal) loss plus each balanced modality's own
+    loss. Our models have no per-modality heads, so modality ``u``'s loss is the fused
+    model's with only ``u`` present (``unimodal_losses``, as in ``GradientBlending``),
+    and it trains only ``u``'s encoder: fusion and head parameters keep the multimodal
+    gradient ``g_m`` alone (the paper's multimodal head likewise gets only ``g_m``).
+    For each balanced modality ``u``, over the whole parameter vector of
+    ``model.encoders[u]`` (all its arrays flattened together), with ``g_m`` the fused
+    loss's gradient (``modulate``'s ``grads``) and ``g_u`` that of ``u``'s loss, the
+    update is ``gamma * pareto_combine(g_m, g_u)[0]``: the sum ``g_m + g_u`` where
+    ``cos(g_m, g_u) >= 0``, else the min-norm (MGDA) point ``alpha g_m + (1 - alpha)
+    g_u`` rescaled to the norm ``||g_m + g_u||`` (the paper's "magnitude" step: a
+    direction common to both losses with the sum's larger magnitude).
+
+    Which forms are implemented (the paper's own Algorithm 1 could not be checked line
+    by line; these follow the authors' released code, GeWu-Lab/MMPareto_ICML2024
+    ``code/MMPareto.py``, with two deliberate differences): weights 1/2 each without
+    conflict, the two-task min-norm solution with conflict, then ``2 h`` scaled up to
+    ``||g_m + g_u||`` where shorter, times ``gamma`` (1.5 in that code). Over a whole
+    encoder ``||2 h|| <= ||g_m + g_u||`` always (the min-norm point is no longer than
+    the midpoint), so this is exactly ``pareto_combine``'s rescaling. Differences: (1)
+    that code rescales each parameter tensor separately (with the weights still from the
+    whole encoder), which can tilt the direction; here the rescaling is over the whole
+    encoder, which keeps it a common descent direction; (2) it treats ``cos == 0`` as a
+    conflict; here it is not, so that a zero ``g_u`` (no row of the batch has ``u``)
+    leaves ``g_m`` rather than a zero step. The magnitude argument is SGD's (that code
+    trains with SGD, momentum 0.9); under Adam a constant ``gamma`` cancels.
+
+    Logged per step: ``mmpareto/cos_<u>``, ``mmpareto/alpha_<u>`` (0.5 without
+    conflict) and ``mmpareto/loss_<u>``. Cost: one extra forward and backward pass per
+    balanced modality per step, in float32 even under ``fit``'s ``compute_dtype``.
+
+    Attributes:
+      task: the task given to ``fit`` (``task.loss(outputs, batch, valid)``): the
+        ``modulate`` hook is not passed one. Tasks are frozen dataclasses, so the
+        strategy stays hashable.
+      modalities: the modalities whose encoders get assistance (default: every encoder
+        of the model).
+      gamma: a constant factor on the combined encoder gradients (> 0; 1 keeps
+        ``||g_m + g_u||``).
+    """
+
+    task: Any
+    modalities: tuple[str, ...] | None = None
+    gamma: float = 1.0
+
+    def __post_init__(self):
+        if not callable(getattr(self.task, "loss", None)):
+            raise TypeError(f"task: expected a task with a loss(outputs, batch, valid) "
+                            f"method (e.g. lepton_mm.models.Classification), got "
+                            f"{self.task!r}.")
+        try:
+            hash(self.task)
+        except TypeError:
+            raise TypeError(f"task: expected a hashable task (a frozen dataclass), got "
+                            f"{type(self.task).__name__}.") from None
+        if self.modalities is not None:
+            if isinstance(self.modalities, str) or not all(
+                    isinstance(m, str) for m in self.modalities):
+                raise TypeError(f"modalities: expected a tuple of modality names, got "
+                                f"{self.modalities!r}.")
+            if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+                raise ValueError(f"modalities: expected one or more distinct names, got "
+                                 f"{self.modalities!r}.")
+            object.__setattr__(self, "modalities", tuple(self.modalities))
+        _positive("gamma", self.gamma)
+
+    def check(self, model: Any) -> None:
+        """Errors before any compilation: the model must have the assisted encoders."""
+        encoders = getattr(model, "encoders", None)
+        if encoders is None or not hasattr(encoders, "keys"):
+            raise TypeError(f"strategy: MMPareto needs a model with an `encoders` dict "
+                            f"(MultimodalClassifier), got {type(model).__name__}.")
+        missing = [m for m in self._names(model) if m not in encoders]
+        if missing:
+            raise ValueError(f"strategy: MMPareto modalities {missing} are not encoders of "
+                             f"the model (it has {sorted(encoders)}).")
+
+    def _names(self, model: Any) -> list[str]:
+        return sorted(self.modalities) if self.modalities else sorted(model.encoders)
+
+    def modulate(self, model: Any, batch: Mapping[str, Any], grads: Any, key: Array,
+                 step: Array) -> tuple[Any, dict[str, Array]]:
+        """``(combined grads, metrics)`` for one step (see the class docstring).
+
+        Args:
+          model: the model at the step's parameters (train mode); its state changes in
+            the unimodal passes (batch statistics, RNG counts) are discarded.
+          batch: the step's batch (with ``"valid"``).
+          grads: the fused loss's gradient ``g_m``, an ``nnx.State`` like the model's
+            parameters.
+          key, step: unused (the combination is deterministic).
+
+        Returns:
+          The gradient to apply and ``{"mmpareto/cos_<u>", "mmpareto/alpha_<u>",
+          "mmpareto/loss_<u>"}``.
+        """
+        from flax import nnx
+
+        del key, step
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+        flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+        combined, metrics = {}, {}
+        for u in self._names(model):
+            def own_loss(p, u=u):
+                return unimodal_losses(nnx.merge(graphdef, p, rest), self.task, batch,
+                                       [u])[u]
+
+            loss_u, full = jax.value_and_grad(own_loss)(params)
+            g_u = {_param_key(p): g for p, g in jax.tree_util.tree_flatten_with_path(
+                full)[0] if _encoder_of(p) == u}
+            g_m = {_param_key(p): g for p, g in flat if _encoder_of(p) == u}
+            if not g_m:
+                raise ValueError(f"strategy: MMPareto found no parameters of "
+                                 f"encoders/{u} in the gradient.")
+            if set(g_m) != set(g_u):
+                raise ValueError(f"grads: expected the parameters of encoders/{u} of the "
+                                 f"model, got {sorted(g_m)}.")
+            direction, alpha, cos = pareto_combine(g_m, g_u)
+            combined.update(direction)
+            metrics.update({f"mmpareto/cos_{u}": cos, f"mmpareto/alpha_{u}": alpha,
+                            f"mmpareto/loss_{u}": loss_u})
+
+        def pick(path, g):
+            new = combined.get(_param_key(path))
+            return g if new is None else (self.gamma * new).astype(g.dtype)
+
+        return jax.tree_util.tree_map_with_path(pick, grads), metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class MSLR:
+    """Modality-Specific Learning Rates (Yao & Mihalcea, Findings of ACL 2022), fixed.
+
+    Each modality encoder's gradient is multiplied by its factor (``model.encoders[u]``'s
+    parameters); fusion and head gradients, and encoders without a factor, are left
+    alone. The paper gives each modality the learning rate that suits its unimodal model
+    (its encoders train at very different rates) and studies three ways of setting them;
+    only fixed rates are implemented here (the paper's other strategies, whose rules could
+    not be checked, are not).
+
+    What a gradient factor amounts to depends on the optimiser. With plain SGD, with or
+    without momentum, and no clipping or weight decay, a factor ``s`` on the gradient is
+    exactly a learning rate ``s * lr`` for those parameters (the updates are linear in
+    the gradient). With L2 weight decay (``"sgd"``/``"adam"``'s ``weight_decay``) the
+    decay term is not scaled, and with ``clip_norm`` the factor changes the global norm.
+    With Adam or AdamW (``OptimizerConfig``'s default) it is almost no change at all:
+    Adam divides by the gradient's running RMS, so a constant factor cancels except
+    against ``eps``. For a true per-modality learning rate under any optimiser use
+    ``OptimizerConfig(lr_multipliers=MSLR(...).lr_multipliers())``, which scales the
+    optimiser's updates instead. Which optimiser the paper used could not be checked.
+
+    Logged per step: nothing (the factors are constant). Cost: negligible.
+
+    Attributes:
+      scales: ``{modality: factor}``, each factor finite and > 0, at least one (a
+        mapping is accepted and stored as sorted ``(modality, factor)`` pairs).
+    """
+
+    scales: Any
+
+    def __post_init__(self):
+        items = self.scales.items() if isinstance(self.scales, Mapping) else self.scales
+        try:
+            items = [(k, v) for k, v in items]
+        except (TypeError, ValueError):
+            raise TypeError(f"scales: expected {{modality: factor}}, got "
+                            f"{self.scales!r}.") from None
+        if not items:
+            raise ValueError(f"scales: expected {{modality: factor}} with at least one "
+                             f"modality, got {self.scales!r}.")
+        if not all(isinstance(k, str) for k, _ in items):
+            raise TypeError(f"scales: expected modality names as keys, got "
+                            f"{self.scales!r}.")
+        if len({k for k, _ in items}) != len(items):
+            raise ValueError(f"scales: expected each modality once, got {self.scales!r}.")
+        pairs = tuple(sorted((k, _positive(f"scales[{k!r}]", v)) for k, v in items))
+        object.__setattr__(self, "scales", pairs)
+
+    def check(self, model: Any) -> None:
+        """Errors before any compilation: each scaled modality must be an encoder."""
+        encoders = getattr(model, "encoders", None)
+        if encoders is None or not hasattr(encoders, "keys"):
+            raise TypeError(f"strategy: MSLR needs a model with an `encoders` dict "
+                            f"(MultimodalClassifier), got {type(model).__name__}.")
+        unknown = [k for k, _ in self.scales if k not in encoders]
+        if unknown:
+            raise ValueError(f"strategy: MSLR scales {unknown} are not encoders of the "
+                             f"model (it has {sorted(encoders)}).")
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """The same factors as ``OptimizerConfig.lr_multipliers`` (``{"^encoders/<u>/":
+        factor}``): per-modality learning rates for any optimiser, Adam included.
+
+        Examples:
+          >>> MSLR({"image": 0.5, "audio": 2.0}).lr_multipliers()
+          {'^encoders/audio/': 2.0, '^encoders/image/': 0.5}
+        """
+        return {f"^encoders/{re.escape(u)}/": s for u, s in self.scales}
+
+    def modulate(self, model: Any, batch: Mapping[str, Any], grads: Any, key: Array,
+                 step: Array) -> tuple[Any, dict[str, Array]]:
+        """``(scaled grads, {})`` for one step (see the class docstring).
+
+        Args:
+          model, batch, key, step: unused (the factors are fixed).
+          grads: the loss's gradient, an ``nnx.State`` like the model's parameters.
+
+        Returns:
+          The gradient with each scaled encoder's arrays times its factor, and ``{}``.
+        """
+        del model, batch, key, step
+        scales = dict(self.scales)
+
+        def scale(path, g):
+            factor = scales.get(_encoder_of(path))
+            return g if factor is None else g * jnp.asarray(factor, g.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, grads), {}
+
+
 def _encoder_of(path: Sequence[Any]) -> str | None:
     """The modality whose encoder holds a parameter: ``encoders/<u>/...`` -> ``u``."""
     keys = [getattr(p, "key", getattr(p, "name", None)) for p in path]
@@ -450,6 +757,14 @@ def _encoder_of(path: Sequence[Any]) -> str | None:
 
 def _path_text(path: Sequence[Any]) -> str:
     return "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+
+
+def _param_key(path: Sequence[Any]) -> tuple[str, ...]:
+    """A parameter's path as names, the same for a tree of arrays or of ``nnx.Variable``
+    objects (which add a trailing ``.value``)."""
+    names = tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p))))
+                  for p in path)
+    return names[:-1] if names and names[-1] == "value" else names
 
 
 def _positive(name: str, value: Any) -> float:

@@ -1,6 +1,6 @@
-"""lepton_mm.balance: OGM-GE's scores and coefficients and Gradient Blending's weights
-against hand-computed values, the gradient modulation, the blended loss's gradient, and
-fit(strategy=...)."""
+"""lepton_mm.balance: OGM-GE's scores and coefficients, Gradient Blending's weights and
+MMPareto's combination against hand-computed values, the gradient modulations (OGM-GE,
+MMPareto, MSLR), the blended loss's gradient, and fit(strategy=...)."""
 
 import doctest
 import math
@@ -15,19 +15,28 @@ from test_training_loop import BATCH, make_data, make_model, params_of
 from lepton_mm import balance
 from lepton_mm.balance import (
     FUSED,
+    MSLR,
     OGMGE,
     GradientBlending,
+    MMPareto,
     gradient_blending_weights,
     head_losses,
     label_scores,
     ogm_ge_coefficients,
+    pareto_combine,
     unimodal_losses,
 )
 from lepton_mm.data import ArrayDataset
-from lepton_mm.robustness import mark_absent
-from lepton_mm.training import evaluate
 from lepton_mm.models import Classification
-from lepton_mm.training import CheckpointMismatchError, OptimizerConfig, fit, read_log
+from lepton_mm.robustness import mark_absent
+from lepton_mm.training import (
+    CheckpointMismatchError,
+    OptimizerConfig,
+    evaluate,
+    fit,
+    make_optimizer,
+    read_log,
+)
 
 
 def test_docstring_examples_run():
@@ -289,3 +298,249 @@ def test_blending_an_unknown_head_fails_before_training(tmp_path):
                                          r"encoders"):
         _fit(tmp_path / "t", GradientBlending({FUSED: 1.0, "text": 1.0}))
     assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+
+
+# ---- MMPareto ------------------------------------------------------------------------
+
+
+def test_pareto_combine_matches_the_min_norm_solution_by_hand():
+    # Conflict: <g_m, g_u> = -1, ||g_m||^2 = 5, ||g_u||^2 = 2.
+    g_m, g_u = np.array([2.0, 1.0], np.float32), np.array([-1.0, 1.0], np.float32)
+    direction, alpha, cos = jax.jit(pareto_combine)(g_m, g_u)
+    # alpha* = <g_u - g_m, g_u> / ||g_m - g_u||^2 = (2 + 1) / (5 + 2 + 2) = 1/3
+    assert float(alpha) == pytest.approx(1 / 3, rel=1e-6)
+    assert float(cos) == pytest.approx(-1 / math.sqrt(10), rel=1e-6)
+    h = g_m / 3 + 2 * g_u / 3  # = (0, 1): the min-norm point of the segment
+    np.testing.assert_allclose(h, [0.0, 1.0], atol=1e-7)
+    np.testing.assert_allclose(direction, [0.0, math.sqrt(5)], rtol=1e-6, atol=1e-6)
+    # No conflict: weights 1/2 each, rescaled to ||g_m + g_u||: the sum itself.
+    direction, alpha, cos = pareto_combine(np.array([2.0, 1.0]), np.array([1.0, -1.0]))
+    assert float(alpha) == 0.5 and float(cos) == pytest.approx(1 / math.sqrt(10), rel=1e-6)
+    np.testing.assert_allclose(direction, [3.0, 0.0], rtol=1e-6, atol=1e-7)
+    # Degenerate cases: a zero unimodal gradient leaves g_m; opposite ones give 0.
+    direction, alpha, cos = pareto_combine(np.array([1.0, 2.0]), np.zeros(2))
+    assert float(cos) == 0.0 and float(alpha) == 0.5
+    np.testing.assert_allclose(direction, [1.0, 2.0], rtol=1e-6)
+    direction, _, cos = pareto_combine(np.array([1.0, 2.0]), np.array([-2.0, -4.0]))
+    assert float(cos) == pytest.approx(-1.0)
+    np.testing.assert_allclose(direction, [0.0, 0.0], atol=1e-6)
+
+
+def test_pareto_combine_descends_both_losses_with_the_sums_norm():
+    rng = np.random.default_rng(0)
+    conflicts = 0
+    for _ in range(200):
+        dim = int(rng.integers(2, 20))
+        g_m = rng.normal(size=dim).astype(np.float32)
+        g_u = (rng.normal(size=dim) * rng.uniform(0.1, 5)).astype(np.float32)
+        direction, alpha, cos = pareto_combine(g_m, g_u)
+        d = np.asarray(direction, np.float64)
+        scale = float(np.linalg.norm(g_m) * np.linalg.norm(g_u)) + 1e-12
+        assert d @ g_m >= -1e-5 * scale and d @ g_u >= -1e-5 * scale  # the Pareto property
+        assert np.linalg.norm(d) == pytest.approx(np.linalg.norm(g_m + g_u), rel=1e-5)
+        assert float(cos) == pytest.approx(g_m @ g_u / scale, abs=1e-5)
+        if cos < 0:
+            conflicts += 1
+            assert 0 < float(alpha) < 1
+            assert d @ g_m == pytest.approx(d @ g_u, rel=1e-3, abs=1e-5 * scale)
+        else:
+            np.testing.assert_allclose(d, g_m + g_u, rtol=1e-5, atol=1e-6)
+    assert 20 < conflicts < 180
+    # A pytree is one vector: the same as its leaves concatenated.
+    g_m = {"a": rng.normal(size=(2, 3)).astype(np.float32), "b": np.float32([1.0, -2.0])}
+    g_u = {"a": -g_m["a"] + 0.3, "b": np.float32([0.5, 1.0])}
+    tree, alpha, cos = pareto_combine(g_m, g_u)
+    flat = lambda t: np.concatenate([np.ravel(t["a"]), np.ravel(t["b"])])
+    vector, alpha_v, cos_v = pareto_combine(flat(g_m), flat(g_u))
+    np.testing.assert_allclose(flat(tree), vector, rtol=1e-6)
+    assert float(alpha) == pytest.approx(float(alpha_v)) and float(cos) == pytest.approx(
+        float(cos_v))
+    assert tree["a"].shape == (2, 3) and tree["a"].dtype == np.float32
+    with pytest.raises(ValueError, match="g_u: expected the structure of g_m"):
+        pareto_combine(g_m, {"a": g_u["a"]})
+    with pytest.raises(ValueError, match=r"g_u: leaf 0 has shape \(3,\)"):
+        pareto_combine(np.zeros(2), np.zeros(3))
+    with pytest.raises(ValueError, match="g_m: expected at least one array"):
+        pareto_combine({}, {})
+
+
+def _flat_items(tree):
+    return [("/".join(str(p.key) for p in path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_mmpareto_combines_each_encoders_gradients_and_leaves_fusion_and_head():
+    model, batch = make_model(0), _batch()
+    model.eval()  # no dropout: the hand-computed gradients are the same function
+    batch = {**batch, "valid": np.ones(len(batch["label"]), bool)}
+    task = Classification(3)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.as_pure(params)
+    g_m = jax.grad(lambda p: task.loss(nnx.merge(graphdef, p, rest)(batch), batch,
+                                       batch["valid"]))(params)
+    out, metrics = MMPareto(task).modulate(model, batch, g_m, jax.random.key(0),
+                                           jnp.int32(0))
+    assert set(metrics) == {f"mmpareto/{k}_{u}" for k in ("cos", "alpha", "loss")
+                            for u in ("audio", "image")}
+    assert all(v.shape == () and v.dtype == jnp.float32 for v in metrics.values())
+    got, before = dict(_flat_items(out)), dict(_flat_items(g_m))
+    for name, g in before.items():
+        if not name.startswith("encoders/"):
+            np.testing.assert_array_equal(got[name], g)  # fusion, head: g_m only
+    for u in ("audio", "image"):
+        g_u = jax.grad(lambda p, u=u: unimodal_losses(nnx.merge(graphdef, p, rest), task,
+                                                      batch, [u])[u])(params)
+        names = [n for n in before if n.startswith(f"encoders/{u}/")]
+        vec_m = np.concatenate([np.ravel(before[n]) for n in names])
+        vec_u = np.concatenate([np.ravel(dict(_flat_items(g_u))[n]) for n in names])
+        expected, alpha, _ = pareto_combine(vec_m, vec_u)
+        vec = np.concatenate([np.ravel(got[n]) for n in names])
+        np.testing.assert_allclose(vec, expected, rtol=1e-4, atol=1e-6)
+        assert not np.allclose(vec, vec_m)  # the unimodal loss did change the encoder
+        assert float(metrics[f"mmpareto/cos_{u}"]) == pytest.approx(
+            vec_m @ vec_u / np.linalg.norm(vec_m) / np.linalg.norm(vec_u), abs=1e-5)
+        assert float(metrics[f"mmpareto/alpha_{u}"]) == pytest.approx(float(alpha),
+                                                                     abs=1e-5)
+        assert np.linalg.norm(vec) == pytest.approx(np.linalg.norm(vec_m + vec_u),
+                                                    rel=1e-4)
+    # gamma scales the combined encoder gradients; unlisted encoders keep g_m.
+    scaled, m = MMPareto(task, modalities=("audio",), gamma=2.0).modulate(
+        model, batch, g_m, jax.random.key(0), jnp.int32(0))
+    assert set(m) == {"mmpareto/cos_audio", "mmpareto/alpha_audio", "mmpareto/loss_audio"}
+    for name, g in _flat_items(scaled):
+        if name.startswith("encoders/audio/"):
+            np.testing.assert_allclose(g, 2 * got[name], rtol=1e-5, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(g, before[name])
+
+
+def test_fit_with_mmpareto_logs_the_combination_each_step(tmp_path):
+    strategy = MMPareto(Classification(3))
+    assert strategy == MMPareto(Classification(3)) and hash(strategy) == hash(
+        MMPareto(Classification(3)))
+    assert repr(strategy) == ("MMPareto(task=Classification(num_classes=3, "
+                              "label_smoothing=0.0), modalities=None, gamma=1.0)")
+    _fit(tmp_path / "mmp", strategy, epochs=1)
+    steps = [r for r in read_log(tmp_path / "mmp" / "log.jsonl") if r["kind"] == "step"]
+    assert steps and all({"mmpareto/cos_audio", "mmpareto/cos_image", "mmpareto/alpha_audio",
+                          "mmpareto/alpha_image"} <= set(r) for r in steps)
+    for r in steps:
+        for u in ("audio", "image"):
+            assert -1 - 1e-5 <= r[f"mmpareto/cos_{u}"] <= 1 + 1e-5
+            assert 0 <= r[f"mmpareto/alpha_{u}"] <= 1
+            assert (r[f"mmpareto/alpha_{u}"] == 0.5) == (r[f"mmpareto/cos_{u}"] >= 0)
+    assert all(math.isfinite(r["loss"]) for r in steps)
+
+
+class _UnhashableTask:
+    __hash__ = None
+
+    def loss(self, outputs, batch, valid):
+        return 0.0
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: MMPareto("ce"), TypeError, r"task: expected a task with a loss"),
+    (lambda: MMPareto(_UnhashableTask()), TypeError, r"task: expected a hashable task"),
+    (lambda: MMPareto(Classification(3), modalities="audio"), TypeError,
+     r"modalities: expected a tuple"),
+    (lambda: MMPareto(Classification(3), modalities=()), ValueError,
+     r"modalities: expected one or more distinct"),
+    (lambda: MMPareto(Classification(3), modalities=("audio", "audio")), ValueError,
+     r"modalities: expected one or more distinct"),
+    (lambda: MMPareto(Classification(3), gamma=0.0), ValueError,
+     r"gamma: expected a finite number > 0"),
+    (lambda: MMPareto(Classification(3), gamma=float("nan")), ValueError,
+     r"gamma: expected a finite number > 0"),
+])
+def test_bad_mmpareto_settings(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bad_mmpareto_strategies_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"strategy: MMPareto modalities \['text'\] are not "
+                                         r"encoders"):
+        _fit(tmp_path / "t", MMPareto(Classification(3), modalities=("audio", "text")))
+    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+    with pytest.raises(TypeError, match="strategy: MMPareto needs a model with an `encoders`"):
+        MMPareto(Classification(3)).check(object())
+
+
+# ---- MSLR ----------------------------------------------------------------------------
+
+
+def test_mslr_scales_each_encoders_gradient_exactly_and_nothing_else():
+    model, batch = make_model(0), _batch()
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape) / 3,
+                         nnx.as_pure(nnx.state(model, nnx.Param)))
+    strategy = MSLR({"image": 0.3, "audio": 2.5})
+    assert strategy.scales == (("audio", 2.5), ("image", 0.3))
+    assert strategy == MSLR([("image", 0.3), ("audio", 2.5)])
+    assert hash(strategy) == hash(MSLR({"audio": 2.5, "image": 0.3}))
+    assert repr(strategy) == "MSLR(scales=(('audio', 2.5), ('image', 0.3)))"
+    out, metrics = jax.jit(strategy.modulate)(model, batch, grads, jax.random.key(0),
+                                              jnp.int32(0))
+    assert metrics == {}
+    factors = {"audio": np.float32(2.5), "image": np.float32(0.3)}
+    for (name, g), (_, g0) in zip(_flat_items(out), _flat_items(grads), strict=True):
+        parts = name.split("/")
+        if parts[0] == "encoders":
+            np.testing.assert_array_equal(g, factors[parts[1]] * np.asarray(g0))
+        else:
+            np.testing.assert_array_equal(g, g0)
+    only, _ = MSLR({"audio": 2.0}).modulate(model, batch, grads, None, None)
+    for (name, g), (_, g0) in zip(_flat_items(only), _flat_items(grads), strict=True):
+        expected = 2 * np.asarray(g0) if name.startswith("encoders/audio/") else g0
+        np.testing.assert_array_equal(g, expected)
+
+
+def test_mslr_is_a_learning_rate_under_sgd_but_not_under_adam():
+    model, batch = make_model(0), _batch()
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    strategy = MSLR({"audio": 4.0, "image": 0.25})
+    scaled, _ = strategy.modulate(model, batch, grads, None, None)
+
+    def first_update(config, g):
+        tx = make_optimizer(config)
+        state = tx.init(params)
+        for _ in range(2):  # two steps: momentum carries the factor too
+            updates, state = tx.update(g, state, params)
+        return updates
+
+    sgd = OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9)
+    by_lr = first_update(OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9,
+                                         lr_multipliers=strategy.lr_multipliers()), grads)
+    for a, b in zip(jax.tree.leaves(first_update(sgd, scaled)), jax.tree.leaves(by_lr),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+    adam = OptimizerConfig(name="adam", learning_rate=0.1)
+    for a, b in zip(jax.tree.leaves(first_update(adam, scaled)),
+                    jax.tree.leaves(first_update(adam, grads)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # the factor cancels
+
+
+@pytest.mark.parametrize("scales, error, match", [
+    ({"audio": 0.0}, ValueError, r"scales\['audio'\]: expected a finite number > 0"),
+    ({"audio": -1.0}, ValueError, r"scales\['audio'\]: expected a finite number > 0"),
+    ({"audio": float("nan")}, ValueError, r"scales\['audio'\]: expected a finite number"),
+    ({"audio": float("inf")}, ValueError, r"scales\['audio'\]: expected a finite number"),
+    ({"audio": True}, ValueError, r"scales\['audio'\]: expected a finite number"),
+    ({}, ValueError, r"scales: expected \{modality: factor\} with at least one"),
+    ("audio", TypeError, r"scales: expected \{modality: factor\}"),
+    ({1: 2.0}, TypeError, r"scales: expected modality names"),
+    ([("audio", 1.0), ("audio", 2.0)], ValueError, r"scales: expected each modality once"),
+])
+def test_bad_mslr_scales(scales, error, match):
+    with pytest.raises(error, match=match):
+        MSLR(scales)
+
+
+def test_mslr_of_an_unknown_modality_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"strategy: MSLR scales \['text'\] are not encoders"):
+        _fit(tmp_path / "t", MSLR({"audio": 2.0, "text": 0.5}))
+    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+    with pytest.raises(TypeError, match="strategy: MSLR needs a model with an `encoders`"):
+        MSLR({"audio": 2.0}).check(object())
