@@ -7,7 +7,9 @@ AV-MNIST recipe (LeNet encoders, a 100-unit fused layer, SGD, batch 40) by
 scored once on the test split, also with the audio or the image marked absent, under an
 audio SNR sweep and an image-noise sweep (MultiBench's relative and effective
 robustness; ``docs/results.md``). ``--modality-dropout P`` also trains every fusion
-method with modality dropout, as ``<method>+mdrop``.
+method with modality dropout, as ``<method>+mdrop``; ``--balance ogm_ge,gblend`` with a
+balanced-learning strategy (``lepton_mm.balance``), as ``<method>+ogm_ge`` and
+``<method>+gblend``.
 
 Each finished run is a record in ``results/avmnist/<method>/seed<k>.json``
 (``lepton_mm.harness``): the command trains only the runs without a current record and
@@ -18,6 +20,7 @@ tables and sweep figures of the records without training.
     python experiments/avmnist.py --fusion all --seeds 0,1,2
     python experiments/avmnist.py --fusion all --seeds 0,1,2 --report --out /tmp/avr
     python experiments/avmnist.py --fusion concat,gated --modality-dropout 0.3
+    python experiments/avmnist.py --fusion concat,late --balance ogm_ge,gblend
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ QUICK_METHODS = ("image_only", "audio_only", "concat", "low_rank", "gated")
 NUM_CLASSES = 10
 #: Suffix of the method key of a run trained with modality dropout (``concat+mdrop``).
 MDROP_SUFFIX = "+mdrop"
+#: ``--balance`` strategies (``lepton_mm.balance``): the method key of a fusion method
+#: trained with one is ``<method>+<name>`` (``concat+ogm_ge``).
+BALANCE = {"ogm_ge": "OGM-GE (Peng et al. 2022)",
+           "gblend": "offline Gradient Blending (Wang et al. 2020)"}
 #: Effective robustness is measured against this method: MultiBench's "LF" baseline,
 #: late fusion by concatenating the encoders' features (MultiBench's ``Concat``).
 REFERENCE_METHOD = "concat"
@@ -90,6 +97,17 @@ class AVMNISTConfig:
       modality_dropout: if > 0, every fusion method is also trained with
         ``fit(modality_dropout=...)`` (each example drops each modality with this
         probability, keeping at least one) as method ``<name>+mdrop``.
+      balance: balanced-learning strategies (keys of ``BALANCE``); every fusion method
+        is also trained with each, as method ``<name>+<strategy>``.
+      ogm_alpha: OGM-GE's modulation strength ``alpha`` (``+ogm_ge`` runs; not tuned:
+        the middle of the 0.1-1.0 range the paper reports).
+      gblend_pilot: ``(n, n + dn)``: a ``+gblend`` run first trains a pilot of the same
+        model for ``n + dn`` epochs, measures each head's training and validation loss
+        (``head_losses``) after epochs ``n`` and ``n + dn``, and takes the blend's
+        weights from them (``gradient_blending_weights``); the model is then trained
+        from its initialisation with that blend.
+      gblend_train_examples: the training examples the pilot's training losses are
+        measured on (the first ones; the validation losses use the whole split).
       robustness: test every trained model with a modality absent and under the two
         sweeps (``robustness_results``).
       snr_sweep: audio SNRs (dB) of the robustness sweep, strictly decreasing.
@@ -119,6 +137,10 @@ class AVMNISTConfig:
     checkpoint_every: int | None = 500
     progress: bool | None = None
     modality_dropout: float = 0.0
+    balance: tuple[str, ...] = ()
+    ogm_alpha: float = 0.5
+    gblend_pilot: tuple[int, ...] = (1, 2)
+    gblend_train_examples: int = 5000
     robustness: bool = True
     snr_sweep: tuple[float, ...] = SNR_SWEEP
     image_noise_sweep: tuple[float, ...] = IMAGE_NOISE_SWEEP
@@ -133,6 +155,18 @@ class AVMNISTConfig:
             raise ValueError(f"modality_dropout: expected a rate in [0, 1), got "
                              f"{self.modality_dropout!r}.")
         object.__setattr__(self, "modality_dropout", float(self.modality_dropout))
+        balance = tuple(dict.fromkeys(self.balance))
+        unknown = [b for b in balance if b not in BALANCE]
+        if unknown:
+            raise ValueError(f"balance: unknown strategies {unknown}; known: {list(BALANCE)}.")
+        object.__setattr__(self, "balance", balance)
+        if not (math.isfinite(float(self.ogm_alpha)) and float(self.ogm_alpha) > 0):
+            raise ValueError(f"ogm_alpha: expected a number > 0, got {self.ogm_alpha!r}.")
+        pilot = tuple(int(e) for e in self.gblend_pilot)
+        if len(pilot) != 2 or not 1 <= pilot[0] < pilot[1]:
+            raise ValueError(f"gblend_pilot: expected two epochs 1 <= n < m, got "
+                             f"{list(self.gblend_pilot)}.")
+        object.__setattr__(self, "gblend_pilot", pilot)
         for name, sign in (("snr_sweep", -1), ("image_noise_sweep", 1)):
             levels = tuple(float(v) for v in getattr(self, name))
             steps = np.diff(levels)
@@ -158,17 +192,19 @@ def quick_config(**overrides: Any) -> AVMNISTConfig:
     return AVMNISTConfig(**{**base, **overrides})
 
 
-def split_method(method: str) -> tuple[str, bool]:
-    """``"concat+mdrop"`` -> ``("concat", True)``; ``"concat"`` -> ``("concat", False)``."""
-    if method.endswith(MDROP_SUFFIX):
-        return method[:-len(MDROP_SUFFIX)], True
-    return method, False
+def split_method(method: str) -> tuple[str, str | None]:
+    """A method key -> ``(fusion method, training variant)``: ``"concat+mdrop"`` ->
+    ``("concat", "mdrop")``, ``"concat+ogm_ge"`` -> ``("concat", "ogm_ge")``,
+    ``"concat"`` -> ``("concat", None)``."""
+    base, plus, variant = method.partition("+")
+    return (base, variant) if plus else (method, None)
 
 
 def resolve_methods(config: AVMNISTConfig) -> list[str]:
     """The method keys to run, validated (before any computation).
 
-    With ``modality_dropout > 0`` each fusion method ``m`` is followed by ``m+mdrop``.
+    With ``modality_dropout > 0`` each fusion method ``m`` is followed by ``m+mdrop``,
+    then by ``m+<strategy>`` for each of ``balance``.
     """
     from lepton_mm.fusion import FUSIONS
 
@@ -181,10 +217,10 @@ def resolve_methods(config: AVMNISTConfig) -> list[str]:
                 raise ValueError(f"Unrecognized method: {m!r}. Known: {known} (or 'all'); "
                                  "train with modality dropout via --modality-dropout.")
         methods = list(dict.fromkeys(config.methods))
-    if not config.modality_dropout:
-        return methods
+    variants = [*([MDROP_SUFFIX] if config.modality_dropout else []),
+                *(f"+{b}" for b in config.balance)]
     return [k for m in methods
-            for k in ((m,) if m in UNIMODAL else (m, m + MDROP_SUFFIX))]
+            for k in ((m,) if m in UNIMODAL else (m, *(m + v for v in variants)))]
 
 
 def make_data(config: AVMNISTConfig) -> dict[str, Any]:
@@ -317,14 +353,17 @@ class AVMNIST(harness.Experiment):
     extra_methods = PEER_METHODS
     not_recorded = ("methods", "seeds", "workdir", "results", "progress",
                     "checkpoint_every", "modality_dropout", "robustness", "snr_sweep",
-                    "image_noise_sweep")
+                    "image_noise_sweep", "balance", "ogm_alpha", "gblend_pilot",
+                    "gblend_train_examples")
     flags = (("data_seed", "--data-seed"), ("snr_db", "--snr-db"), ("epochs", "--epochs"),
              ("batch_size", "--batch-size"),
              ("learning_rate", "--learning-rate"), ("num_train", "--num-train"),
              ("num_val", "--num-val"), ("num_test", "--num-test"),
              ("robustness", "--robustness"), ("snr_sweep", "--snr-sweep"),
              ("image_noise_sweep", "--image-noise"))
-    method_fields = ("modality_dropout",)  # --modality-dropout, from method_args
+    # --modality-dropout, --balance and the strategies' settings, from method_args
+    method_fields = ("modality_dropout", "balance", "ogm_alpha", "gblend_pilot",
+                     "gblend_train_examples")
     figures = tuple(f"{sweep}_sweep.png" for sweep in _SWEEPS)
 
     def methods(self) -> list[str]:
@@ -334,18 +373,32 @@ class AVMNIST(harness.Experiment):
         return quick_config() if self.config.quick else AVMNISTConfig()
 
     def method_args(self, method: str) -> list[str]:
-        base, mdrop = split_method(method)
-        return [f"--fusion {base}", *([f"--modality-dropout {self.config.modality_dropout:g}"]
-                                      if mdrop else [])]
+        base, variant = split_method(method)
+        config = self.config
+        args = [f"--fusion {base}"]
+        if variant == "mdrop":
+            args.append(f"--modality-dropout {config.modality_dropout:g}")
+        elif variant == "ogm_ge":
+            args.append(f"--balance ogm_ge --ogm-alpha {config.ogm_alpha:g}")
+        elif variant == "gblend":
+            args.append(f"--balance gblend --gblend-pilot {','.join(map(str, config.gblend_pilot))}"
+                        f" --gblend-train-examples {config.gblend_train_examples}")
+        return args
 
     def run_config(self, method: str) -> dict[str, Any]:
-        """The training settings, the modality-dropout rate of ``+mdrop`` runs and the
-        robustness protocol (when evaluated)."""
+        """The training settings, the modality-dropout rate of ``+mdrop`` runs, the
+        strategy of ``--balance`` runs and the robustness protocol (when evaluated)."""
         from lepton_mm.data.avmnist import SPLIT_SIZES
 
         out = super().run_config(method)
-        if split_method(method)[1]:
+        variant = split_method(method)[1]
+        if variant == "mdrop":
             out["modality_dropout"] = self.config.modality_dropout
+        elif variant == "ogm_ge":
+            out["strategy"] = {"name": "ogm_ge", "alpha": self.config.ogm_alpha}
+        elif variant == "gblend":
+            out["strategy"] = {"name": "gblend", "pilot_epochs": list(self.config.gblend_pilot),
+                               "pilot_train_examples": self.config.gblend_train_examples}
         if self.config.robustness:
             out["robustness"] = robustness_protocol(
                 self.config, self.config.num_test or SPLIT_SIZES["test"])
@@ -361,24 +414,21 @@ class AVMNIST(harness.Experiment):
         """Trains (or resumes) one run; the test split is scored once, by the robustness
         pass's both-modalities condition (so the table's test accuracy and the sweep's
         training-SNR point are the same number)."""
-        from lepton_mm.experiment import config_hash
-        from lepton_mm.models import Classification
-        from lepton_mm.training import OptimizerConfig, fit, seed_rngs
+        from lepton_mm.balance import OGMGE, GradientBlending
+        from lepton_mm.training import seed_rngs
 
-        config, (base, mdrop) = self.config, split_method(key.method)
+        config, (base, variant) = self.config, split_method(key.method)
         start = time.perf_counter()
+        extra: dict[str, Any] = {}
+        strategy = None
+        if variant == "ogm_ge":
+            strategy = OGMGE(alpha=config.ogm_alpha)
+        elif variant == "gblend":
+            weights, losses = self.gblend_weights(key, data, workdir / "gblend_pilot")
+            strategy = GradientBlending(weights)
+            extra.update(gblend_weights=weights, gblend_head_losses=losses)
         model = build_model(config, base, seed_rngs(key.seed))
-        fitted = fit(
-            model, Classification(NUM_CLASSES), data["train"], eval_data=data["val"],
-            workdir=workdir, optimizer=OptimizerConfig(
-                name="sgd", learning_rate=config.learning_rate, momentum=config.momentum,
-                weight_decay=config.weight_decay),
-            epochs=config.epochs, batch_size=config.batch_size,
-            eval_batch_size=config.eval_batch_size or config.batch_size, seed=key.seed,
-            monitor="accuracy", mode="max",
-            modality_dropout=config.modality_dropout if mdrop else 0.0,
-            checkpoint_every=config.checkpoint_every, progress=config.progress,
-            tensorboard=False, config={"hash": config_hash(self.run_config(key.method))})
+        fitted = self.fit(key, model, data, workdir, epochs=config.epochs, strategy=strategy)
         facts = harness.fit_facts(fitted, time.perf_counter() - start)
         rob = robustness_results(config, key.method, model, data, full=config.robustness)
         predictions = rob.pop("test_predictions")
@@ -389,7 +439,59 @@ class AVMNIST(harness.Experiment):
                 "robustness": rob if config.robustness else None,
                 "params": fitted.num_params,
                 "seconds_per_epoch": facts["seconds_per_epoch"],
-                "extra": {"resumed_from": fitted.resumed_from}}
+                "extra": {"resumed_from": fitted.resumed_from, **extra}}
+
+    def fit(self, key: RunKey, model: Any, data: dict[str, Any], workdir: Path, *,
+            epochs: int, strategy: Any = None) -> Any:
+        """``lepton_mm.training.fit`` with the recipe: SGD, the best validation epoch
+        kept, ``+mdrop`` runs with modality dropout."""
+        from lepton_mm.experiment import config_hash
+        from lepton_mm.models import Classification
+        from lepton_mm.training import OptimizerConfig, fit
+
+        config, variant = self.config, split_method(key.method)[1]
+        return fit(
+            model, Classification(NUM_CLASSES), data["train"], eval_data=data["val"],
+            workdir=workdir, optimizer=OptimizerConfig(
+                name="sgd", learning_rate=config.learning_rate, momentum=config.momentum,
+                weight_decay=config.weight_decay),
+            epochs=epochs, batch_size=config.batch_size,
+            eval_batch_size=config.eval_batch_size or config.batch_size, seed=key.seed,
+            monitor="accuracy", mode="max",
+            modality_dropout=config.modality_dropout if variant == "mdrop" else 0.0,
+            strategy=strategy, checkpoint_every=config.checkpoint_every,
+            progress=config.progress, tensorboard=False,
+            config={"hash": config_hash(self.run_config(key.method))})
+
+    def gblend_weights(self, key: RunKey, data: dict[str, Any],
+                       where: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        """Offline Gradient Blending's weights for ``key``'s run: a pilot of the same
+        model (same seed) trained plain in ``where`` (resumable), each head's training
+        and validation loss (``head_losses``) after epochs ``n`` and ``n + dn``
+        (``config.gblend_pilot``), then ``gradient_blending_weights``.
+
+        Returns:
+          ``(weights, {"epoch <n>": {"train": {head: loss}, "val": {...}}, ...})``.
+        """
+        import jax
+
+        from lepton_mm.balance import gradient_blending_weights, head_losses
+        from lepton_mm.models import Classification
+        from lepton_mm.training import seed_rngs
+
+        config = self.config
+        train = jax.tree.map(lambda a: a[:config.gblend_train_examples], data["train"])
+        model = build_model(config, split_method(key.method)[0], seed_rngs(key.seed))
+        losses = {}
+        for epochs in config.gblend_pilot:  # the second call resumes the first's run
+            self.fit(key, model, data, where, epochs=epochs)
+            losses[f"epoch {epochs}"] = {
+                split: head_losses(model, Classification(NUM_CLASSES), arrays,
+                                   batch_size=config.eval_batch_size or config.batch_size)
+                for split, arrays in (("train", train), ("val", data["val"]))}
+        first, last = (losses[f"epoch {e}"] for e in config.gblend_pilot)
+        pairs = lambda at: {h: (at["train"][h], at["val"][h]) for h in at["train"]}
+        return gradient_blending_weights(pairs(first), pairs(last)), losses
 
     def describe(self, record: dict[str, Any]) -> str:
         rob = record.get("robustness") or {}
@@ -504,12 +606,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[AVMNISTConfig, argparse.N
     parser.add_argument("--modality-dropout", type=float, default=None, metavar="P",
                         help="also train every fusion method with modality dropout at "
                              "rate P, as <method>+mdrop")
+    parser.add_argument("--balance", default=None, metavar="NAMES",
+                        help="also train every fusion method with each balanced-learning "
+                             f"strategy ({', '.join(BALANCE)}), as <method>+<name>")
+    parser.add_argument("--ogm-alpha", type=float, default=None, metavar="A",
+                        help="OGM-GE's alpha for +ogm_ge runs (default 0.5)")
+    parser.add_argument("--gblend-pilot", default=None, metavar="N,M",
+                        help="epochs after which a +gblend run's pilot measures the heads' "
+                             "losses (default 1,2)")
+    parser.add_argument("--gblend-train-examples", type=int, default=None, metavar="K",
+                        help="training examples the pilot's training losses use "
+                             "(default 5000)")
     args = parser.parse_args(argv)
     overrides = {**harness.base_overrides(parser, args, "avmnist"),
                  **harness.config_file(parser, args, AVMNISTConfig),
                  **harness.flag_overrides(args, AVMNIST)}
     if args.modality_dropout is not None:
         overrides["modality_dropout"] = args.modality_dropout
+    if args.balance is not None:
+        overrides["balance"] = tuple(b for b in args.balance.split(",") if b)
+    for name in ("ogm_alpha", "gblend_train_examples"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.gblend_pilot is not None:
+        overrides["gblend_pilot"] = tuple(int(e) for e in args.gblend_pilot.split(","))
     if args.fusion is not None:
         overrides["methods"] = tuple(m for m in args.fusion.split(",") if m)
     return (quick_config if args.quick else AVMNISTConfig)(**overrides), args

@@ -42,7 +42,8 @@ def test_every_run_has_its_own_config_and_command(avmnist):
                                     "--modality-dropout", "0.3", "--epochs", "3"])
     assert avmnist.resolve_methods(config) == [
         "image_only", "concat", "concat+mdrop", "gated", "gated+mdrop"]
-    assert avmnist.split_method("gated+mdrop") == ("gated", True)
+    assert avmnist.split_method("gated+mdrop") == ("gated", "mdrop")
+    assert avmnist.split_method("gated") == ("gated", None)
     plain = avmnist.AVMNIST(config).run_config("concat")
     mdrop = avmnist.AVMNIST(config).run_config("concat+mdrop")
     assert "modality_dropout" not in plain
@@ -72,6 +73,35 @@ def test_every_run_has_its_own_config_and_command(avmnist):
         dataclasses.replace(sweeps, data_seed=3)).run_config("concat")
     quiet = avmnist.AVMNIST(dataclasses.replace(config, robustness=False))
     assert "--no-robustness" in quiet.command(RunKey("avmnist", "concat", 0))
+
+
+def test_balance_strategies_are_runs_of_their_own(avmnist):
+    from lepton_mm.experiment import RunKey
+
+    config, _ = avmnist.parse_args(["--fusion", "audio_only,concat", "--balance",
+                                    "ogm_ge,gblend", "--ogm-alpha", "0.3",
+                                    "--gblend-pilot", "2,3"])
+    assert avmnist.resolve_methods(config) == [
+        "audio_only", "concat", "concat+ogm_ge", "concat+gblend"]
+    plain = avmnist.AVMNIST(avmnist.AVMNISTConfig()).run_config("concat")
+    # Adding strategies leaves the plain runs' configs (and so their records) alone.
+    assert avmnist.AVMNIST(config).run_config("concat") == plain
+    assert avmnist.AVMNIST(config).run_config("concat+ogm_ge") == {
+        **plain, "method": "concat+ogm_ge", "strategy": {"name": "ogm_ge", "alpha": 0.3}}
+    assert avmnist.AVMNIST(config).run_config("concat+gblend")["strategy"] == {
+        "name": "gblend", "pilot_epochs": [2, 3], "pilot_train_examples": 5000}
+    for method in ("concat+ogm_ge", "concat+gblend"):
+        command = avmnist.AVMNIST(config).command(RunKey("avmnist", method, 1))
+        again, _ = avmnist.parse_args(command.split()[2:])
+        assert method in avmnist.resolve_methods(again)
+        assert avmnist.AVMNIST(again).run_config(method) == avmnist.AVMNIST(
+            config).run_config(method)
+    with pytest.raises(ValueError, match=r"balance: unknown strategies \['pmr'\]"):
+        avmnist.AVMNISTConfig(balance=("pmr",))
+    with pytest.raises(ValueError, match="ogm_alpha"):
+        avmnist.AVMNISTConfig(ogm_alpha=0.0)
+    with pytest.raises(ValueError, match="gblend_pilot"):
+        avmnist.AVMNISTConfig(gblend_pilot=(2, 2))
 
 
 def test_bad_names_fail_before_compute(avmnist, tmp_path, capsys):
@@ -202,3 +232,36 @@ def test_modality_dropout_trains_a_separate_run(avmnist, tmp_path):
     meta = Checkpointer(run_dir, read_only=True).read_meta()
     assert meta["config"]["modality_dropout"] == 0.5
     assert "| concat+mdrop |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_balanced_runs_train_with_their_strategy(avmnist, tmp_path):
+    """The experiment's train() of +ogm_ge and +gblend runs (the harness around it is
+    the one the other runs use; the strategies themselves: tests/test_balance.py)."""
+    from lepton_mm.experiment import RunKey
+    from lepton_mm.training import Checkpointer, read_log
+
+    config = avmnist.quick_config(
+        methods=("concat",), num_train=320, num_val=64, num_test=32, epochs=1,
+        balance=("ogm_ge", "gblend"), gblend_train_examples=64, robustness=False,
+        workdir=str(tmp_path), results=str(tmp_path / "results"), progress=False)
+    experiment = avmnist.AVMNIST(config)
+    keys = [RunKey("avmnist", m, 0) for m in ("concat+ogm_ge", "concat+gblend")]
+    data = experiment.prepare(keys)
+
+    experiment.train(keys[0], data, tmp_path / "ogm")
+    assert "OGMGE(alpha=0.5" in Checkpointer(tmp_path / "ogm", read_only=True).read_meta()[
+        "config"]["strategy"]
+    assert any("ogm/coeff_image" in r for r in read_log(tmp_path / "ogm" / "log.jsonl"))
+
+    fields = experiment.train(keys[1], data, tmp_path / "gblend")
+    weights = fields["extra"]["gblend_weights"]
+    assert set(weights) == {"fused", "audio", "image"}
+    assert sum(weights.values()) == pytest.approx(2.0)  # the paper's normalisation
+    losses = fields["extra"]["gblend_head_losses"]
+    assert set(losses) == {"epoch 1", "epoch 2"}
+    assert set(losses["epoch 2"]["val"]) == set(weights)
+    pilot = read_log(tmp_path / "gblend" / "gblend_pilot" / "log.jsonl")
+    assert max(r["epoch"] for r in pilot if r["kind"] == "epoch") == 2
+    assert "GradientBlending(weights=" in Checkpointer(
+        tmp_path / "gblend", read_only=True).read_meta()["config"]["strategy"]
