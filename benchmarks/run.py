@@ -19,6 +19,12 @@ above 1 means lepton_mm is faster):
   tried) and that variant with the whole step under ``torch.compile`` (compile time
   reported); ``ratio_eager`` and ``ratio_compiled`` are kept beside ``ratio``.
 * ``train_step_cross_attention`` (``_b40``): linear token encoders + MulT fusion.
+* ``train_step_concat_bf16`` / ``train_step_cross_attention_bf16`` (batch 128): the
+  same steps in mixed precision, as ``fit(compute_dtype=jnp.bfloat16)`` runs them
+  (bfloat16 copies of the parameters and inputs; float32 batch statistics, logits for
+  the loss and master weights), against the fastest eager PyTorch variant with the
+  forward and loss under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (no
+  ``torch.compile`` peer).
 * ``log_mel``: ``log_mel_spectrogram`` (jit + vmap) on 256 one-second FSDD clips against
   one batched ``librosa.feature.melspectrogram`` call (scipy's FFT on all cores); the
   per-clip librosa loop is a second row (``alternative_per_clip``). Includes the max dB
@@ -87,8 +93,11 @@ from flax import nnx  # noqa: E402
 TRAIN_MODELS = ("concat", "low_rank", "cross_attention")
 TRAIN_PAIRS = (*(f"train_step_{m}" for m in TRAIN_MODELS),
                *(f"train_step_{m}_b40" for m in TRAIN_MODELS))
+#: bfloat16 compute (float32 master weights) against PyTorch under bfloat16 autocast.
+BF16_MODELS = ("concat", "cross_attention")
+BF16_PAIRS = tuple(f"train_step_{m}_bf16" for m in BF16_MODELS)
 EPOCH_PAIRS = ("epoch_avmnist", "epoch_avmnist_b128")
-PAIRS = (*TRAIN_PAIRS, "log_mel", "sentence_encoder", *EPOCH_PAIRS)
+PAIRS = (*TRAIN_PAIRS, *BF16_PAIRS, "log_mel", "sentence_encoder", *EPOCH_PAIRS)
 #: ``--only`` also takes these (not pairs of their own).
 EXTRA_KEYS = ("cold_start",)
 
@@ -127,6 +136,7 @@ TARGETS = {
     "train_step_cross_attention_b40": None,
     "log_mel": 10.0, "sentence_encoder": 1.0,
     "epoch_avmnist": None, "epoch_avmnist_b128": None,
+    "train_step_concat_bf16": 1.0, "train_step_cross_attention_bf16": 1.0,
 }
 ROOFLINE_TARGET = 0.40
 COMPILE_TARGET_S = 5.0
@@ -355,21 +365,36 @@ def build_lepton_model(name: str, config: dict[str, Any]) -> nnx.Module:
                                        audio=config["audio_lenet"], rngs=rngs)
 
 
-def lepton_train_step(model: nnx.Module) -> tuple[Callable, Any]:
-    """A jitted Adam step over the split state (graphdef static, state donated)."""
+def lepton_train_step(model: nnx.Module, compute_dtype: Any = None) -> tuple[Callable, Any]:
+    """A jitted Adam step over the split state (graphdef static, state donated).
+
+    ``compute_dtype=jnp.bfloat16``: mixed precision as ``fit`` runs it (bfloat16 copies of
+    the float parameters and inputs; batch statistics, logits for the loss, gradients
+    and updates float32)."""
     tx = optax.adam(LEARNING_RATE)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     state = (params, rest, tx.init(params))
 
+    def low(tree):
+        return jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(
+            x.dtype, jnp.floating) else x, tree)
+
     def step(state, batch):
         params, rest, opt_state = state
 
         def loss(params):
-            m = nnx.merge(graphdef, params, rest)
-            value = lepton_models.loss_fn(m, batch)
+            if compute_dtype is None:
+                m = nnx.merge(graphdef, params, rest)
+                value = lepton_models.loss_fn(m, batch)
+            else:
+                m = nnx.merge(graphdef, low(params), rest)
+                value = lepton_models.loss_fn(
+                    lambda inputs: m(low(inputs)).astype(jnp.float32), batch)
             _, _, new_rest = nnx.split(m, nnx.Param, ...)
-            return value, nnx.as_pure(new_rest)
+            new_rest = jax.tree.map(lambda n, o: n.astype(o.dtype), nnx.as_pure(new_rest),
+                                    rest)
+            return value, new_rest
 
         (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -463,7 +488,8 @@ def _time_calls(run: Callable[[], Any], warmup: int, repeats: int) -> list[float
 
 
 def _torch_sides(name: str, config: dict[str, Any], batch: dict[str, np.ndarray],
-                 n_params: int, compile_torch: bool) -> dict[str, Any]:
+                 n_params: int, compile_torch: bool, *, autocast: bool = False
+                 ) -> dict[str, Any]:
     """The PyTorch peers of one train-step pair.
 
     Tries every ``torch_models.EAGER_VARIANTS`` (``variant_repeats`` timed steps each
@@ -493,7 +519,7 @@ def _torch_sides(name: str, config: dict[str, Any], batch: dict[str, np.ndarray]
             continue
         try:
             run = torch_models.train_step(torch_models.build_twin(name, spec), batch,
-                                          lr=LEARNING_RATE, **variant)
+                                          lr=LEARNING_RATE, autocast=autocast, **variant)
             times = _time_calls(run, 2, config["variant_repeats"])
         except Exception as err:  # a variant this build cannot run is reported
             variants[label] = {**variant, **_error(err)}
@@ -521,7 +547,8 @@ def _torch_sides(name: str, config: dict[str, Any], batch: dict[str, np.ndarray]
                                      "dynamic": False, "backend": "inductor"}
     try:
         run = torch_models.train_step(torch_models.build_twin(name, spec), batch,
-                                      lr=LEARNING_RATE, compiled=True, **settings)
+                                      lr=LEARNING_RATE, compiled=True, autocast=autocast,
+                                      **settings)
         start = time.perf_counter()
         run()
         compiled_info["compile_s"] = time.perf_counter() - start  # first call
@@ -537,14 +564,15 @@ def _torch_sides(name: str, config: dict[str, Any], batch: dict[str, np.ndarray]
 
 
 def bench_train_step(name: str, config: dict[str, Any], batch_size: int | None = None,
-                     *, compile_torch: bool = False) -> dict[str, Any]:
+                     *, compile_torch: bool = False, bf16: bool = False) -> dict[str, Any]:
     """One pair: lepton_mm's jitted step against the faster of PyTorch's eager and
-    ``torch.compile`` peers (both kept in the entry)."""
+    ``torch.compile`` peers (both kept in the entry); ``bf16``: both in mixed
+    precision (``lepton_train_step``'s ``compute_dtype``, PyTorch's autocast)."""
     batch_size = config["batch_size"] if batch_size is None else batch_size
     batch = _train_batch(config, batch_size)
     model = build_lepton_model(name, config)
     n_params = lepton_models.param_count(model)
-    step, state = lepton_train_step(model)
+    step, state = lepton_train_step(model, jnp.bfloat16 if bf16 else None)
     jax_batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     start = time.perf_counter()
@@ -563,7 +591,7 @@ def bench_train_step(name: str, config: dict[str, Any], batch_size: int | None =
     skipped = torch if isinstance(torch, str) else None
     peers: dict[str, Any] = {}
     if skipped is None:
-        peers = _torch_sides(name, config, batch, n_params, compile_torch)
+        peers = _torch_sides(name, config, batch, n_params, compile_torch, autocast=bf16)
         sides.update(peers["runs"])
     load = _load()
     times = interleave(sides, warmup=config["warmup"], repeats=config["train_repeats"])
@@ -606,7 +634,8 @@ def bench_train_step(name: str, config: dict[str, Any], batch_size: int | None =
         "model": name,
         "batch_size": batch_size,
         "audio_frames": config["audio_frames"],
-        "dtype": "float32",
+        "dtype": ("bfloat16 compute, float32 master weights (PyTorch: autocast bfloat16)"
+                  if bf16 else "float32"),
         "optimizer": f"adam(lr={LEARNING_RATE})",
         "params": {"lepton_mm": n_params, "pytorch": peers.get("params")},
         "compile_s": compile_s,
@@ -1404,6 +1433,11 @@ def run(config: dict[str, Any], *, quick: bool, only: set[str] | None,
                     name, config, batch_size,
                     compile_torch=compile_torch and key in config["torch_compile_pairs"])
                 _progress(key, results[key])
+    for name in BF16_MODELS:
+        key = f"train_step_{name}_bf16"
+        if want(key):
+            results[key] = bench_train_step(name, config, config["batch_size"], bf16=True)
+            _progress(key, results[key])
     if want("log_mel"):
         results["log_mel"] = bench_log_mel(config)
         _progress("log_mel", results["log_mel"])

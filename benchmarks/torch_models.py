@@ -369,14 +369,16 @@ def _adam(model: nn.Module, lr: float, optimizer: str) -> torch.optim.Optimizer:
 
 def train_step(model: nn.Module, batch: dict[str, np.ndarray], *, lr: float,
                optimizer: str = "for_loop", channels_last: bool = False,
-               compiled: bool = False):
+               compiled: bool = False, autocast: bool = False):
     """One training step as a PyTorch user writes it: zero_grad, forward,
     cross-entropy, backward, Adam. Returns ``step() -> loss``.
 
     ``optimizer``: Adam's implementation (``for_loop``: the CPU default, ``foreach``,
     ``fused``); ``channels_last``: model and images in NHWC memory format (the convs'
     oneDNN path); ``compiled``: the whole step under ``torch.compile`` (inductor,
-    static shapes; compiles on the first call).
+    static shapes; compiles on the first call); ``autocast``: the forward and the loss
+    under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (mixed precision; float32
+    parameters and optimizer).
     """
     images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
     if channels_last:
@@ -389,7 +391,8 @@ def train_step(model: nn.Module, batch: dict[str, np.ndarray], *, lr: float,
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images, log_mel), labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(images, log_mel), labels)
         loss.backward()
         opt.step()
         return loss

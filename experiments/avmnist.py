@@ -8,8 +8,8 @@ scored once on the test split, also with the audio or the image marked absent, u
 audio SNR sweep and an image-noise sweep (MultiBench's relative and effective
 robustness; ``docs/results.md``). ``--modality-dropout P`` also trains every fusion
 method with modality dropout, as ``<method>+mdrop``; ``--balance ogm_ge,gblend`` with a
-balanced-learning strategy (``lepton_mm.balance``), as ``<method>+ogm_ge`` and
-``<method>+gblend``.
+balanced-learning strategy (``lepton_mm.balance``), as ``<method>+ogm_ge``,
+``<method>+gblend`` and ``<method>+mmpareto``.
 
 Each finished run is a record in ``results/avmnist/<method>/seed<k>.json``
 (``lepton_mm.harness``): the command trains only the runs without a current record and
@@ -20,7 +20,7 @@ tables and sweep figures of the records without training.
     python experiments/avmnist.py --fusion all --seeds 0,1,2
     python experiments/avmnist.py --fusion all --seeds 0,1,2 --report --out /tmp/avr
     python experiments/avmnist.py --fusion concat,gated --modality-dropout 0.3
-    python experiments/avmnist.py --fusion concat,late --balance ogm_ge,gblend
+    python experiments/avmnist.py --fusion concat,late --balance ogm_ge,gblend,mmpareto
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ MDROP_SUFFIX = "+mdrop"
 #: ``--balance`` strategies (``lepton_mm.balance``): the method key of a fusion method
 #: trained with one is ``<method>+<name>`` (``concat+ogm_ge``).
 BALANCE = {"ogm_ge": "OGM-GE (Peng et al. 2022)",
-           "gblend": "offline Gradient Blending (Wang et al. 2020)"}
+           "gblend": "offline Gradient Blending (Wang et al. 2020)",
+           "mmpareto": "MMPareto (Wei & Hu 2024)"}
 #: Effective robustness is measured against this method: MultiBench's "LF" baseline,
 #: late fusion by concatenating the encoders' features (MultiBench's ``Concat``).
 REFERENCE_METHOD = "concat"
@@ -380,6 +381,8 @@ class AVMNIST(harness.Experiment):
             args.append(f"--modality-dropout {config.modality_dropout:g}")
         elif variant == "ogm_ge":
             args.append(f"--balance ogm_ge --ogm-alpha {config.ogm_alpha:g}")
+        elif variant == "mmpareto":
+            args.append("--balance mmpareto")
         elif variant == "gblend":
             args.append(f"--balance gblend --gblend-pilot {','.join(map(str, config.gblend_pilot))}"
                         f" --gblend-train-examples {config.gblend_train_examples}")
@@ -396,6 +399,8 @@ class AVMNIST(harness.Experiment):
             out["modality_dropout"] = self.config.modality_dropout
         elif variant == "ogm_ge":
             out["strategy"] = {"name": "ogm_ge", "alpha": self.config.ogm_alpha}
+        elif variant == "mmpareto":
+            out["strategy"] = {"name": "mmpareto", "gamma": 1.0}
         elif variant == "gblend":
             out["strategy"] = {"name": "gblend", "pilot_epochs": list(self.config.gblend_pilot),
                                "pilot_train_examples": self.config.gblend_train_examples}
@@ -414,19 +419,11 @@ class AVMNIST(harness.Experiment):
         """Trains (or resumes) one run; the test split is scored once, by the robustness
         pass's both-modalities condition (so the table's test accuracy and the sweep's
         training-SNR point are the same number)."""
-        from lepton_mm.balance import OGMGE, GradientBlending
         from lepton_mm.training import seed_rngs
 
-        config, (base, variant) = self.config, split_method(key.method)
+        config, base = self.config, split_method(key.method)[0]
         start = time.perf_counter()
-        extra: dict[str, Any] = {}
-        strategy = None
-        if variant == "ogm_ge":
-            strategy = OGMGE(alpha=config.ogm_alpha)
-        elif variant == "gblend":
-            weights, losses = self.gblend_weights(key, data, workdir / "gblend_pilot")
-            strategy = GradientBlending(weights)
-            extra.update(gblend_weights=weights, gblend_head_losses=losses)
+        strategy, extra = self.strategy(key, data, workdir)
         model = build_model(config, base, seed_rngs(key.seed))
         fitted = self.fit(key, model, data, workdir, epochs=config.epochs, strategy=strategy)
         facts = harness.fit_facts(fitted, time.perf_counter() - start)
@@ -440,6 +437,24 @@ class AVMNIST(harness.Experiment):
                 "params": fitted.num_params,
                 "seconds_per_epoch": facts["seconds_per_epoch"],
                 "extra": {"resumed_from": fitted.resumed_from, **extra}}
+
+    def strategy(self, key: RunKey, data: dict[str, Any] | None,
+                 workdir: Path | None) -> tuple[Any, dict[str, Any]]:
+        """``fit``'s ``strategy`` for ``key``'s run (None unless ``--balance``) and what
+        its record keeps about it (``+gblend``: the pilot's weights and losses)."""
+        from lepton_mm.balance import OGMGE, GradientBlending, MMPareto
+        from lepton_mm.models import Classification
+
+        variant = split_method(key.method)[1]
+        if variant == "ogm_ge":
+            return OGMGE(alpha=self.config.ogm_alpha), {}
+        if variant == "mmpareto":
+            return MMPareto(Classification(NUM_CLASSES)), {}
+        if variant == "gblend":
+            weights, losses = self.gblend_weights(key, data, workdir / "gblend_pilot")
+            return GradientBlending(weights), {"gblend_weights": weights,
+                                               "gblend_head_losses": losses}
+        return None, {}
 
     def fit(self, key: RunKey, model: Any, data: dict[str, Any], workdir: Path, *,
             epochs: int, strategy: Any = None) -> Any:

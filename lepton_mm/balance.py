@@ -305,9 +305,9 @@ def gradient_blending_weights(before: Mapping[str, tuple[float, float]],
     ``dO_k^2`` is floored at ``1e-12``.
 
     Args:
-      before, after: ``{head: (train_loss, validation_loss)}`` at epochs ``n`` and
-        ``n + dn`` for the same heads (``FUSED`` and modality names, from
-        ``head_losses``).
+      before: ``{head: (train_loss, validation_loss)}`` at epoch ``n`` (``FUSED`` and
+        modality names, from ``head_losses``).
+      after: the same at epoch ``n + dn``, for the same heads.
 
     Returns:
       ``{head: weight}``, each ``>= 0``.
@@ -438,8 +438,10 @@ class GradientBlending:
           forward: ``batch -> outputs``, the model at the parameters differentiated.
           task: the task.
           batch: the step's batch (with ``"valid"``).
-          outputs, loss: the step's fused outputs and their loss.
-          key, step: unused (the blend is deterministic).
+          outputs: the step's fused outputs (unused: ``loss`` is their loss).
+          loss: the task's loss of the step's fused outputs.
+          key: unused (the blend is deterministic).
+          step: unused.
 
         Returns:
           The objective and ``{"gblend/loss_<head>": loss}``.
@@ -616,7 +618,8 @@ class MMPareto:
           batch: the step's batch (with ``"valid"``).
           grads: the fused loss's gradient ``g_m``, an ``nnx.State`` like the model's
             parameters.
-          key, step: unused (the combination is deterministic).
+          key: unused (the combination is deterministic).
+          step: unused.
 
         Returns:
           The gradient to apply and ``{"mmpareto/cos_<u>", "mmpareto/alpha_<u>",
@@ -731,8 +734,11 @@ class MSLR:
         """``(scaled grads, {})`` for one step (see the class docstring).
 
         Args:
-          model, batch, key, step: unused (the factors are fixed).
+          model: unused (the factors are fixed).
+          batch: unused.
           grads: the loss's gradient, an ``nnx.State`` like the model's parameters.
+          key: unused.
+          step: unused.
 
         Returns:
           The gradient with each scaled encoder's arrays times its factor, and ``{}``.

@@ -79,10 +79,10 @@ def test_balance_strategies_are_runs_of_their_own(avmnist):
     from lepton_mm.experiment import RunKey
 
     config, _ = avmnist.parse_args(["--fusion", "audio_only,concat", "--balance",
-                                    "ogm_ge,gblend", "--ogm-alpha", "0.3",
+                                    "ogm_ge,gblend,mmpareto", "--ogm-alpha", "0.3",
                                     "--gblend-pilot", "2,3"])
     assert avmnist.resolve_methods(config) == [
-        "audio_only", "concat", "concat+ogm_ge", "concat+gblend"]
+        "audio_only", "concat", "concat+ogm_ge", "concat+gblend", "concat+mmpareto"]
     plain = avmnist.AVMNIST(avmnist.AVMNISTConfig()).run_config("concat")
     # Adding strategies leaves the plain runs' configs (and so their records) alone.
     assert avmnist.AVMNIST(config).run_config("concat") == plain
@@ -90,12 +90,18 @@ def test_balance_strategies_are_runs_of_their_own(avmnist):
         **plain, "method": "concat+ogm_ge", "strategy": {"name": "ogm_ge", "alpha": 0.3}}
     assert avmnist.AVMNIST(config).run_config("concat+gblend")["strategy"] == {
         "name": "gblend", "pilot_epochs": [2, 3], "pilot_train_examples": 5000}
-    for method in ("concat+ogm_ge", "concat+gblend"):
+    for method in ("concat+ogm_ge", "concat+gblend", "concat+mmpareto"):
         command = avmnist.AVMNIST(config).command(RunKey("avmnist", method, 1))
         again, _ = avmnist.parse_args(command.split()[2:])
         assert method in avmnist.resolve_methods(again)
         assert avmnist.AVMNIST(again).run_config(method) == avmnist.AVMNIST(
             config).run_config(method)
+    experiment = avmnist.AVMNIST(config)
+    assert experiment.strategy(RunKey("avmnist", "concat", 0), None, None) == (None, {})
+    ogm, _ = experiment.strategy(RunKey("avmnist", "concat+ogm_ge", 0), None, None)
+    assert ogm.alpha == 0.3 and ogm.noise
+    pareto, _ = experiment.strategy(RunKey("avmnist", "concat+mmpareto", 0), None, None)
+    assert pareto.task.num_classes == 10 and pareto.gamma == 1.0
     with pytest.raises(ValueError, match=r"balance: unknown strategies \['pmr'\]"):
         avmnist.AVMNISTConfig(balance=("pmr",))
     with pytest.raises(ValueError, match="ogm_alpha"):

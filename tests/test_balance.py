@@ -251,7 +251,7 @@ def test_blended_gradient_is_the_weighted_sum_of_the_heads_gradients():
     assert float(value) == pytest.approx(expected, rel=1e-5)
     assert set(metrics) == {"gblend/loss_fused", "gblend/loss_audio", "gblend/loss_image"}
     parts = {k: jax.grad(head(k))(params) for k in weights}
-    summed = jax.tree.map(lambda *g: sum(w * x for w, x in zip(weights.values(), g)),
+    summed = jax.tree.map(lambda *g: sum(w * x for w, x in zip(weights.values(), g, strict=True)),
                           *parts.values())
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(summed), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -260,10 +260,10 @@ def test_blended_gradient_is_the_weighted_sum_of_the_heads_gradients():
 def test_fit_with_gradient_blending_logs_the_heads_and_leaves_batch_stats_alone(tmp_path):
     stats = lambda m: [np.asarray(x) for x in jax.tree.leaves(
         nnx.as_pure(nnx.state(m, nnx.BatchStat)))]
-    plain_model, plain = _fit(tmp_path / "plain", None, epochs=1)
+    plain_model, _ = _fit(tmp_path / "plain", None, epochs=1)
     # A negligible weight on the audio head: the same updates as plain training up to
     # float error, and the extra audio-only passes must not move the batch statistics.
-    tiny_model, tiny = _fit(tmp_path / "tiny", GradientBlending({FUSED: 1.0, "audio": 1e-9}),
+    tiny_model, _ = _fit(tmp_path / "tiny", GradientBlending({FUSED: 1.0, "audio": 1e-9}),
                             epochs=1)
     assert stats(plain_model)
     for a, b in zip(stats(tiny_model), stats(plain_model), strict=True):

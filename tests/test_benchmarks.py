@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("concat", "low_rank", "cross_attention")
 TRAIN_PAIRS = (*(f"train_step_{m}" for m in MODELS), *(f"train_step_{m}_b40" for m in MODELS))
-PAIRS = (*TRAIN_PAIRS, "log_mel", "sentence_encoder")
+BF16_PAIRS = ("train_step_concat_bf16", "train_step_cross_attention_bf16")
+PAIRS = (*TRAIN_PAIRS, *BF16_PAIRS, "log_mel", "sentence_encoder")
 EPOCH_PAIRS = ("epoch_avmnist", "epoch_avmnist_b128")
 JAX_STACK = {"jax", "jaxlib", "flax", "optax", "lepton_mm"}
 
@@ -78,6 +79,9 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
             assert r["ratio_compiled"] is None  # --skip-heavy: no torch.compile
             assert r["alternative_compiled"]["skipped"]
     assert results["train_step_concat_b40"]["batch_size"] == 40
+    for pair in BF16_PAIRS:  # mixed precision on both sides
+        assert results[pair]["dtype"].startswith("bfloat16") and "autocast" in results[
+            pair]["dtype"], pair
     if has_torch:
         assert results["train_step_concat"]["ratio"] is not None
     log_mel = results["log_mel"]
