@@ -241,32 +241,27 @@ def test_modality_dropout_trains_a_separate_run(avmnist, tmp_path):
 
 
 @pytest.mark.slow
-def test_balanced_runs_train_with_their_strategy(avmnist, tmp_path):
-    """The experiment's train() of +ogm_ge and +gblend runs (the harness around it is
-    the one the other runs use; the strategies themselves: tests/test_balance.py)."""
+def test_gradient_blending_run_weights_its_heads_from_a_pilot(avmnist, tmp_path):
+    """The experiment's train() of a +gblend run: the pilot, its head losses, the
+    weights, the blended run (the harness around it is the one every run uses; the
+    strategies themselves: tests/test_balance.py; +ogm_ge / +mmpareto only build theirs:
+    test_balance_strategies_are_runs_of_their_own)."""
     from lepton_mm.experiment import RunKey
     from lepton_mm.training import Checkpointer, read_log
 
     config = avmnist.quick_config(
         methods=("concat",), num_train=320, num_val=64, num_test=32, epochs=1,
-        balance=("ogm_ge", "gblend"), gblend_train_examples=64, robustness=False,
+        balance=("gblend",), gblend_train_examples=64, robustness=False,
         workdir=str(tmp_path), results=str(tmp_path / "results"), progress=False)
     experiment = avmnist.AVMNIST(config)
-    keys = [RunKey("avmnist", m, 0) for m in ("concat+ogm_ge", "concat+gblend")]
-    data = experiment.prepare(keys)
-
-    experiment.train(keys[0], data, tmp_path / "ogm")
-    assert "OGMGE(alpha=0.5" in Checkpointer(tmp_path / "ogm", read_only=True).read_meta()[
-        "config"]["strategy"]
-    assert any("ogm/coeff_image" in r for r in read_log(tmp_path / "ogm" / "log.jsonl"))
-
-    fields = experiment.train(keys[1], data, tmp_path / "gblend")
+    key = RunKey("avmnist", "concat+gblend", 0)
+    fields = experiment.train(key, experiment.prepare([key]), tmp_path / "gblend")
     weights = fields["extra"]["gblend_weights"]
     assert set(weights) == {"fused", "audio", "image"}
     assert sum(weights.values()) == pytest.approx(2.0)  # the paper's normalisation
     losses = fields["extra"]["gblend_head_losses"]
     assert set(losses) == {"epoch 1", "epoch 2"}
-    assert set(losses["epoch 2"]["val"]) == set(weights)
+    assert set(losses["epoch 2"]["val"]) == set(losses["epoch 1"]["train"]) == set(weights)
     pilot = read_log(tmp_path / "gblend" / "gblend_pilot" / "log.jsonl")
     assert max(r["epoch"] for r in pilot if r["kind"] == "epoch") == 2
     assert "GradientBlending(weights=" in Checkpointer(
