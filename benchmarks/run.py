@@ -128,17 +128,20 @@ QUICK = {  # tiny models: the smoke test checks the suite runs, not the numbers
     "cold_start_torch_compile": False,
 }
 
-#: What each pair should reach on the reference 2-core CPU (docs/performance.md); None:
-#: no target set (reported only).
+#: What each pair should reach on the reference 2-core CPU (issue #13's targets,
+#: docs/performance.md); None: no target set (reported only).
 TARGETS = {
     "train_step_concat": 1.0, "train_step_low_rank": 1.0, "train_step_cross_attention": 1.0,
-    "train_step_concat_b40": None, "train_step_low_rank_b40": None,
-    "train_step_cross_attention_b40": None,
-    "log_mel": 10.0, "sentence_encoder": 1.0,
-    "epoch_avmnist": None, "epoch_avmnist_b128": None,
+    "train_step_concat_b40": 1.0, "train_step_low_rank_b40": 1.0,
+    "train_step_cross_attention_b40": 1.0,
+    "log_mel": 3.0, "sentence_encoder": 1.5,
+    "epoch_avmnist": 1.5, "epoch_avmnist_b128": None,
     "train_step_concat_bf16": 1.0, "train_step_cross_attention_bf16": 1.0,
 }
-ROOFLINE_TARGET = 0.40
+#: Fraction of the measured matmul peak the train steps should reach (model FLOPs). The
+#: target is for the matmul-heavy cross-attention model; the LeNets are reported against
+#: it too, and docs/performance.md says what bounds them.
+ROOFLINE_TARGET = 0.25
 COMPILE_TARGET_S = 5.0
 
 SAMPLE_RATE = 8000

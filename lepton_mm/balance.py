@@ -439,9 +439,9 @@ class GradientBlending:
           task: the task.
           batch: the step's batch (with ``"valid"``).
           outputs: the step's fused outputs (unused: ``loss`` is their loss).
-          loss: the task's loss of the step's fused outputs.
-          key: unused (the blend is deterministic).
-          step: unused.
+          loss: float32 scalar, the task's loss of the step's fused outputs.
+          key: a PRNG key (unused: the blend is deterministic).
+          step: int32 scalar (unused).
 
         Returns:
           The objective and ``{"gblend/loss_<head>": loss}``.
@@ -618,8 +618,8 @@ class MMPareto:
           batch: the step's batch (with ``"valid"``).
           grads: the fused loss's gradient ``g_m``, an ``nnx.State`` like the model's
             parameters.
-          key: unused (the combination is deterministic).
-          step: unused.
+          key: a PRNG key (unused: the combination is deterministic).
+          step: int32 scalar (unused).
 
         Returns:
           The gradient to apply and ``{"mmpareto/cos_<u>", "mmpareto/alpha_<u>",
@@ -737,8 +737,8 @@ class MSLR:
           model: unused (the factors are fixed).
           batch: unused.
           grads: the loss's gradient, an ``nnx.State`` like the model's parameters.
-          key: unused.
-          step: unused.
+          key: a PRNG key (unused).
+          step: int32 scalar (unused).
 
         Returns:
           The gradient with each scaled encoder's arrays times its factor, and ``{}``.

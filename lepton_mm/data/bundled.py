@@ -7,7 +7,9 @@ Data directory resolution, first match wins:
   1. the explicit ``data_dir`` argument;
   2. the ``LEPTON_MM_DATA`` environment variable;
   3. the repository's ``data/`` folder (next to the ``lepton_mm`` package in a checkout or
-     an editable install).
+     an editable install);
+  4. the copy a wheel install ships inside the package (``lepton_mm/_bundled_data/``,
+     the same files: ``pip install .`` needs no checkout).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ CHECKSUMS: dict[str, str] = {
 }
 
 _REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+_PACKAGE_DATA = Path(__file__).resolve().parents[1] / "_bundled_data"
 _verified: dict[tuple[str, int, int], str] = {}
 
 
@@ -46,7 +49,9 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> tuple[Pa
 
     Returns:
       ``(path, source)`` where ``source`` is ``"data_dir argument"``,
-      ``"$LEPTON_MM_DATA"`` or ``"repository data/"``.
+      ``"$LEPTON_MM_DATA"``, ``"repository data/"`` or ``"installed package data"``
+      (the repository's folder wins when both exist; when neither does, the
+      repository's path is returned and the loaders say where they looked).
 
     Raises:
       TypeError: ``data_dir`` is not a path.
@@ -59,6 +64,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> tuple[Pa
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser(), f"${ENV_VAR}"
+    if not _REPO_DATA.is_dir() and _PACKAGE_DATA.is_dir():
+        return _PACKAGE_DATA, "installed package data"
     return _REPO_DATA, "repository data/"
 
 
