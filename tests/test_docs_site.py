@@ -26,6 +26,7 @@ import inspect
 import os
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -143,6 +144,38 @@ def test_site_builds_strictly_with_every_public_name(tmp_path):
         html = (site / _page_url(page) / "index.html").read_text(encoding="utf-8")
         assert 'class="doc-signature' in html, f"{page.name}: no signature rendered"
         assert 'doc-section-title">Parameters:' in html, f"{page.name}: no Parameters table"
+
+    _check_screenshot(site, tmp_path)
+
+
+def _check_screenshot(site: Path, tmp_path: Path) -> None:
+    """The fusion reference page, opened in headless Chromium, renders with the theme:
+    the header band in the theme's primary colour, dark text on a white page, and a
+    signature block (skipped where Chromium is not installed, e.g. Debian's `chromium`
+    package is missing)."""
+    import numpy as np
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which(
+        "google-chrome")
+    if browser is None:
+        return
+    shot = tmp_path / "fusion.png"
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,900",
+         f"--screenshot={shot}", (site / "reference" / "fusion" / "index.html").as_uri()],
+        capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-3000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape == (900, 1280, 3)
+    header = pixels[5:40, 300:1100]  # Material's default primary colour, indigo #4051b5
+    assert (np.abs(header - (64, 81, 181)).sum(-1) < 30).mean() > 0.9
+    body = pixels[60:, 250:1000]
+    assert (body.min(-1) > 240).mean() > 0.5  # a white page ...
+    assert (body.max(-1) < 100).mean() > 0.005  # ... with dark text on it
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # rendered, not a blank
 
 
 # ------------------------------------------------------------------- docstring rules
