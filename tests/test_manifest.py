@@ -31,7 +31,7 @@ from lepton_mm.data import (
 )
 from lepton_mm.encoders import ImageCNN
 from lepton_mm.models import Classification, build_classifier
-from lepton_mm.training import Checkpointer, OptimizerConfig, fit, seed_rngs
+from lepton_mm.training import Checkpointer, OptimizerConfig, fit, predict, seed_rngs
 from lepton_mm.types import EncoderOutput
 
 N = 200  # examples exported: 10 batches of 20, or 4 of 64 with the last one padded
@@ -337,3 +337,209 @@ def test_log_mel_features_docstring_example_runs():
 
     results = doctest.testmod(log_mel_features, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0 and results.failed == 0
+
+
+# ---------------------------------------------------------------- missing modalities
+
+HEAD = 16  # rows of the exported manifest that the missing-modality tests use
+ABSENT = {"image": [2, 7], "audio": [4, 9, 11]}  # 0-based rows whose cell is emptied
+
+
+@pytest.fixture(scope="module")
+def absent_manifests(exported):
+    """(the first HEAD rows as CSV, the same with ABSENT's cells empty, that as JSONL with
+    a null image and no audio key), next to the exported files."""
+    manifest = exported[0]
+    header, *lines = manifest.read_text().splitlines()[:HEAD + 1]
+    rows = [dict(zip(header.split(","), line.split(","), strict=True)) for line in lines]
+    full, csv_path, jsonl_path = (manifest.parent / f"head.{ext}"
+                                  for ext in ("csv", "absent.csv", "absent.jsonl"))
+    full.write_text("\n".join([header, *lines]) + "\n")
+    for m, index in ABSENT.items():
+        for i in index:
+            rows[i][m] = ""
+    csv_path.write_text("\n".join([header, *(",".join(r.values()) for r in rows)]) + "\n")
+    records = [{"image": r["image"] or None, "label": int(r["label"]),
+                **({"audio": r["audio"]} if r["audio"] else {})} for r in rows]
+    jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return full, csv_path, jsonl_path
+
+
+class CountingFeature:
+    """A feature function that records the shape of each input it is called on."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x):
+        self.calls.append(x.shape)
+        return self.fn(x)
+
+
+def test_absent_cells_give_present_flags_and_zero_placeholders(absent_manifests):
+    full, with_gaps, jsonl = absent_manifests
+    complete = open_manifest(full)
+    data = open_manifest(with_gaps, missing_modality="absent")
+    assert data.num_absent == {"image": 2, "audio": 3} and not data.skipped
+    assert len(data) == HEAD and "present" not in complete[0]
+    from_jsonl = open_manifest(jsonl, missing_modality="absent")
+    for kwargs in [{"seed": 3, "epoch": 1}, {"seed": 0, "epoch": 0, "start": 1}]:
+        plan = data.batch_indices(6, shuffle=True, **{k: v for k, v in kwargs.items()
+                                                      if k != "start"})
+        got = list(data.batches(6, **kwargs))
+        want = list(complete.batches(6, **kwargs))
+        assert len(got) == len(want) == 3 - kwargs.get("start", 0)
+        for a, b, c, (index, _) in zip(got, want, from_jsonl.batches(6, **kwargs),
+                                       plan[kwargs.get("start", 0):], strict=True):
+            jax.tree.map(np.testing.assert_array_equal, a, c)  # CSV and JSONL agree
+            assert sorted(a) == sorted([*b, "present"]) and sorted(a["present"]) == [
+                "audio", "image"]
+            for m in ("image", "audio"):
+                lacking = np.isin(index, ABSENT[m])
+                assert a["present"][m].dtype == bool
+                np.testing.assert_array_equal(a["present"][m], ~lacking)
+                for x, y in zip(jax.tree.leaves(a[m]), jax.tree.leaves(b[m]), strict=True):
+                    assert x.dtype == y.dtype and x.shape == y.shape
+                    assert not x[lacking].any()  # zeros; masks all False
+                    np.testing.assert_array_equal(x[~lacking], y[~lacking])  # bit-identical
+            for k in ("label", "valid"):
+                np.testing.assert_array_equal(a[k], b[k])
+
+    # the audio features run on the 13 waveforms there are, never on a missing one
+    counting = CountingFeature(avmnist_file_features(full.parent)["audio"])
+    data = ManifestDataset(with_gaps, grayscale=True, sample_rate=8000, validate=False,
+                           features={**avmnist_file_features(full.parent), "audio": counting},
+                           missing_modality="absent")
+    counting.calls.clear()  # the placeholder's shape came from one row's audio
+    (batch,) = data.batches(HEAD, seed=0, epoch=0, shuffle=False)
+    assert len(counting.calls) == HEAD - len(ABSENT["audio"])
+    assert batch["present"]["audio"].tolist() == [i not in ABSENT["audio"]
+                                                  for i in range(HEAD)]
+
+
+def test_fit_trains_on_absent_cells_and_ignores_what_they_hold(absent_manifests, tmp_path):
+    full, with_gaps, _ = absent_manifests
+    data = open_manifest(with_gaps, missing_modality="absent")
+    model = small_model()
+    before = params_of(model)
+    run = fit(model, Classification(10), data, workdir=tmp_path, epochs=1, batch_size=8,
+              seed=0, optimizer=OptimizerConfig(learning_rate=3e-3))
+    assert run.step == 2 and np.isfinite(run.history[0]["train_loss"])
+    assert any(not np.array_equal(a, b) for a, b in zip(params_of(model), before,
+                                                        strict=True))
+
+    # The rows as arrays, the absent cells holding what their files would have given
+    # (the complete manifest's rows), or another row's data: the predictions are those
+    # of the zero placeholders, since present is False there.
+    (gaps,) = data.batches(HEAD, seed=0, epoch=0, shuffle=False)
+    (complete,) = open_manifest(full).batches(HEAD, seed=0, epoch=0, shuffle=False)
+    predictions = predict(model, data, batch_size=8)
+    for source in (complete, jax.tree.map(lambda x: np.roll(x, 1, axis=0), complete)):
+        filled = {k: v for k, v in gaps.items() if k != "valid"}
+        for m, index in ABSENT.items():
+            filled[m] = jax.tree.map(lambda x, y, i=index: np.where(
+                np.isin(np.arange(HEAD), i).reshape(-1, *[1] * (x.ndim - 1)), y, x),
+                gaps[m], source[m])
+        assert not all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(filled), jax.tree.leaves({k: gaps[k] for k in filled}),
+            strict=True))
+        np.testing.assert_array_equal(predict(model, filled, batch_size=8), predictions)
+    # where both modalities are present, the predictions are those of the complete rows;
+    # where one is absent, they are not (the flags reach the model)
+    with_both = open_manifest(full)
+    reference = predict(model, with_both, batch_size=8)
+    lacking = np.isin(np.arange(HEAD), ABSENT["image"] + ABSENT["audio"])
+    np.testing.assert_array_equal(predictions[~lacking], reference[~lacking])
+    assert (np.abs(predictions - reference).max(axis=1) > 1e-6)[lacking].all()
+
+
+@pytest.fixture
+def gaps(files):
+    """A CSV manifest with absent cells, all-absent rows and bad rows among them."""
+    (files / "m.csv").write_text("image,audio,label\n"
+                                 "good.png,good.wav,0\n"
+                                 "good2.png,,1\n"     # row 2: no audio
+                                 ",good.wav,2\n"      # row 3: no image
+                                 ",,3\n"              # row 4: no modality at all
+                                 "missing.png,,4\n"   # row 5: a file that is not there
+                                 "good.png,good.wav,\n"  # row 6: no label
+                                 "big.png,,5\n")      # row 7: another image shape
+    return files / "m.csv"
+
+
+def test_missing_cells_are_bad_rows_by_default(gaps, files):
+    with pytest.raises(ManifestRowError, match=r"row 2 \(line 3\): no value in column "
+                                               r"'audio'"):
+        ManifestDataset(gaps, sample_rate=8000)
+    data = ManifestDataset(gaps, sample_rate=8000, on_error="skip")
+    assert data.row_numbers().tolist() == [1] and data.num_absent == {"image": 0, "audio": 0}
+    assert [e.row for e in data.skipped] == [2, 3, 4, 5, 6, 7]
+    assert "present" not in next(data.batches(2, seed=0, epoch=0))
+    (files / "m.jsonl").write_text(json.dumps({"image": None, "audio": "good.wav",
+                                               "label": 1}) + "\n")
+    with pytest.raises(ManifestRowError, match=r"row 1 \(line 1\): no value in column "
+                                               r"'image'"):
+        ManifestDataset(files / "m.jsonl", sample_rate=8000)
+
+
+def test_absent_mode_still_rejects_rows_without_a_modality_label_or_file(gaps):
+    with pytest.raises(ManifestRowError, match=r"row 4 \(line 5\): no value in any "
+                                               r"modality column \('image', 'audio'\)"):
+        ManifestDataset(gaps, sample_rate=8000, missing_modality="absent")
+    data = ManifestDataset(gaps, sample_rate=8000, grayscale=True, on_error="skip",
+                           missing_modality="absent")
+    assert data.row_numbers().tolist() == [1, 2, 3]
+    assert data.num_absent == {"image": 1, "audio": 1}
+    reasons = {e.row: e.reason for e in data.skipped}
+    assert sorted(reasons) == [4, 5, 6, 7]
+    assert "no value in any modality column" in reasons[4]
+    assert "not found" in reasons[5] and data.skipped[1].file == gaps.parent / "missing.png"
+    assert reasons[6] == "no value in column 'label'."
+    assert "gives float32 [9, 9, 1], but row 1 gave float32 [8, 8, 1]" in reasons[7]
+    assert "absent=" in repr(data)
+    (batch,) = data.batches(4, seed=0, epoch=0, shuffle=False)
+    assert batch["present"]["image"].tolist() == [True, True, False, True]
+    assert batch["present"]["audio"].tolist() == [True, False, True, True]
+    assert batch["image"].shape == (4, 8, 8, 1) and batch["audio"].shape == (4, 800)
+    np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], np.float32([10, 20, 0, 10])
+                                  / 255)
+    np.testing.assert_array_equal(batch["audio"][1], np.zeros(800, np.float32))
+
+
+def test_absent_text_and_validate_false(files):
+    rows = [{"image": "good.png", "text": None, "label": 0},
+            {"image": None, "text": "ab", "label": 1},
+            {"text": "abc", "label": 2},  # no image key: absent too
+            {"image": "good2.png", "text": "", "label": 3}]  # "" is absent with "absent"
+    (files / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vocab = {c: i + 1 for i, c in enumerate("abc")}
+    kwargs = {"tokenizer": lambda s: [vocab[c] for c in s], "max_text_length": 4,
+              "grayscale": True, "missing_modality": "absent"}
+    checked = ManifestDataset(files / "m.jsonl", **kwargs)
+    assert checked.columns == {"image": "image", "text": "text", "label": "label"}
+    (batch,) = checked.batches(4, seed=0, epoch=0, shuffle=False)
+    ids, mask = batch["text"]
+    assert ids.tolist() == [[0] * 4, [1, 2, 0, 0], [1, 2, 3, 0], [0] * 4]
+    assert mask.tolist() == [[False] * 4, [True, True, False, False],
+                             [True, True, True, False], [False] * 4]
+    assert batch["present"]["text"].tolist() == [False, True, True, False]
+    assert batch["present"]["image"].tolist() == [True, False, False, True]
+    # without the up-front pass the placeholders come from the first row that has each
+    # modality: the same batches
+    unchecked = ManifestDataset(files / "m.jsonl", validate=False, **kwargs)
+    for a, b in zip(unchecked.batches(3, seed=2, epoch=1), checked.batches(
+            3, seed=2, epoch=1), strict=True):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert sorted(unchecked[2]["present"].items()) == [("image", False), ("text", True)]
+
+
+def test_absent_mode_needs_some_row_with_each_modality_and_a_known_option(files):
+    (files / "m.csv").write_text("image,audio,label\ngood.png,,1\ngood2.png,,2\n")
+    with pytest.raises(ValueError, match="no usable row of .* has a value in column "
+                                         "'audio'"):
+        ManifestDataset(files / "m.csv", sample_rate=8000, missing_modality="absent")
+    assert len(ManifestDataset(files / "m.csv", columns={"image": "image", "label": "label"},
+                               ignore_columns=["audio"], missing_modality="absent")) == 2
+    with pytest.raises(ValueError, match=r"missing_modality: expected one of \['error', "
+                                         r"'absent'\], got 'skip'"):
+        ManifestDataset(files / "m.csv", sample_rate=8000, missing_modality="skip")

@@ -38,6 +38,27 @@ key, or an example whose shape differs from the first row's raises
 ``len(dataset.skipped)`` counts them); since that happens once, up front, the batches
 stay a function of ``(seed, epoch)``. A CSV header with an unknown or a missing column
 is always an error (``ValueError`` naming the columns).
+
+Missing modalities. By default (``missing_modality="error"``) a modality cell with no
+value is a bad row like the others. With ``missing_modality="absent"`` it means the
+example lacks that modality, as real multimodal data sets often do. A cell has no value
+when it is empty (an empty CSV field, or ``""`` in JSONL; with ``"absent"`` an empty text
+is an absent text too), JSON ``null``, or a JSONL row without the key::
+
+    image,audio,label                      {"image": "img/2.png", "label": 1}
+    img/2.png,,1                           {"image": null, "audio": "wav/3.wav", "label": 4}
+    ,wav/3.wav,4
+
+Every batch then carries ``batch["present"]`` (``{modality: bool [b]}``, one entry per
+modality column), False on the rows that lack the modality, and in their place in the
+modality's data a placeholder of the shape and dtype the other rows decode to (after
+``features``): zeros, masks all False. The shapes stay static, so nothing recompiles,
+and ``MultimodalClassifier`` zeroes what its encoder makes of the placeholder (see
+``lepton_mm.models``), so the placeholder never reaches the fusion layer. The feature
+functions never see a missing modality: the placeholder is built once from the first
+row that has it. A value that is present is decoded and checked as always (a path to
+no file is still a bad row); a missing label, or a row with no modality at all, is
+still a bad row.
 """
 
 from __future__ import annotations
@@ -67,6 +88,7 @@ __all__ = ["ManifestDataset", "ManifestRowError"]
 ROLES = ("image", "audio", "text", "label")
 _FILE_ROLES = ("image", "audio")
 _ON_ERROR = ("raise", "skip")
+_MISSING = ("error", "absent")
 _FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -167,8 +189,9 @@ def _read_csv(manifest: Path, columns: dict[str, str] | None, ignore: frozenset[
     return roles, out
 
 
-def _read_jsonl(manifest: Path, columns: dict[str, str] | None, ignore: frozenset[str]
-                ) -> tuple[dict[str, str], list[_Row | ManifestRowError]]:
+def _read_jsonl(manifest: Path, columns: dict[str, str] | None, ignore: frozenset[str],
+                absent: bool = False) -> tuple[dict[str, str], list[_Row | ManifestRowError]]:
+    """``({role: key}, rows)``; with ``absent``, a modality key a row lacks is None."""
     parsed: list[tuple[int, int, Any]] = []
     with open(manifest, encoding="utf-8") as f:
         for line, text in enumerate(f, 1):
@@ -182,7 +205,13 @@ def _read_jsonl(manifest: Path, columns: dict[str, str] | None, ignore: frozense
             parsed.append((len(parsed) + 1, line, obj))
     if not parsed:
         raise ValueError(f"{manifest}: empty manifest (no rows).")
-    if columns is None:  # the roles of the first row that is a JSON object
+    if columns is None and absent:  # the roles that are a key of any row
+        keys = {k for _, _, obj in parsed if isinstance(obj, dict) for k in obj}
+        columns = {r: r for r in ROLES if r in keys}
+        if not set(columns) - {"label"}:
+            raise ValueError(f"{manifest}: no row has an image, audio or text key (keys "
+                             f"{sorted(keys)}); name the columns with columns=.")
+    elif columns is None:  # the roles of the first row that is a JSON object
         first = next((obj for _, _, obj in parsed if isinstance(obj, dict)), {})
         columns = {r: r for r in ROLES if r in first}
         if not set(columns) - {"label"}:
@@ -195,7 +224,8 @@ def _read_jsonl(manifest: Path, columns: dict[str, str] | None, ignore: frozense
         elif not isinstance(obj, dict):
             out.append(ManifestRowError(manifest, row, line, (
                 f"expected a JSON object, got {type(obj).__name__}.")))
-        elif missing := [c for c in columns.values() if c not in obj]:
+        elif missing := [c for r, c in columns.items() if c not in obj
+                         and (r == "label" or not absent)]:
             out.append(ManifestRowError(manifest, row, line, (
                 f"missing required column(s) {missing} (keys {sorted(obj)}).")))
         elif unknown := sorted(k for k in obj if k not in columns.values()
@@ -204,17 +234,22 @@ def _read_jsonl(manifest: Path, columns: dict[str, str] | None, ignore: frozense
                 f"unknown column(s) {unknown}; map them with columns={{role: column}} "
                 f"or list them in ignore_columns.")))
         else:
-            out.append(_Row(row, line, {role: obj[c] for role, c in columns.items()}))
+            out.append(_Row(row, line, {role: obj.get(c) for role, c in columns.items()}))
     return columns, out
 
 
 def _check_values(row: _Row, manifest: Path, columns: dict[str, str],
-                  classes: dict[str, int] | None) -> _Row:
-    """The row with its values checked (paths and texts as str, the label as a number)."""
+                  classes: dict[str, int] | None, absent: bool = False) -> _Row:
+    """The row with its values checked (paths and texts as str, the label as a number;
+    with ``absent``, None for a modality with no value)."""
     values = dict(row.values)
     for role, value in row.values.items():
         column = columns[role]
-        if value is None or (isinstance(value, str) and not value and role != "text"):
+        if value is None or (isinstance(value, str) and not value
+                             and (role != "text" or absent)):
+            if absent and role != "label":
+                values[role] = None
+                continue
             raise ManifestRowError(manifest, row.row, row.line,
                                    f"no value in column {column!r}.")
         if role == "label":
@@ -226,6 +261,11 @@ def _check_values(row: _Row, manifest: Path, columns: dict[str, str],
             raise ManifestRowError(manifest, row.row, row.line, (
                 f"column {column!r}: expected a string, got {type(value).__name__} "
                 f"{value!r}."))
+    if absent and all(values[r] is None for r in values if r != "label"):
+        named = ", ".join(repr(columns[r]) for r in values if r != "label")
+        raise ManifestRowError(manifest, row.row, row.line, (
+            f"no value in any modality column ({named}): with missing_modality='absent' "
+            f"an example still needs one modality."))
     return _Row(row.row, row.line, values)
 
 
@@ -275,6 +315,10 @@ class _Decoder:
     max_text_length: int | None
     features: dict[str, Callable[[Any], Any]]
     label_dtype: Any
+    # missing_modality="absent": every example gets "present"; a modality with no value
+    # (None) gets placeholders[role], zeros shaped like a decoded one.
+    presence: bool = False
+    placeholders: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -291,31 +335,39 @@ class _Decoder:
         return example
 
     def example(self, row: _Row) -> dict[str, Any]:
-        example: dict[str, Any] = {}
-        for role, value in row.values.items():
-            if role == "label":
-                example["label"] = np.asarray(value, self.label_dtype)
-                continue
-            file = self.path(value) if role in _FILE_ROLES else None
-            try:
-                if role == "image":
-                    x = load_image(file, size=self.image_size, grayscale=self.grayscale)
-                elif role == "audio":
-                    x = self.audio(file)
-                else:
-                    x = self.tokens(value)
-            except (OSError, ValueError) as e:  # includes UnreadableFileError
-                reason = str(e) if file is None or str(file) in str(e) else f"{file}: {e}"
-                raise self.error(row, reason, file) from e
-            feature = self.features.get(role)
-            if feature is not None:
-                try:
-                    x = feature(x)
-                except (OSError, ValueError) as e:
-                    where = f" of {file}" if file is not None else ""
-                    raise self.error(row, f"features[{role!r}]{where}: {e}", file) from e
-            example[role] = x
+        """The row's example: its decoded values, with ``presence`` placeholders for the
+        modalities it lacks and ``"present"``."""
+        example = {role: _tree_map(np.copy, self.placeholders[role]) if value is None
+                   else self.decode(row, role) for role, value in row.values.items()}
+        if self.presence:
+            example["present"] = {role: np.bool_(value is not None)
+                                  for role, value in row.values.items() if role != "label"}
         return example
+
+    def decode(self, row: _Row, role: str) -> Any:
+        """One value of the row, decoded (the label as an array; then ``features``)."""
+        value = row.values[role]
+        if role == "label":
+            return np.asarray(value, self.label_dtype)
+        file = self.path(value) if role in _FILE_ROLES else None
+        try:
+            if role == "image":
+                x = load_image(file, size=self.image_size, grayscale=self.grayscale)
+            elif role == "audio":
+                x = self.audio(file)
+            else:
+                x = self.tokens(value)
+        except (OSError, ValueError) as e:  # includes UnreadableFileError
+            reason = str(e) if file is None or str(file) in str(e) else f"{file}: {e}"
+            raise self.error(row, reason, file) from e
+        feature = self.features.get(role)
+        if feature is not None:
+            try:
+                x = feature(x)
+            except (OSError, ValueError) as e:
+                where = f" of {file}" if file is not None else ""
+                raise self.error(row, f"features[{role!r}]{where}: {e}", file) from e
+        return x
 
     def audio(self, file: Path) -> np.ndarray:
         import soundfile
@@ -347,7 +399,8 @@ class _Decoder:
 
 
 def _signature(example: Mapping[str, Any]) -> dict[str, str]:
-    """``{role: "dtype [shape], ..."}``: what must be equal across examples to batch."""
+    """``{role: "dtype [shape], ..."}``: what must be equal across examples to batch (of
+    the values a row has: a missing modality's placeholder is shaped like the others)."""
     return {role: ", ".join(f"{np.asarray(a).dtype} {list(np.shape(a))}"
                             for _, a in _tree_leaves(value))
             for role, value in example.items()}
@@ -362,7 +415,9 @@ class _Check:
     def __call__(self, item: tuple[int, _Row]) -> tuple[int, Any, Any]:
         index, row = item
         try:
-            return index, None, _signature(self.decoder.example(row))
+            return index, None, _signature({
+                role: self.decoder.decode(row, role)
+                for role, value in row.values.items() if value is not None})
         except ManifestRowError as e:
             return index, e, None
 
@@ -404,13 +459,16 @@ class ManifestDataset:
                   (log_mel float32 [b, frames, mels], mask bool [b, frames]),
          "text": (ids int32 [b, max_text_length], mask bool [b, max_text_length]),
          "label": int32 [b] (float32 [b] if some label is not an integer),
+         "present": {"image": bool [b], ...},  # only with missing_modality="absent"
          "valid": bool [b]}
 
     with the keys of the manifest's columns only, and ``b = batch_size`` (or the
     ``rows`` selected). See the module docstring for the manifest format, the order of
     the batches (that of an ``ArrayDataset`` of the same examples, from
-    ``(seed, epoch)`` only: resuming mid-epoch with ``start`` is exact) and how bad rows
-    are reported or skipped.
+    ``(seed, epoch)`` only: resuming mid-epoch with ``start`` is exact), how bad rows
+    are reported or skipped, and examples that lack a modality: with
+    ``missing_modality="absent"`` an empty modality cell gives ``present[m]`` False on
+    that row and zeros (masks all False) of the usual shape in ``batch[m]``.
 
     Args:
       manifest: a ``.csv`` file (with a header line) or a ``.jsonl`` / ``.ndjson`` file
@@ -435,9 +493,18 @@ class ManifestDataset:
       classes: class names; labels are then names, mapped to their index.
       on_error: ``"raise"`` (default): a bad row raises ``ManifestRowError``;
         ``"skip"``: bad rows are left out and listed in ``skipped``.
+      missing_modality: what an image, audio or text cell with no value means (empty,
+        JSON null or, in JSONL, no key). ``"error"`` (default): the row is bad (see
+        ``on_error``). ``"absent"``: the example lacks that modality; batches carry
+        ``present`` for every modality column, False there, and the modality's data
+        is a placeholder of zeros (shaped as decoded, after ``features``, from the
+        first row that has the modality; ``features`` are not called on it). A
+        missing label, or no modality at all, is still a bad row; JSONL columns
+        default to the roles that are a key of any row.
       validate: decode every row once when building (default). False skips that pass
-        (no up-front cost; a bad row then raises during ``batches``); needs
-        ``on_error="raise"``.
+        (no up-front cost; a bad row then raises during ``batches``, except the first
+        row with a modality that some example lacks, decoded for its placeholder);
+        needs ``on_error="raise"``.
       num_workers: grain worker processes decoding batches (``mp_prefetch``); 0 decodes
         in this process. Workers start anew for each ``batches`` call of more than one
         batch (each epoch, each evaluation) and for the check when building, a few
@@ -449,11 +516,15 @@ class ManifestDataset:
     Attributes:
       manifest: the manifest's path.
       columns: ``{role: column name}`` in use.
-      skipped: ``ManifestRowError`` of each row left out (``on_error="skip"``).
+      skipped: ``ManifestRowError`` of each row left out (``on_error="skip"``); a
+        missing modality with ``missing_modality="absent"`` is not an error.
+      num_absent: ``{modality: number of examples that lack it}`` for each modality
+        column (all zero unless ``missing_modality="absent"``).
 
     Raises:
       ValueError / TypeError: a bad argument (named), a manifest that is not ``.csv`` or
-        ``.jsonl``, a CSV header with unknown or missing columns, no usable row.
+        ``.jsonl``, a CSV header with unknown or missing columns, no usable row, or
+        (``missing_modality="absent"``) a modality column no usable row has a value in.
       FileNotFoundError: no manifest file.
       ManifestRowError: with ``on_error="raise"``, the first bad row.
 
@@ -473,8 +544,8 @@ class ManifestDataset:
                  max_text_length: int | None = None,
                  features: Mapping[str, Callable[[Any], Any]] | None = None,
                  classes: Sequence[str] | None = None, on_error: str = "raise",
-                 validate: bool = True, num_workers: int = 0, num_threads: int = 2,
-                 prefetch: int = 4):
+                 missing_modality: str = "error", validate: bool = True,
+                 num_workers: int = 0, num_threads: int = 2, prefetch: int = 4):
         if not isinstance(manifest, (str, os.PathLike)):
             raise TypeError(f"manifest: expected a str or os.PathLike, got "
                             f"{type(manifest).__name__}.")
@@ -487,6 +558,10 @@ class ManifestDataset:
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error: expected one of {list(_ON_ERROR)}, got "
                              f"{on_error!r}.")
+        if missing_modality not in _MISSING:
+            raise ValueError(f"missing_modality: expected one of {list(_MISSING)}, got "
+                             f"{missing_modality!r}.")
+        absent = missing_modality == "absent"
         if not validate and on_error == "skip":
             raise ValueError("validate: on_error='skip' needs validate=True (rows are "
                              "skipped when the dataset is built).")
@@ -514,8 +589,12 @@ class ManifestDataset:
             if len(class_ids) != len(classes):
                 raise ValueError(f"classes: duplicate names in {list(classes)}.")
 
-        read = _read_csv if kind == "csv" else _read_jsonl
-        self.columns, parsed = read(path, _check_roles(columns), frozenset(ignore_columns))
+        if kind == "csv":
+            self.columns, parsed = _read_csv(path, _check_roles(columns),
+                                             frozenset(ignore_columns))
+        else:
+            self.columns, parsed = _read_jsonl(path, _check_roles(columns),
+                                               frozenset(ignore_columns), absent)
         if "audio" in self.columns:
             if sample_rate is None:
                 raise ValueError(f"sample_rate: needed for the audio column "
@@ -535,7 +614,7 @@ class ManifestDataset:
         for item in parsed:
             if isinstance(item, _Row):
                 try:
-                    item = _check_values(item, path, self.columns, class_ids)
+                    item = _check_values(item, path, self.columns, class_ids, absent)
                 except ManifestRowError as e:
                     item = e
             (rows if isinstance(item, _Row) else errors).append(item)
@@ -549,7 +628,7 @@ class ManifestDataset:
             sample_rate=sample_rate if "audio" in self.columns else None,
             resample=bool(resample), tokenizer=tokenizer,
             max_text_length=max_text_length if "text" in self.columns else None,
-            features=features, label_dtype=label_dtype)
+            features=features, label_dtype=label_dtype, presence=absent)
         if validate:
             rows, decode_errors = self._validate(rows, on_error)
             errors += decode_errors
@@ -560,13 +639,37 @@ class ManifestDataset:
             raise ValueError(f"manifest: no usable row in {path} ({len(errors)} bad rows "
                              f"skipped).{first}")
         self._rows: list[_Row] = rows
+        self.num_absent = {role: sum(r.values[role] is None for r in rows)
+                           for role in self.columns if role != "label"}
+        if any(self.num_absent.values()):
+            self._decoder = dataclasses.replace(
+                self._decoder, placeholders=self._placeholders())
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __repr__(self) -> str:
+        absent = f", absent={self.num_absent}" if self._decoder.presence else ""
         return (f"ManifestDataset({str(self.manifest)!r}, n={len(self)}, "
-                f"columns={self.columns}, skipped={len(self.skipped)})")
+                f"columns={self.columns}, skipped={len(self.skipped)}{absent})")
+
+    def _placeholders(self) -> dict[str, Any]:
+        """``{modality: zeros}`` for each modality some example lacks, shaped like the
+        first example that has it (decoded once more: with ``validate=False`` a bad row
+        there raises now)."""
+        out = {}
+        for role, count in self.num_absent.items():
+            if not count:
+                continue
+            if count == len(self._rows):
+                raise ValueError(
+                    f"missing_modality: no usable row of {self.manifest} has a value in "
+                    f"column {self.columns[role]!r}, so its shape is unknown; leave the "
+                    f"column out (columns= without it, ignore_columns= with it) or add "
+                    f"such a row.")
+            row = next(r for r in self._rows if r.values[role] is not None)
+            out[role] = _tree_map(np.zeros_like, self._decoder.decode(row, role))
+        return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Example ``index`` (0-based, among the rows kept), decoded: one unbatched dict."""
@@ -659,14 +762,20 @@ class ManifestDataset:
                 num_workers=self.num_workers, per_worker_buffer_size=max(self.prefetch, 1)))
         return out
 
-    def _shape_error(self, row: _Row, signature: dict[str, str], first_row: _Row,
-                     first: dict[str, str]) -> ManifestRowError:
-        role = next(r for r in signature if signature[r] != first[r])
+    def _shape_error(self, row: _Row, signature: dict[str, str],
+                     first: dict[str, tuple[_Row, str]]) -> ManifestRowError | None:
+        """The error for the first value of ``row`` whose shape differs from that of
+        the first row that had the role (``first``), or None."""
+        role = next((r for r in signature if r in first and signature[r] != first[r][1]),
+                    None)
+        if role is None:
+            return None
+        first_row, first_signature = first[role]
         file = self._decoder.path(row.values[role]) if role in _FILE_ROLES else None
         where = f" {file}" if file is not None else ""
         return self._decoder.error(row, (
             f"{role}{where} gives {signature[role]}, but row {first_row.row} gave "
-            f"{first[role]}: every example must have one shape (image_size=, "
+            f"{first_signature}: every example must have one shape (image_size=, "
             f"features=)."), file)
 
     def _validate(self, rows: list[_Row], on_error: str
@@ -677,20 +786,21 @@ class ManifestDataset:
             return [], []
         grain = _grain()
         dataset = grain.MapDataset.source(list(enumerate(rows))).map(_Check(self._decoder))
-        good, errors, first = [], [], None
+        good, errors = [], []
+        first: dict[str, tuple[_Row, str]] = {}  # role -> the first good row having it
         iterator = iter(self._pipeline(dataset))
         try:
             for index, error, signature in iterator:
                 row = rows[index]
-                if error is None and first is not None and signature != first[1]:
-                    error = self._shape_error(row, signature, *first)
+                if error is None:
+                    error = self._shape_error(row, signature, first)
                 if error is not None:
                     if on_error == "raise":
                         raise error
                     errors.append(error)
                     continue
-                if first is None:
-                    first = (row, signature)
+                for role, value in signature.items():
+                    first.setdefault(role, (row, value))
                 good.append(row)
         finally:
             close = getattr(iterator, "close", None)
