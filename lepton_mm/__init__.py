@@ -9,7 +9,8 @@ Public API at a glance:
     pooled ``[batch, dim]``.
   - ``lepton_mm.masked_mean``: masked mean over time.
   - ``lepton_mm.features``: ``log_mel_spectrogram``, ``mel_filterbank``, ``frame_mask``.
-  - ``lepton_mm.encoders``: ``ImageCNN``, ``TextTransformer``, ``AudioSpectrogramCNN``.
+  - ``lepton_mm.encoders``: ``ImageCNN``, ``TextTransformer``, ``AudioSpectrogramCNN``,
+    ``RecurrentEncoder``, ``RecurrentTextEncoder`` (GRU/LSTM).
   - ``lepton_mm.pretrained``: ``load_text_transformer``, ``SentenceEncoder``.
   - ``lepton_mm.data``: ``load_mnist``, ``load_fsdd``, ``load_mustard``, ``load_image``,
     ``load_audio``.
