@@ -544,3 +544,11 @@ def test_mslr_of_an_unknown_modality_fails_before_training(tmp_path):
     assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
     with pytest.raises(TypeError, match="strategy: MSLR needs a model with an `encoders`"):
         MSLR({"audio": 2.0}).check(object())
+
+
+def test_a_strategy_with_another_task_than_fit_fails_before_training(tmp_path):
+    from lepton_mm.balance import MMPareto
+
+    with pytest.raises(ValueError, match=r"strategy: its task Classification\(num_classes=4"):
+        _fit(tmp_path / "t", MMPareto(Classification(4)))
+    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())

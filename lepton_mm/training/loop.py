@@ -756,6 +756,10 @@ def _check_strategy(model: nnx.Module, task: Any, sample: Mapping[str, Any], key
     """Traces a strategy's methods abstractly on a sample batch (see ``_check_hooks``)."""
     if hasattr(strategy, "check"):
         strategy.check(model)
+    own = getattr(strategy, "task", None)  # e.g. MMPareto computes losses with its own
+    if own is not None and task is not None and own != task:
+        raise ValueError(f"strategy: its task {own!r} differs from fit's task {task!r}; "
+                         "give the strategy the task fit trains.")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     if callable(getattr(strategy, "loss", None)) and task is not None:
