@@ -9,7 +9,13 @@ import pytest
 from flax import nnx
 
 from lepton_mm import EncoderOutput
-from lepton_mm.encoders import AudioSpectrogramCNN, ImageCNN, TextTransformer
+from lepton_mm.encoders import (
+    AudioSpectrogramCNN,
+    ImageCNN,
+    RecurrentEncoder,
+    RecurrentTextEncoder,
+    TextTransformer,
+)
 from lepton_mm.functional import functional, to_linen
 from lepton_mm.fusion import FUSIONS, build
 from lepton_mm.models import MultimodalClassifier
@@ -58,6 +64,18 @@ def _factory(name):
         return (lambda rngs: TextTransformer(30, dim=8, num_layers=1, num_heads=2, mlp_dim=8,
                                              max_len=8, rngs=rngs),
                 ((ids, mask), {}))
+    if name == "recurrent":
+        mask = np.arange(12)[None] < np.array([[12], [7], [3]])
+        return (lambda rngs: RecurrentEncoder(5, dim=6, num_layers=2, bidirectional=True,
+                                              dropout=0.5, rngs=rngs),
+                ((jnp.asarray(rng.normal(size=(3, 12, 5)), jnp.float32),
+                  jnp.asarray(mask)), {}))
+    if name == "recurrent_text":
+        ids = jnp.asarray(rng.integers(1, 30, (3, 6)), jnp.int32)
+        mask = jnp.asarray(np.arange(6)[None] < np.array([[6], [4], [2]]))
+        return (lambda rngs: RecurrentTextEncoder(30, embed_dim=8, dim=8, cell="lstm",
+                                                  num_layers=2, dropout=0.5, rngs=rngs),
+                ((ids, mask), {}))
     assert name == "classifier"
     batch = {"image": jnp.asarray(rng.normal(size=(3, 8, 8, 1)), jnp.float32),
              "audio": (jnp.asarray(rng.normal(size=(3, 12, 5)), jnp.float32),
@@ -69,7 +87,8 @@ def _factory(name):
         nnx.Linear(6, 3, rngs=rngs)), ((batch,), {}))
 
 
-CASES = [*sorted(FUSIONS), "image_cnn", "audio_cnn", "text_transformer", "classifier"]
+CASES = [*sorted(FUSIONS), "image_cnn", "audio_cnn", "text_transformer", "recurrent",
+         "recurrent_text", "classifier"]
 
 
 def _out(y):
