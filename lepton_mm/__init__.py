@@ -24,6 +24,12 @@ Public API at a glance:
     ``ConditionEvaluator``, MultiBench's relative and effective robustness.
   - ``lepton_mm.augment``: seeded, mask-aware augmentation: image shifts, cutout,
     SpecAugment, token masking, mixup, ``Augmenter``.
+  - ``lepton_mm.adversarial``: FGSM and PGD (L∞, L2), ``robust_accuracy``.
+  - ``lepton_mm.balance``: balanced multimodal learning for ``fit(strategy=...)``: OGM-GE,
+    Gradient Blending, MMPareto, MSLR.
+  - ``lepton_mm.attribution``: exact modality Shapley values, integrated gradients,
+    gradient × input.
+  - ``lepton_mm.functional``: call any layer as a pure function (plain JAX, Linen).
   - ``lepton_mm.training``: ``fit``, ``OptimizerConfig``, checkpoints, sharding.
   - ``lepton_mm.export``: save / load a model as serialised StableHLO.
   - ``lepton_mm.experiment``: the run ledger: committed JSON records, stale detection,
@@ -40,8 +46,8 @@ from lepton_mm.types import EncoderOutput, masked_mean
 __version__ = "0.1.0.dev0"
 
 _SUBPACKAGES = (
-    "alignment", "augment", "data", "encoders", "experiment", "export", "features", "fusion",
-    "metrics", "models",
+    "adversarial", "alignment", "attribution", "augment", "balance", "data", "encoders",
+    "experiment", "export", "features", "functional", "fusion", "metrics", "models",
     "pretrained", "robustness", "training",
 )
 
