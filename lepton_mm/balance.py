@@ -56,14 +56,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lepton_mm.types import RESERVED_KEYS
 
 Array = jax.Array
 
 __all__ = ["FUSED", "MSLR", "OGMGE", "GradientBlending", "MMPareto",
-           "gradient_blending_weights", "head_losses", "label_scores", "ogm_ge_coefficients",
-           "pareto_combine", "unimodal_losses"]
+           "gradient_blending_weights", "head_losses", "label_scores", "linear_probe",
+           "ogm_ge_coefficients", "pareto_combine", "unimodal_losses"]
 
 FUSED = "fused"
 """The name of the fused model's own head in Gradient Blending's weights and losses."""
@@ -751,6 +752,161 @@ class MSLR:
             return g if factor is None else g * jnp.asarray(factor, g.dtype)
 
         return jax.tree_util.tree_map_with_path(scale, grads), {}
+
+
+def linear_probe(model: Any, train: Mapping[str, Any], test: Mapping[str, Any], *,
+                 modality: str, num_classes: int, steps: int = 200, l2: float = 1e-3,
+                 batch_size: int = 256) -> dict[str, float | int]:
+    """How much label information one encoder of a fused model carries: a linear probe.
+
+    The pooled features of ``model.encoders[modality]`` (run as the classifier runs it,
+    ``lepton_mm.models.encode_modalities``, on an eval-mode copy: ``nnx.clone``, so the
+    caller's model and its mode are untouched) are extracted for every example of
+    ``train`` and ``test`` in jitted batches, standardised with the training rows' mean
+    and standard deviation (a feature whose std is below ``1e-6`` is only centred), and
+    a multinomial logistic regression ``softmax(x W + b)`` is fitted on the training
+    rows by full-batch L-BFGS (``optax.lbfgs`` with its zoom line search, from ``W = 0,
+    b = 0``; at most ``steps`` iterations, stopping early once the gradient's norm is
+    below ``1e-6``) on the mean cross-entropy plus ``l2 / 2 * ||W||^2`` (the bias is not
+    penalised). The fit has no randomness, so a call is deterministic on a given device.
+
+    Linear probes of each encoder are a common way, in the balanced multimodal learning
+    literature, to show that jointly trained fused models under-train the weaker
+    modality's encoder; a gap between modalities' probe accuracies measures the
+    imbalance inside the fused model (unlike ``label_scores``, it does not go through
+    the fusion layer or the head).
+
+    Examples where ``present[modality]`` is False (or, for a batch dict that has one,
+    ``valid`` is False) are left out of the standardisation, the fit and both scores.
+
+    Args:
+      model: a ``lepton_mm.models.MultimodalClassifier`` (any ``nnx.Module`` with an
+        ``encoders`` mapping of modules returning ``EncoderOutput`` with pooled
+        ``[batch, dim]``).
+      train: the probe's training data: a dict of arrays in the batch format with a
+        shared leading axis ``[n, ...]``: ``batch[modality]`` (an array or a tuple such
+        as ``(log_mel, mask)``), int ``"label"`` ``[n]`` and optionally ``"present"``
+        (``{modality: bool [n]}``) and ``"valid"`` (bool ``[n]``).
+      test: the held-out data to score, in the same format.
+      modality: the encoder to probe (a key of ``model.encoders``).
+      num_classes: the number of classes (labels in ``[0, num_classes)``).
+      steps: the most L-BFGS iterations (> 0).
+      l2: the weight decay on ``W`` (> 0; keeps separable features' fit finite).
+      batch_size: rows per compiled feature-extraction call (the last batch is padded).
+
+    Returns:
+      ``{"train_accuracy": float, "test_accuracy": float, "dim": int, "num_train": int,
+      "num_test": int}``: accuracies of the fitted probe over the present rows of each
+      split (``test_accuracy`` is NaN when ``test`` has none), the pooled feature size,
+      and the number of present rows used from each split.
+
+    Raises:
+      ValueError: ``modality`` is not one of the model's encoders or missing from a
+        split, a label is out of range, or ``train`` has no present row.
+    """
+    import optax
+    from flax import nnx
+
+    from lepton_mm._validation import check_positive_int
+    from lepton_mm.models import encode_modalities
+
+    encoders = getattr(model, "encoders", None)
+    if encoders is None:
+        raise TypeError(f"model: expected a model with an `encoders` mapping, got "
+                        f"{type(model).__name__}.")
+    if modality not in encoders:
+        raise ValueError(f"modality: {modality!r} is not one of the model's encoders "
+                         f"{sorted(encoders)}.")
+    num_classes = check_positive_int("num_classes", num_classes)
+    steps = check_positive_int("steps", steps)
+    batch_size = check_positive_int("batch_size", batch_size)
+    l2 = _positive("l2", l2)
+
+    copy = nnx.clone(model)
+    copy.eval()
+    graphdef, state = nnx.split(copy)
+
+    @jax.jit
+    def pooled(state, inputs):
+        encs = nnx.merge(graphdef, state).encoders
+        return encode_modalities(encs, {modality: inputs}, (modality,))[modality].pooled
+
+    def features(name, data):
+        if not isinstance(data, Mapping) or modality not in data or "label" not in data:
+            raise ValueError(f"{name}: expected a batch dict with {modality!r} and 'label', "
+                             f"got keys {sorted(data) if isinstance(data, Mapping) else data!r}.")
+        inputs = jax.tree.map(np.asarray, data[modality])
+        labels = np.asarray(data["label"])
+        n = labels.shape[0]
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{name}['label']: expected int [n], got {labels.dtype} "
+                             f"{labels.shape}.")
+        keep = np.ones(n, bool)
+        flags = (data.get("present") or {}).get(modality)
+        if flags is not None:
+            keep &= np.asarray(flags, bool)
+        if data.get("valid") is not None:
+            keep &= np.asarray(data["valid"], bool)
+        if keep.any() and (labels[keep].min() < 0 or labels[keep].max() >= num_classes):
+            raise ValueError(f"{name}['label']: expected labels in [0, {num_classes}), got "
+                             f"[{labels[keep].min()}, {labels[keep].max()}].")
+        size = min(batch_size, n)
+        chunks = []
+        for start in range(0, n, size):
+            rows = np.minimum(np.arange(start, start + size), n - 1)  # pad by repeating
+            out = pooled(state, jax.tree.map(lambda a, rows=rows: a[rows], inputs))
+            chunks.append(np.asarray(out, np.float32)[:min(size, n - start)])
+        x = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+        return x[keep], labels[keep].astype(np.int32)
+
+    x_train, y_train = features("train", train)
+    x_test, y_test = features("test", test)
+    if len(y_train) == 0:
+        raise ValueError(f"train: no example has modality {modality!r} present.")
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std = np.where(std < 1e-6, 1.0, std)
+    x_train = jnp.asarray((x_train - mean) / std)
+    dim = x_train.shape[1]
+
+    def loss_fn(p):
+        logits = x_train @ p["w"] + p["b"][None]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y_train).mean()
+        return ce + 0.5 * l2 * jnp.sum(p["w"] ** 2)
+
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+
+    @jax.jit
+    def fit(p):
+        def step(carry):
+            p, opt = carry
+            value, grad = value_and_grad(p, state=opt)
+            updates, opt = solver.update(grad, opt, p, value=value, grad=grad,
+                                         value_fn=loss_fn)
+            return optax.apply_updates(p, updates), opt
+
+        def going(carry):
+            _, opt = carry
+            count = optax.tree_utils.tree_get(opt, "count")
+            norm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(opt, "grad"))
+            return (count == 0) | ((count < steps) & (norm >= 1e-6))
+
+        return jax.lax.while_loop(going, step, (p, solver.init(p)))[0]
+
+    params = fit({"w": jnp.zeros((dim, num_classes), jnp.float32),
+                  "b": jnp.zeros((num_classes,), jnp.float32)})
+
+    def accuracy(x, y):
+        if len(y) == 0:
+            return float("nan")
+        w, b = np.asarray(params["w"]), np.asarray(params["b"])
+        logits = np.asarray(x, np.float32) @ w + b[None]
+        return float(np.mean(np.argmax(logits, axis=-1) == y))
+
+    return {"train_accuracy": accuracy(x_train, y_train),
+            "test_accuracy": accuracy((x_test - mean) / std, y_test),
+            "dim": int(dim), "num_train": len(y_train), "num_test": len(y_test)}
 
 
 def _encoder_of(path: Sequence[Any]) -> str | None:

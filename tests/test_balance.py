@@ -552,3 +552,64 @@ def test_a_strategy_with_another_task_than_fit_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"strategy: its task Classification\(num_classes=4"):
         _fit(tmp_path / "t", MMPareto(Classification(4)))
     assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+
+
+class _Fixed(nnx.Module):
+    """An encoder whose pooled output is its input: ``x [batch, dim]`` as one token."""
+
+    def __call__(self, x):
+        from lepton_mm.types import EncoderOutput
+
+        return EncoderOutput(tokens=x[:, None], mask=jnp.ones((x.shape[0], 1), bool),
+                             pooled=x)
+
+
+class _Probed(nnx.Module):
+    def __init__(self):
+        self.encoders = nnx.Dict({"a": _Fixed(), "b": _Fixed()})
+
+
+def _probe_data(n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    return {"a": (np.eye(3)[y] * 3 + 0.1 * rng.normal(size=(n, 3))).astype(np.float32),
+            "b": rng.normal(size=(n, 4)).astype(np.float32), "label": y}
+
+
+def test_linear_probe_finds_the_informative_encoder_and_not_the_noise():
+    train, test = _probe_data(300, 0), _probe_data(600, 1)
+    a = balance.linear_probe(_Probed(), train, test, modality="a", num_classes=3,
+                             batch_size=128)
+    b = balance.linear_probe(_Probed(), train, test, modality="b", num_classes=3,
+                             batch_size=128)
+    assert a == {"train_accuracy": 1.0, "test_accuracy": 1.0, "dim": 3, "num_train": 300,
+                 "num_test": 600}
+    assert b["dim"] == 4 and b["test_accuracy"] < 0.45  # chance is 1/3
+    # Deterministic: the same call gives the same numbers.
+    assert balance.linear_probe(_Probed(), train, test, modality="b", num_classes=3,
+                                batch_size=128) == b
+
+
+def test_linear_probe_skips_absent_rows_and_leaves_the_model_alone():
+    train, test = make_data(), make_data(12, seed=1)
+    model = make_model(0)
+    model.train()
+    before = params_of(model)
+    out = balance.linear_probe(model, train, test, modality="audio", num_classes=3,
+                               batch_size=5)  # padded last batches, tuple inputs
+    assert out["num_train"] == int(train["present"]["audio"].sum()) < len(train["label"])
+    assert out["num_test"] == int(test["present"]["audio"].sum())
+    assert out["dim"] == model.encoders["audio"].dim
+    assert 0.0 <= out["test_accuracy"] <= 1.0 and 0.0 <= out["train_accuracy"] <= 1.0
+    image = balance.linear_probe(model, train, test, modality="image", num_classes=3)
+    assert image["num_train"] == len(train["label"]) and image["dim"] == 6
+    after = params_of(model)
+    assert all(np.array_equal(x, y) for x, y in zip(before, after, strict=True))
+    assert model.encoders["image"].dropout.deterministic is False  # still in train mode
+    # Padding rows of a batch dict (valid False) are left out too.
+    valid = np.arange(len(train["label"])) < 12
+    padded = balance.linear_probe(model, {**train, "valid": valid}, test, modality="image",
+                                  num_classes=3)
+    assert padded["num_train"] == 12
+    with pytest.raises(ValueError, match="'video'"):
+        balance.linear_probe(model, train, test, modality="video", num_classes=3)
