@@ -30,7 +30,10 @@ Pure functions do the arithmetic and can be used in any train step:
 ``label_scores`` (each modality's confidence in the true label with the others marked
 absent), ``ogm_ge_coefficients`` (OGM-GE's Eq. 9-10), ``unimodal_losses``,
 ``gradient_blending_weights`` (G-Blend's Proposition 1 with Eq. 6-7's estimates) and
-``pareto_combine`` (MMPareto's combination of two gradients).
+``pareto_combine`` (MMPareto's combination of two gradients). To measure imbalance after
+training: ``head_losses`` (each modality's own loss) and ``linear_probe`` (how much label
+information one encoder of a fused model carries, by a logistic-regression probe on its
+pooled features).
 
 A strategy is any object with either or both of two methods, called inside the
 compiled step. ``loss(forward, task, batch, outputs, loss, key, step) -> (objective,
