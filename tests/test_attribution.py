@@ -268,3 +268,24 @@ def test_ig_bad_arguments():
         integrated_gradients(lambda z: z, x, 0.0)
     with pytest.raises(ValueError, match="inputs:"):
         gradient_x_input(fn, jnp.ones((2, 3), jnp.int32))
+
+
+def test_integrated_gradients_match_captum_on_a_shared_mlp():
+    """Against Captum's IntegratedGradients (riemann_middle) on the same weights: the
+    fixture was made once by tests/fixtures/make_captum_ig_reference.py (torch, captum)."""
+    from pathlib import Path
+
+    ref = np.load(Path(__file__).parent / "fixtures" / "captum_ig_reference.npz")
+    w1, b1, w2, b2 = (jnp.asarray(ref[k], jnp.float32) for k in ("w1", "b1", "w2", "b2"))
+    target = int(ref["target"])
+
+    def fn(x):  # [batch, 6, 5] -> the target logit [batch]
+        h = jnp.tanh(x.reshape(x.shape[0], -1) @ w1 + b1[None])
+        return (h @ w2 + b2[None])[:, target]
+
+    x = jnp.asarray(ref["inputs"], jnp.float32)
+    for name, baseline, steps in (("ig_zero_8", 0.0, 8), ("ig_zero_64", 0.0, 64),
+                                  ("ig_random_64", jnp.asarray(ref["baseline"], jnp.float32),
+                                   64)):
+        ours = integrated_gradients(fn, x, baseline, steps=steps)
+        np.testing.assert_allclose(ours, ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
