@@ -443,7 +443,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AlignmentConfig, argparse
                  **harness.flag_overrides(args, Alignment)}
     if args.parts is not None:
         overrides["parts"] = tuple(p for p in args.parts.split(",") if p)
-    return (quick_config if args.quick else AlignmentConfig)(**overrides), args
+    return harness.make_config(parser, quick_config if args.quick else AlignmentConfig,
+                               overrides), args
 
 
 def main(argv: list[str] | None = None) -> int:

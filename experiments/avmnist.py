@@ -647,7 +647,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AVMNISTConfig, argparse.N
         overrides["gblend_pilot"] = tuple(int(e) for e in args.gblend_pilot.split(","))
     if args.fusion is not None:
         overrides["methods"] = tuple(m for m in args.fusion.split(",") if m)
-    return (quick_config if args.quick else AVMNISTConfig)(**overrides), args
+    return harness.make_config(parser, quick_config if args.quick else AVMNISTConfig,
+                               overrides), args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -489,7 +489,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[MUStARDConfig, argparse.N
                  **harness.flag_overrides(args, MUStARD)}
     if args.methods is not None:
         overrides["methods"] = tuple(m for m in args.methods.split(",") if m)
-    return (quick_config if args.quick else MUStARDConfig)(**overrides), args
+    return harness.make_config(parser, quick_config if args.quick else MUStARDConfig,
+                               overrides), args
 
 
 def main(argv: list[str] | None = None) -> int:

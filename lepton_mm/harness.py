@@ -29,7 +29,7 @@ import dataclasses
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,6 +47,7 @@ __all__ = [
     "enable_compilation_cache",
     "fit_facts",
     "flag_overrides",
+    "make_config",
     "parse_floats",
     "parse_ints",
     "run_costs",
@@ -654,6 +655,29 @@ def enable_compilation_cache(path: str | Path) -> None:
 
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def make_config(parser: argparse.ArgumentParser, factory: Callable[..., Any],
+                overrides: Mapping[str, Any]) -> Any:
+    """``factory(**overrides)``; a value the config rejects is one line and exit 2.
+
+    The config dataclasses validate their fields (distinct seeds, rates in range, known
+    strategy names, ...) and raise ``ValueError`` / ``TypeError`` naming the field; on the
+    command line that is a bad flag value, reported like argparse's own errors but
+    without the usage block: ``<script>: error: <message>`` on stderr, exit status 2.
+
+    Args:
+      parser: the script's parser (its ``prog`` names the script).
+      factory: the config class or a function such as ``quick_config``.
+      overrides: the fields from flags and config files.
+
+    Returns:
+      The config.
+    """
+    try:
+        return factory(**overrides)
+    except (ValueError, TypeError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 def run_main(experiment: Experiment, args: argparse.Namespace) -> int:

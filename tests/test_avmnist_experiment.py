@@ -117,6 +117,15 @@ def test_bad_names_fail_before_compute(avmnist, tmp_path, capsys):
     assert len(err) == 1 and "Unrecognized method: 'nope'" in err[0] and "concat" in err[0]
     with pytest.raises(ValueError, match="seeds"):
         avmnist.AVMNISTConfig(seeds=(1, 1))
+    # A value the config rejects, given on the command line: one line, exit 2.
+    for argv, message in ((["--seeds", "1,1"], "seeds: expected distinct seeds"),
+                          (["--balance", "nope"], "balance: unknown strategies ['nope']"),
+                          (["--quick", "--modality-dropout", "1.5"], "modality_dropout")):
+        with pytest.raises(SystemExit) as exit_info:
+            avmnist.parse_args(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ": error: " in err[0] and message in err[0]
     with pytest.raises(ValueError, match="modality_dropout"):
         avmnist.AVMNISTConfig(modality_dropout=1.0)
     with pytest.raises(ValueError, match="snr_sweep.*decreasing"):
