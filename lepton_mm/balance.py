@@ -179,15 +179,7 @@ class OGMGE:
 
     def __post_init__(self):
         _positive("alpha", self.alpha)
-        if self.modalities is not None:
-            if isinstance(self.modalities, str) or not all(
-                    isinstance(m, str) for m in self.modalities):
-                raise TypeError(f"modalities: expected a tuple of modality names, got "
-                                f"{self.modalities!r}.")
-            if len(set(self.modalities)) < 2:
-                raise ValueError(f"modalities: expected two or more distinct names, got "
-                                 f"{self.modalities!r}.")
-            object.__setattr__(self, "modalities", tuple(self.modalities))
+        object.__setattr__(self, "modalities", _modality_names(self.modalities, least=2))
         for name in ("start_step", "end_step"):
             value = getattr(self, name)
             if value is None and name == "end_step":
@@ -200,21 +192,14 @@ class OGMGE:
 
     def check(self, model: Any) -> None:
         """Errors before any compilation: the model must have the balanced encoders."""
-        encoders = getattr(model, "encoders", None)
-        if not isinstance(encoders, Mapping) and not hasattr(encoders, "keys"):
-            raise TypeError(f"strategy: OGMGE needs a model with an `encoders` dict "
-                            f"(MultimodalClassifier), got {type(model).__name__}.")
+        _check_encoders(model, "OGMGE", "modalities", self.modalities or ())
         names = self._names(model)
-        missing = [m for m in names if m not in encoders]
-        if missing:
-            raise ValueError(f"strategy: OGMGE modalities {missing} are not encoders of the "
-                             f"model (it has {sorted(encoders)}).")
         if len(names) < 2:
             raise ValueError(f"strategy: OGMGE needs two or more modalities, the model "
                              f"has {names}.")
 
     def _names(self, model: Any) -> list[str]:
-        return sorted(self.modalities) if self.modalities else sorted(model.encoders)
+        return sorted(self.modalities or model.encoders)
 
     def modulate(self, model: Any, batch: Mapping[str, Any], grads: Any, key: Array,
                  step: Array) -> tuple[Any, dict[str, Array]]:
@@ -424,15 +409,9 @@ class GradientBlending:
     def check(self, model: Any) -> None:
         """Errors before any compilation: each weighted head must be a modality of the
         model (or ``FUSED``)."""
-        encoders = getattr(model, "encoders", None)
-        if encoders is None or not hasattr(encoders, "keys"):
-            raise TypeError(f"strategy: GradientBlending needs a model with an `encoders` "
-                            f"dict (MultimodalClassifier), got {type(model).__name__}.")
-        unknown = [k for k, _ in self.weights if k != FUSED and k not in encoders]
-        if unknown:
-            raise ValueError(f"strategy: GradientBlending heads {unknown} are not encoders "
-                             f"of the model (it has {sorted(encoders)}; the fused head is "
-                             f"{FUSED!r}).")
+        _check_encoders(model, "GradientBlending", "heads",
+                        [k for k, _ in self.weights if k != FUSED],
+                        note=f"; the fused head is {FUSED!r}")
 
     def loss(self, forward: Any, task: Any, batch: Mapping[str, Any], outputs: Any,
              loss: Array, key: Array, step: Array) -> tuple[Array, dict[str, Array]]:
@@ -587,30 +566,15 @@ class MMPareto:
         except TypeError:
             raise TypeError(f"task: expected a hashable task (a frozen dataclass), got "
                             f"{type(self.task).__name__}.") from None
-        if self.modalities is not None:
-            if isinstance(self.modalities, str) or not all(
-                    isinstance(m, str) for m in self.modalities):
-                raise TypeError(f"modalities: expected a tuple of modality names, got "
-                                f"{self.modalities!r}.")
-            if not self.modalities or len(set(self.modalities)) != len(self.modalities):
-                raise ValueError(f"modalities: expected one or more distinct names, got "
-                                 f"{self.modalities!r}.")
-            object.__setattr__(self, "modalities", tuple(self.modalities))
+        object.__setattr__(self, "modalities", _modality_names(self.modalities, least=1))
         _positive("gamma", self.gamma)
 
     def check(self, model: Any) -> None:
         """Errors before any compilation: the model must have the assisted encoders."""
-        encoders = getattr(model, "encoders", None)
-        if encoders is None or not hasattr(encoders, "keys"):
-            raise TypeError(f"strategy: MMPareto needs a model with an `encoders` dict "
-                            f"(MultimodalClassifier), got {type(model).__name__}.")
-        missing = [m for m in self._names(model) if m not in encoders]
-        if missing:
-            raise ValueError(f"strategy: MMPareto modalities {missing} are not encoders of "
-                             f"the model (it has {sorted(encoders)}).")
+        _check_encoders(model, "MMPareto", "modalities", self.modalities or ())
 
     def _names(self, model: Any) -> list[str]:
-        return sorted(self.modalities) if self.modalities else sorted(model.encoders)
+        return sorted(self.modalities or model.encoders)
 
     def modulate(self, model: Any, batch: Mapping[str, Any], grads: Any, key: Array,
                  step: Array) -> tuple[Any, dict[str, Array]]:
@@ -714,14 +678,7 @@ class MSLR:
 
     def check(self, model: Any) -> None:
         """Errors before any compilation: each scaled modality must be an encoder."""
-        encoders = getattr(model, "encoders", None)
-        if encoders is None or not hasattr(encoders, "keys"):
-            raise TypeError(f"strategy: MSLR needs a model with an `encoders` dict "
-                            f"(MultimodalClassifier), got {type(model).__name__}.")
-        unknown = [k for k, _ in self.scales if k not in encoders]
-        if unknown:
-            raise ValueError(f"strategy: MSLR scales {unknown} are not encoders of the "
-                             f"model (it has {sorted(encoders)}).")
+        _check_encoders(model, "MSLR", "scales", [k for k, _ in self.scales])
 
     def lr_multipliers(self) -> dict[str, float]:
         """The same factors as ``OptimizerConfig.lr_multipliers`` (``{"^encoders/<u>/":
@@ -910,6 +867,35 @@ def linear_probe(model: Any, train: Mapping[str, Any], test: Mapping[str, Any], 
     return {"train_accuracy": accuracy(x_train, y_train),
             "test_accuracy": accuracy((x_test - mean) / std, y_test),
             "dim": int(dim), "num_train": len(y_train), "num_test": len(y_test)}
+
+
+def _modality_names(value: Any, *, least: int) -> tuple[str, ...] | None:
+    """A strategy's ``modalities`` field checked: None, or ``least`` or more distinct
+    names, as a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(m, str) for m in value):
+        raise TypeError(f"modalities: expected a tuple of modality names, got {value!r}.")
+    value = tuple(value)
+    if len(value) < least or len(set(value)) != len(value):
+        words = {1: "one", 2: "two"}.get(least, str(least))
+        raise ValueError(f"modalities: expected {words} or more distinct names, got "
+                         f"{value!r}.")
+    return value
+
+
+def _check_encoders(model: Any, strategy: str, what: str, names: Sequence[str], *,
+                    note: str = "") -> None:
+    """Checks that ``model`` has ``encoders`` and that every one of ``names`` (a
+    strategy's ``what``) is among them; the errors name the strategy."""
+    encoders = getattr(model, "encoders", None)
+    if encoders is None or not hasattr(encoders, "keys"):
+        raise TypeError(f"strategy: {strategy} needs a model with an `encoders` dict "
+                        f"(MultimodalClassifier), got {type(model).__name__}.")
+    unknown = [m for m in names if m not in encoders]
+    if unknown:
+        raise ValueError(f"strategy: {strategy} {what} {unknown} are not encoders of the "
+                         f"model (it has {sorted(encoders)}{note}).")
 
 
 def _encoder_of(path: Sequence[Any]) -> str | None:
