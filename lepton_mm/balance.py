@@ -391,17 +391,13 @@ class GradientBlending:
     weights: Any
 
     def __post_init__(self):
-        items = self.weights.items() if isinstance(self.weights, Mapping) else self.weights
-        try:
-            pairs = tuple(sorted((str(k), float(v)) for k, v in items))
-        except (TypeError, ValueError):
-            raise TypeError(f"weights: expected {{head: weight}}, got {self.weights!r}.") from None
-        if not pairs or any(not isinstance(k, str) for k, _ in items):
-            raise ValueError(f"weights: expected {{head: weight}} with at least one head, got "
-                             f"{self.weights!r}.")
-        for k, v in pairs:
-            if not math.isfinite(v) or v < 0:
+        pairs = []
+        for k, v in _named_values("weights", self.weights, "head", "weight"):
+            if (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                    or not math.isfinite(v) or v < 0):
                 raise ValueError(f"weights[{k!r}]: expected a finite number >= 0, got {v!r}.")
+            pairs.append((k, float(v)))
+        pairs = tuple(pairs)
         if all(v == 0 for _, v in pairs):
             raise ValueError("weights: expected at least one weight > 0, got all 0.")
         object.__setattr__(self, "weights", pairs)
@@ -659,21 +655,8 @@ class MSLR:
     scales: Any
 
     def __post_init__(self):
-        items = self.scales.items() if isinstance(self.scales, Mapping) else self.scales
-        try:
-            items = [(k, v) for k, v in items]
-        except (TypeError, ValueError):
-            raise TypeError(f"scales: expected {{modality: factor}}, got "
-                            f"{self.scales!r}.") from None
-        if not items:
-            raise ValueError(f"scales: expected {{modality: factor}} with at least one "
-                             f"modality, got {self.scales!r}.")
-        if not all(isinstance(k, str) for k, _ in items):
-            raise TypeError(f"scales: expected modality names as keys, got "
-                            f"{self.scales!r}.")
-        if len({k for k, _ in items}) != len(items):
-            raise ValueError(f"scales: expected each modality once, got {self.scales!r}.")
-        pairs = tuple(sorted((k, _positive(f"scales[{k!r}]", v)) for k, v in items))
+        pairs = tuple((k, _positive(f"scales[{k!r}]", v))
+                      for k, v in _named_values("scales", self.scales, "modality", "factor"))
         object.__setattr__(self, "scales", pairs)
 
     def check(self, model: Any) -> None:
@@ -867,6 +850,24 @@ def linear_probe(model: Any, train: Mapping[str, Any], test: Mapping[str, Any], 
     return {"train_accuracy": accuracy(x_train, y_train),
             "test_accuracy": accuracy((x_test - mean) / std, y_test),
             "dim": int(dim), "num_train": len(y_train), "num_test": len(y_test)}
+
+
+def _named_values(field: str, value: Any, key: str, what: str) -> list[tuple[str, Any]]:
+    """A ``{name: value}`` field (a mapping or ``(name, value)`` pairs) as sorted pairs,
+    checked: at least one, names are str, each once. Values are the caller's to check."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise TypeError(f"{field}: expected {{{key}: {what}}}, got {value!r}.") from None
+    if not pairs:
+        raise ValueError(f"{field}: expected {{{key}: {what}}} with at least one {key}, got "
+                         f"{value!r}.")
+    if not all(isinstance(k, str) for k, _ in pairs):
+        raise TypeError(f"{field}: expected {key} names as keys, got {value!r}.")
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise ValueError(f"{field}: expected each {key} once, got {value!r}.")
+    return sorted(pairs)
 
 
 def _modality_names(value: Any, *, least: int) -> tuple[str, ...] | None:

@@ -287,6 +287,8 @@ def test_fit_with_gradient_blending_logs_the_heads_and_leaves_batch_stats_alone(
     ({FUSED: 0.0, "audio": 0.0}, ValueError, r"weights: expected at least one weight > 0"),
     ({}, ValueError, r"weights: expected \{head: weight\} with at least one head"),
     ("fused", TypeError, r"weights: expected \{head: weight\}"),
+    ([(FUSED, 1.0), (FUSED, 2.0)], ValueError, r"weights: expected each head once"),
+    ({FUSED: True}, ValueError, r"weights\['fused'\]: expected a finite number"),
 ])
 def test_bad_blending_weights(weights, error, match):
     with pytest.raises(error, match=match):
