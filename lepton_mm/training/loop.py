@@ -731,8 +731,8 @@ def _check_hook_output(name: str, before: Any, after: Any) -> None:
                         "dtypes (an augmented copy of it).")
 
 
-def _check_hooks(model: nnx.Module, sample: Mapping[str, Any], augment: Any,
-                 adversary: Any, strategy: Any = None, task: Any = None) -> None:
+def _check_hooks(model: nnx.Module, task: Any, sample: Mapping[str, Any], augment: Any,
+                 adversary: Any, strategy: Any) -> None:
     """Traces the hooks abstractly on a sample batch: errors before any compilation."""
     if augment is None and adversary is None and strategy is None:
         return
@@ -757,12 +757,12 @@ def _check_strategy(model: nnx.Module, task: Any, sample: Mapping[str, Any], key
     if hasattr(strategy, "check"):
         strategy.check(model)
     own = getattr(strategy, "task", None)  # e.g. MMPareto computes losses with its own
-    if own is not None and task is not None and own != task:
+    if own is not None and own != task:
         raise ValueError(f"strategy: its task {own!r} differs from fit's task {task!r}; "
                          "give the strategy the task fit trains.")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-    if callable(getattr(strategy, "loss", None)) and task is not None:
+    if callable(getattr(strategy, "loss", None)):
         def objective(p, r, b, k):
             forward = nnx.merge(graphdef, p, r)
             outputs = forward(b)
@@ -874,7 +874,7 @@ def _check_fit_args(model, task, train_data, eval_data, *, optimizer, optimizer_
                     train_sample = sample
             except (ValueError, TypeError) as e:
                 raise type(e)(f"{name}: {e}") from None
-    _check_hooks(model, train_sample, augment, adversary, strategy, task)
+    _check_hooks(model, task, train_sample, augment, adversary, strategy)
     run_config = {
         "task": _task_config(task), "optimizer": optimizer_setting,
         "batch_size": batch_size,
