@@ -169,3 +169,17 @@ def check_key(key: Any, name: str = "key") -> Any:
         return jax.random.wrap_key_data(key)
     raise TypeError(f"{name}: expected a PRNG key (jax.random.key(seed) or a uint32[2] "
                     f"legacy key), got dtype {np.dtype(key.dtype)} shape {tuple(key.shape)}.")
+
+
+def check_ids_in_range(name: str, ids: Any, mask: Any, upper: int) -> None:
+    """Raises if a concrete ``ids`` has a valid-position entry outside ``[0, upper)``."""
+    import jax
+
+    if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+        return
+    ids = np.asarray(ids)
+    valid = ids[np.asarray(mask)]
+    if valid.size and (valid.min() < 0 or valid.max() >= upper):
+        raise ValueError(
+            f"{name}: ids must lie in [0, {upper}) at valid positions, got values in "
+            f"[{valid.min()}, {valid.max()}].")

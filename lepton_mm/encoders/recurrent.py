@@ -41,9 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lepton_mm._validation import check_array, check_positive_int
+from lepton_mm._validation import check_array, check_ids_in_range, check_positive_int
 from lepton_mm.encoders._conv import check_float_input
-from lepton_mm.encoders.text_transformer import _check_ids_in_range
 from lepton_mm.types import EncoderOutput
 
 Array = jax.Array
@@ -317,7 +316,7 @@ class RecurrentTextEncoder(nnx.Module):
         dims: dict[str, int] = {}
         check_array("token_ids", token_ids, "batch time", kind="int", dims=dims)
         check_array("mask", mask, "batch time", kind="bool", dims=dims)
-        _check_ids_in_range("token_ids", token_ids, mask, self.vocab_size)
+        check_ids_in_range("token_ids", token_ids, mask, self.vocab_size)
         mask = jnp.asarray(mask)
         x = self.embeddings(jnp.where(mask, token_ids, 0)).astype(jnp.float32)
         return self.rnn.encode(x, mask, rngs=rngs)

@@ -24,10 +24,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from lepton_mm._validation import check_array, check_positive_int
+from lepton_mm._validation import check_array, check_ids_in_range, check_positive_int
 from lepton_mm.types import EncoderOutput
 
 Array = jax.Array
@@ -219,9 +218,9 @@ class TextTransformer(nnx.Module):
             raise ValueError(
                 f"token_ids: sequence length {time} exceeds max_len={self.max_len}; "
                 "truncate the input.")
-        _check_ids_in_range("token_ids", token_ids, mask, self.vocab_size)
+        check_ids_in_range("token_ids", token_ids, mask, self.vocab_size)
         if segment_ids is not None:
-            _check_ids_in_range("segment_ids", segment_ids, mask, self.type_vocab_size)
+            check_ids_in_range("segment_ids", segment_ids, mask, self.type_vocab_size)
 
         mask = jnp.asarray(mask)
         token_ids = jnp.where(mask, token_ids, 0)
@@ -240,15 +239,3 @@ class TextTransformer(nnx.Module):
         for layer in self.layers:
             x = layer(x, bias, rngs)
         return EncoderOutput.from_tokens(x, mask)
-
-
-def _check_ids_in_range(name: str, ids, mask, upper: int) -> None:
-    """Raises if a concrete ``ids`` has a valid-position entry outside ``[0, upper)``."""
-    if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
-        return
-    ids = np.asarray(ids)
-    valid = ids[np.asarray(mask)]
-    if valid.size and (valid.min() < 0 or valid.max() >= upper):
-        raise ValueError(
-            f"{name}: ids must lie in [0, {upper}) at valid positions, got values in "
-            f"[{valid.min()}, {valid.max()}].")
