@@ -30,6 +30,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,42 @@ PEER_METHODS = ("peer_multibench_image", "peer_multibench_audio", "peer_multiben
 _IMAGE_NOISE_TAG = 1000
 _SWEEPS = {"audio_snr": ("snr_db", "audio SNR (dB)"),
            "image_noise": ("image_noise_sigma", "image noise σ (pixel units)")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A training variant of a fusion method, run as ``<method>+<name>``.
+
+    Attributes:
+      flags: the command-line flags that select it, from the config.
+      recorded: what its runs' hashed config adds (so a changed setting is a new run).
+    """
+
+    flags: Callable[[AVMNISTConfig], str]
+    recorded: Callable[[AVMNISTConfig], dict[str, Any]]
+
+
+#: The variants by name (``<method>+<name>``): modality dropout and the ``--balance``
+#: strategies. ``AVMNIST.strategy`` builds a strategy's ``fit`` hook.
+VARIANTS = {
+    "mdrop": Variant(
+        flags=lambda c: f"--modality-dropout {c.modality_dropout:g}",
+        recorded=lambda c: {"modality_dropout": c.modality_dropout}),
+    "ogm_ge": Variant(
+        flags=lambda c: f"--balance ogm_ge --ogm-alpha {c.ogm_alpha:g}",
+        recorded=lambda c: {"strategy": {"name": "ogm_ge", "alpha": c.ogm_alpha}}),
+    "mmpareto": Variant(
+        flags=lambda c: "--balance mmpareto",
+        recorded=lambda c: {"strategy": {"name": "mmpareto", "gamma": 1.0}}),
+    "gblend": Variant(
+        flags=lambda c: (f"--balance gblend --gblend-pilot "
+                         f"{','.join(map(str, c.gblend_pilot))} "
+                         f"--gblend-train-examples {c.gblend_train_examples}"),
+        recorded=lambda c: {"strategy": {"name": "gblend",
+                                         "pilot_epochs": list(c.gblend_pilot),
+                                         "pilot_train_examples": c.gblend_train_examples}}),
+}
+assert set(VARIANTS) == {MDROP_SUFFIX[1:], *BALANCE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,18 +412,8 @@ class AVMNIST(harness.Experiment):
 
     def method_args(self, method: str) -> list[str]:
         base, variant = split_method(method)
-        config = self.config
-        args = [f"--fusion {base}"]
-        if variant == "mdrop":
-            args.append(f"--modality-dropout {config.modality_dropout:g}")
-        elif variant == "ogm_ge":
-            args.append(f"--balance ogm_ge --ogm-alpha {config.ogm_alpha:g}")
-        elif variant == "mmpareto":
-            args.append("--balance mmpareto")
-        elif variant == "gblend":
-            args.append(f"--balance gblend --gblend-pilot {','.join(map(str, config.gblend_pilot))}"
-                        f" --gblend-train-examples {config.gblend_train_examples}")
-        return args
+        return [f"--fusion {base}",
+                *([VARIANTS[variant].flags(self.config)] if variant else [])]
 
     def run_config(self, method: str) -> dict[str, Any]:
         """The training settings, the modality-dropout rate of ``+mdrop`` runs, the
@@ -395,15 +422,8 @@ class AVMNIST(harness.Experiment):
 
         out = super().run_config(method)
         variant = split_method(method)[1]
-        if variant == "mdrop":
-            out["modality_dropout"] = self.config.modality_dropout
-        elif variant == "ogm_ge":
-            out["strategy"] = {"name": "ogm_ge", "alpha": self.config.ogm_alpha}
-        elif variant == "mmpareto":
-            out["strategy"] = {"name": "mmpareto", "gamma": 1.0}
-        elif variant == "gblend":
-            out["strategy"] = {"name": "gblend", "pilot_epochs": list(self.config.gblend_pilot),
-                               "pilot_train_examples": self.config.gblend_train_examples}
+        if variant:
+            out.update(VARIANTS[variant].recorded(self.config))
         if self.config.robustness:
             out["robustness"] = robustness_protocol(
                 self.config, self.config.num_test or SPLIT_SIZES["test"])
