@@ -29,6 +29,10 @@ Public API at a glance:
     Gradient Blending, MMPareto, MSLR.
   - ``lepton_mm.attribution``: exact modality Shapley values, integrated gradients,
     gradient × input.
+  - ``lepton_mm.quantize``: post-training int8 quantisation (per channel, through qwix)
+    and quantisation-aware training.
+  - ``lepton_mm.prune``: magnitude pruning (global, gradual inside ``fit``) and
+    structured channel pruning of the CNN encoders.
   - ``lepton_mm.functional``: call any layer as a pure function (plain JAX, Linen).
   - ``lepton_mm.training``: ``fit``, ``OptimizerConfig``, checkpoints, sharding.
   - ``lepton_mm.export``: save / load a model as serialised StableHLO.
@@ -48,7 +52,7 @@ __version__ = "0.1.0.dev0"
 _SUBPACKAGES = (
     "adversarial", "alignment", "attribution", "augment", "balance", "data", "encoders",
     "experiment", "export", "features", "functional", "fusion", "metrics", "models",
-    "pretrained", "robustness", "training",
+    "pretrained", "prune", "quantize", "robustness", "training",
 )
 
 __all__ = ["EncoderOutput", "masked_mean", *_SUBPACKAGES]

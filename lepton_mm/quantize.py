@@ -1,0 +1,307 @@
+"""Post-training int8 quantisation of a trained model through qwix, and its QAT option.
+
+``quantize(model, *example_inputs)`` returns a copy of ``model`` whose weights are
+stored as int8 with one float32 scale per output channel: symmetric absmax calibration,
+``scale = max|w| / 127.5`` over each output channel (qwix's int8 bound) and ``q =
+round(w / scale)`` saturated to [-128, 127]. Biases, batch-norm parameters and
+statistics stay float32. Where each layer goes:
+
+* **Linear and einsum layers** (fusion layers, heads, encoder projections, attention):
+  qwix's post-training quantisation (``qwix.PtqProvider``, via ``qwix.quantize_model``)
+  replaces each kernel with a ``QArray`` (int8 ``qvalue`` + float32 ``scale``) and runs
+  the matmul on it. With ``activations=True`` the inputs of those matmuls are quantised
+  too (dynamic range: int8 per token, computed at run time; an int8 x int8 matmul).
+* **The convolutions of the CNN encoders** (``ImageCNN``, ``AudioSpectrogramCNN``):
+  qwix cannot reach them (below), so each ``nnx.Conv`` is replaced by a
+  ``QuantizedConv``: its kernel quantised by ``qwix.quantize`` (the same int8 per
+  channel numerics, nothing rounded by hand here), stored as int8 and dequantised to
+  float32 when the block runs. Storage shrinks fourfold; the convolution itself still
+  computes in float32 (weight-only), and its activations are not quantised.
+
+Why qwix (0.1.8) cannot quantise those convolutions: qwix intercepts calls of
+``jax.lax.dot_general`` / ``conv_general_dilated`` / ``jnp.einsum`` and takes an
+operand for a weight when it is an ``nnx.Param`` of the module whose method is running,
+and only on the right-hand side. The encoders run each block as one fused computation
+(``lepton_mm.encoders._conv.conv_block``, see docs/performance.md) that reads
+``conv.kernel`` without calling the conv and multiplies ``kernel^T @ patches``: the
+kernel is the *left* operand and the running module is the encoder, which holds no
+``Param`` itself, so qwix sees two activations and would leave the kernel float32
+without a word. The first block (one input channel) has no matmul at all (``k*k``
+shifted multiply-adds). And through ``nnx.Conv.__call__`` (the encoders' layer-by-layer
+reference path) qwix's PTQ convolution needs the activations quantised to the same type
+as the weights: it has no weight-only int8 convolution.
+
+The quantised model is an ordinary NNX module: ``lepton_mm.export.save`` writes it
+(int8 tensors stay int8 in ``weights.safetensors``) and ``lepton_mm.export.load`` runs it
+without its code.
+
+Quantisation-aware training: ``quantization_aware(model, *example_inputs)`` returns a
+copy whose qwix-reachable layers fake-quantise their weights (and activations) in the
+forward pass with a straight-through gradient (``qwix.QtProvider``); train it with
+``fit`` as usual, then ``quantize`` it. The CNN encoders' convolutions are not
+fake-quantised during QAT, for the reason above.
+
+References:
+  Jacob et al., "Quantization and Training of Neural Networks for Efficient
+  Integer-Arithmetic-Only Inference", CVPR 2018 (per-channel symmetric int8, QAT).
+  qwix: https://github.com/google/qwix
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lepton_mm.encoders.audio_cnn import AudioSpectrogramCNN
+from lepton_mm.encoders.image_cnn import ImageCNN
+
+Array = jax.Array
+
+__all__ = ["QuantizedConv", "quantization_aware", "quantize"]
+
+#: Encoders whose convolutions ``quantize`` stores through ``QuantizedConv``.
+_CNN_ENCODERS = (ImageCNN, AudioSpectrogramCNN)
+
+# nnx.Conv's configuration, which QuantizedConv keeps so that nnx.Conv.__call__ runs on it.
+_CONV_CONFIG = ("kernel_shape", "in_features", "out_features", "kernel_size", "strides",
+                "padding", "input_dilation", "kernel_dilation", "feature_group_count",
+                "use_bias", "dtype", "param_dtype", "precision", "conv_general_dilated",
+                "promote_dtype", "preferred_element_type")
+
+
+def _qwix() -> Any:
+    try:
+        import qwix
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "lepton_mm.quantize needs qwix: pip install 'lepton_mm[quant]' (or "
+            "pip install qwix).") from e
+    return qwix
+
+
+class QuantizedConv(nnx.Module):
+    """An ``nnx.Conv`` whose kernel is stored int8, one float32 scale per output channel.
+
+    Built from a float ``nnx.Conv`` by ``qwix.quantize`` (symmetric absmax per output
+    channel: ``scale = max|w| / 127.5``, ``qvalue = round(w / scale)``). ``kernel``
+    returns the dequantised float32 kernel ``qvalue * scale``, so the CNN encoders'
+    fused blocks and ``nnx.Conv``'s own forward pass (``__call__``) run unchanged on it.
+
+    Args:
+      conv: the float convolution (no ``mask``).
+
+    Attributes:
+      qvalue: ``nnx.Param``, int8 ``[*kernel_size, c_in, c_out]``.
+      scale: ``nnx.Param``, float32 ``[1, ..., 1, c_out]``.
+      bias: the conv's float ``[c_out]`` bias, or None.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> conv = nnx.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0))
+      >>> q = QuantizedConv(conv)
+      >>> q.qvalue.dtype, q.scale.shape
+      (dtype('int8'), (1, 1, 1, 3))
+      >>> bool(jnp.allclose(q(jnp.ones((1, 5, 5, 2))), conv(jnp.ones((1, 5, 5, 2))),
+      ...                   atol=0.05))
+      True
+    """
+
+    def __init__(self, conv: nnx.Conv):
+        if not isinstance(conv, nnx.Conv):
+            raise TypeError(f"conv: expected an nnx.Conv, got {type(conv).__name__}.")
+        if conv.mask is not None:
+            raise TypeError("conv: a masked nnx.Conv (conv.mask) is not supported.")
+        kernel = conv.kernel[...]
+        q = _qwix().quantize(kernel, jnp.int8, channelwise_axes=(kernel.ndim - 1,))
+        self.qvalue = nnx.Param(q.qvalue)
+        self.scale = nnx.Param(q.scale.astype(jnp.float32))
+        self.bias = nnx.Param(conv.bias[...]) if conv.bias is not None else nnx.data(None)
+        self.mask = None
+        for name in _CONV_CONFIG:
+            setattr(self, name, getattr(conv, name))
+
+    @property
+    def kernel(self) -> Array:
+        """The dequantised kernel, float32 ``[*kernel_size, c_in, c_out]``."""
+        qwix = _qwix()
+        return qwix.dequantize(qwix.QArray(qvalue=self.qvalue[...], scale=self.scale[...]))
+
+    def __call__(self, inputs: Array) -> Array:
+        """``nnx.Conv``'s forward pass with the dequantised kernel.
+
+        Args:
+          inputs: float ``[batch, *spatial, c_in]`` (channels last, as ``nnx.Conv``).
+
+        Returns:
+          float ``[batch, *spatial', c_out]``.
+        """
+        return nnx.Conv.__call__(self, inputs)
+
+
+def _check_modalities(model: nnx.Module, modalities: Sequence[str] | None) -> tuple[
+        str, ...] | None:
+    """``modalities`` as a tuple of names of ``model.encoders`` (None: all)."""
+    if modalities is None:
+        return None
+    if isinstance(modalities, str):
+        modalities = (modalities,)
+    names = tuple(modalities)
+    encoders = getattr(model, "encoders", None)
+    if encoders is None:
+        raise ValueError(f"modalities: {list(names)} given, but the model "
+                         f"({type(model).__name__}) has no .encoders by modality.")
+    for m in names:
+        if not isinstance(m, str):
+            raise TypeError(f"modalities: expected modality names (str), got {m!r}.")
+        if m not in encoders:
+            raise ValueError(f"modalities: unknown modality {m!r}; the model encodes "
+                             f"{sorted(encoders)}.")
+    return names
+
+
+def _rules(model: nnx.Module, modalities: tuple[str, ...] | None, activations: bool,
+           rule_type: Any) -> list[Any]:
+    """qwix rules: none inside a CNN encoder's own frame (its fused blocks) or inside an
+    encoder left out of ``modalities``; int8 weights (and activations) everywhere else."""
+    skip = []
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, _CNN_ENCODERS):
+            skip.append(re.escape("/".join(map(str, path))))
+    if modalities is not None:
+        skip += [re.escape(f"encoders/{m}") + "(/.*)?" for m in model.encoders
+                 if m not in modalities]
+    rules = [rule_type(module_path=pattern, weight_qtype=None) for pattern in skip]
+    rules.append(rule_type(module_path=".*", weight_qtype=jnp.int8,
+                           act_qtype=jnp.int8 if activations else None))
+    return rules
+
+
+def _quantize_convs(model: nnx.Module, modalities: tuple[str, ...] | None) -> None:
+    """Replaces, in place, every conv of the selected CNN encoders by a QuantizedConv."""
+    for path, module in list(nnx.iter_modules(model)):
+        if not isinstance(module, _CNN_ENCODERS):
+            continue
+        if modalities is not None and not (
+                len(path) >= 2 and path[0] == "encoders" and path[1] in modalities):
+            continue
+        for i, conv in enumerate(module.convs):
+            if isinstance(conv, nnx.Conv):
+                module.convs[i] = QuantizedConv(conv)
+
+
+def quantize(
+    model: nnx.Module,
+    *example_inputs: Any,
+    activations: bool = False,
+    modalities: Sequence[str] | None = None,
+) -> nnx.Module:
+    """A copy of ``model`` (e.g. a trained ``MultimodalClassifier``) with int8 weights.
+
+    Per output channel int8 weights everywhere qwix reaches (Linear and einsum layers)
+    and, through ``QuantizedConv``, in the CNN encoders' convolutions (module docstring:
+    why those are a fallback and weight-only). Also converts a model from
+    ``quantization_aware`` after its training.
+
+    Args:
+      model: an NNX model called as ``model(*example_inputs)``. Not modified.
+      *example_inputs: one call's inputs (e.g. a batch dict); the model runs once on
+        them (compiled, in eval mode) while qwix finds and converts its layers. Values
+        do not matter.
+      activations: also quantise the inputs of the qwix-quantised matmuls to int8
+        (dynamic range, per token); the convolutions stay weight-only.
+      modalities: the encoders to quantise, by modality (``model.encoders``); the
+        fusion layer and the head are always quantised. Default: all.
+
+    Returns:
+      The quantised copy, in eval mode; its state holds int8 ``qvalue`` and float32
+      ``scale`` arrays in place of the float kernels.
+
+    Raises:
+      TypeError: ``model`` is not an NNX module.
+      ValueError: no ``example_inputs``, or ``modalities`` names an encoder the model
+        does not have.
+      ImportError: qwix is not installed (``pip install 'lepton_mm[quant]'``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from lepton_mm.encoders import ImageCNN
+      >>> from lepton_mm.models import MultimodalClassifier
+      >>> rngs = nnx.Rngs(0)
+      >>> model = MultimodalClassifier({"image": ImageCNN(1, dim=8, widths=(4, 8),
+      ...                                                 rngs=rngs)},
+      ...                              fusion=None, head=nnx.Linear(8, 3, rngs=rngs))
+      >>> batch = {"image": jnp.ones((2, 8, 8, 1))}
+      >>> q = quantize(model, batch)
+      >>> q.head.kernel.array.qvalue.dtype, q.encoders["image"].convs[1].qvalue.dtype
+      (dtype('int8'), dtype('int8'))
+      >>> q(batch).shape
+      (2, 3)
+    """
+    qwix = _qwix()
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}.")
+    if not example_inputs:
+        raise ValueError("example_inputs: qwix needs one call's inputs (e.g. a batch).")
+    names = _check_modalities(model, modalities)
+    copy = nnx.clone(model)
+    copy.eval()
+    _quantize_convs(copy, names)
+    provider = qwix.PtqProvider(_rules(copy, names, activations, qwix.QuantizationRule))
+    quantized = qwix.quantize_model(copy, provider, *example_inputs, skip_nnx_init=True)
+    # qwix converts the weights during the model's first call; one compiled call instead
+    # of an op-by-op one (the new int8 state comes out of nnx.jit with the module).
+    nnx.jit(_call)(quantized, *example_inputs)
+    return quantized
+
+
+def _call(model: nnx.Module, *inputs: Any) -> Any:
+    return model(*inputs)
+
+
+def quantization_aware(
+    model: nnx.Module,
+    *example_inputs: Any,
+    activations: bool = False,
+    modalities: Sequence[str] | None = None,
+) -> nnx.Module:
+    """A copy of ``model`` that trains with int8 fake quantisation (QAT, through qwix).
+
+    The layers ``quantize`` hands to qwix (Linear and einsum) quantise and dequantise
+    their weights per output channel (and, with ``activations``, their inputs per token)
+    in every forward pass, with a straight-through gradient, so training adapts the
+    weights to int8. Train the copy with ``fit`` (train and eval mode both simulate
+    int8), then call ``quantize`` on it. The CNN encoders' convolutions are not
+    fake-quantised (see the module docstring).
+
+    Args:
+      model: an NNX model called as ``model(*example_inputs)``. Not modified.
+      *example_inputs: one call's inputs (qwix's NNX interface asks for them; with
+        dynamic-range scales nothing is run ahead of training).
+      activations: also fake-quantise the matmul inputs.
+      modalities: the encoders to include, by modality (default: all).
+
+    Returns:
+      The QAT copy, in the mode ``model`` was in; its parameters are ``model``'s.
+
+    Raises:
+      TypeError: ``model`` is not an NNX module.
+      ValueError: no ``example_inputs``, or an unknown name in ``modalities``.
+      ImportError: qwix is not installed.
+    """
+    qwix = _qwix()
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}.")
+    if not example_inputs:
+        raise ValueError("example_inputs: qwix needs one call's inputs (e.g. a batch).")
+    names = _check_modalities(model, modalities)
+    provider = qwix.QtProvider(_rules(model, names, activations, qwix.QtRule))
+    # Nothing to convert ahead of training (dynamic-range scales): no first call.
+    return qwix.quantize_model(model, provider, *example_inputs, skip_nnx_init=True)
+
