@@ -62,10 +62,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from lepton_mm import harness
+from lepton_mm.encoders import ImageCNN
 from lepton_mm.experiment import RunKey, format_mean_std, seed_stats
+from lepton_mm.functional import functional
+from lepton_mm.fusion import FUSIONS, build, modality_dropout
+from lepton_mm.models import MultimodalClassifier
+from lepton_mm.types import EncoderOutput
 
 #: ``--env`` names → the gymnax environment id.
 ENVIRONMENTS = {"catch": "Catch-bsuite"}
@@ -237,8 +246,6 @@ def parse_method(method: str) -> Method:
     Raises:
       ValueError: an unknown fusion or modality (the message names ``methods``).
     """
-    from lepton_mm.fusion import FUSIONS
-
     if method.endswith(SINGLE_SUFFIX):
         modality = method[:-len(SINGLE_SUFFIX)]
         if modality not in MODALITIES:
@@ -292,7 +299,6 @@ def make_env(env: str) -> EnvSpec:
       ValueError: ``env`` is not a key of ``ENVIRONMENTS`` (the message names ``env``).
     """
     import gymnax
-    import jax.numpy as jnp
 
     environment, params = gymnax.make(ENVIRONMENTS[check_env(env)])
     rows, columns = environment.rows, environment.columns
@@ -309,53 +315,56 @@ def make_env(env: str) -> EnvSpec:
 # ---------------------------------------------------------------------------- agent
 
 
-def _encoders() -> tuple[type, type]:
-    """``(PixelEncoder, StateEncoder)``: built on first use, so the module imports
-    without Flax (the CLI's ``--report`` needs none)."""
-    return _encoder_classes()
+class PixelEncoder(nnx.Module):
+    """``ImageCNN`` (no pooling, no batch norm) whose feature map is flattened through a
+    linear layer and a ReLU into one token, as in DQN's torso: unlike a mean over the
+    map's cells it keeps where things are.
+
+    Shapes: images float ``[batch, height, width, channels]`` → ``EncoderOutput`` with
+    tokens ``[batch, 1, dim]``, an all-True mask ``[batch, 1]`` and pooled ``[batch, dim]``.
+
+    Args:
+      height, width, channels: the image size.
+      dim: the output size.
+      rngs: parameter initialisation.
+      widths: the convolutions' widths (3 x 3, "same" padding).
+    """
+
+    def __init__(self, height: int, width: int, channels: int, *, dim: int,
+                 rngs: nnx.Rngs, widths: Sequence[int] = (16, 16)):
+        self.dim = dim
+        self.cnn = ImageCNN(channels, dim=widths[-1], widths=widths, pool=1,
+                            batch_norm=False, rngs=rngs)
+        h, w = self.cnn.output_size(height, width)
+        self.proj = nnx.Linear(h * w * widths[-1], dim, rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> EncoderOutput:
+        tokens = self.cnn(images).tokens
+        z = jax.nn.relu(self.proj(tokens.reshape(tokens.shape[0], -1)))
+        return EncoderOutput.from_tokens(z[:, None, :])
 
 
-@functools.cache
-def _encoder_classes() -> tuple[type, type]:
-    import jax
-    from flax import nnx
+class StateEncoder(nnx.Module):
+    """A two-layer MLP (ReLU after both layers) for a state vector.
 
-    from lepton_mm.encoders import ImageCNN
-    from lepton_mm.types import EncoderOutput
+    Shapes: float ``[batch, features]`` → ``EncoderOutput`` with tokens ``[batch, 1,
+    dim]``, an all-True mask ``[batch, 1]`` and pooled ``[batch, dim]``.
 
-    class PixelEncoder(nnx.Module):
-        """``ImageCNN`` (no pooling, no batch norm) whose feature map is flattened
-        through a linear layer and a ReLU into one token: images float ``[batch, height,
-        width, channels]`` → ``EncoderOutput`` with tokens ``[batch, 1, dim]``. Keeps
-        where things are, which a mean over the map's cells would lose."""
+    Args:
+      features: the vector's size.
+      dim: the output size.
+      rngs: parameter initialisation.
+      hidden: the hidden layer's size.
+    """
 
-        def __init__(self, height: int, width: int, channels: int, *, dim: int,
-                     rngs: nnx.Rngs, widths: Sequence[int] = (16, 16)):
-            self.dim = dim
-            self.cnn = ImageCNN(channels, dim=widths[-1], widths=widths, pool=1,
-                                batch_norm=False, rngs=rngs)
-            h, w = self.cnn.output_size(height, width)
-            self.proj = nnx.Linear(h * w * widths[-1], dim, rngs=rngs)
+    def __init__(self, features: int, *, dim: int, rngs: nnx.Rngs, hidden: int = 64):
+        self.dim = dim
+        self.hidden = nnx.Linear(features, hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, dim, rngs=rngs)
 
-        def __call__(self, images: jax.Array) -> EncoderOutput:
-            tokens = self.cnn(images).tokens
-            z = jax.nn.relu(self.proj(tokens.reshape(tokens.shape[0], -1)))
-            return EncoderOutput.from_tokens(z[:, None, :])
-
-    class StateEncoder(nnx.Module):
-        """Two-layer MLP: float ``[batch, features]`` → ``EncoderOutput`` with tokens
-        ``[batch, 1, dim]``."""
-
-        def __init__(self, features: int, *, dim: int, rngs: nnx.Rngs, hidden: int = 64):
-            self.dim = dim
-            self.hidden = nnx.Linear(features, hidden, rngs=rngs)
-            self.out = nnx.Linear(hidden, dim, rngs=rngs)
-
-        def __call__(self, x: jax.Array) -> EncoderOutput:
-            z = jax.nn.relu(self.out(jax.nn.relu(self.hidden(x))))
-            return EncoderOutput.from_tokens(z[:, None, :])
-
-    return PixelEncoder, StateEncoder
+    def __call__(self, x: jax.Array) -> EncoderOutput:
+        z = jax.nn.relu(self.out(jax.nn.relu(self.hidden(x))))
+        return EncoderOutput.from_tokens(z[:, None, :])
 
 
 def make_agent(spec: EnvSpec, fusion: str | None, modalities: Sequence[str], *, dim: int,
@@ -383,28 +392,21 @@ def make_agent(spec: EnvSpec, fusion: str | None, modalities: Sequence[str], *, 
       ValueError: an unknown fusion (naming ``fusion``) or modality (naming
         ``modalities``), or a fusion for one modality / none for two.
     """
-    import jax
-    from flax import nnx
-
-    from lepton_mm.fusion import FUSIONS, build
-    from lepton_mm.models import MultimodalClassifier
-
     modalities = check_modalities("modalities", modalities)
     if fusion is not None and fusion not in FUSIONS:
         raise ValueError(f"fusion: unknown fusion {fusion!r}. Known: {sorted(FUSIONS)}.")
     if (fusion is None) != (len(modalities) == 1):
         raise ValueError(f"fusion: {fusion!r} with modalities {list(modalities)}; give a "
                          "fusion for two modalities and None for one.")
-    pixel_cls, state_cls = _encoders()
     observation = jax.eval_shape(spec.observe, spec.env.reset(jax.random.key(0),
                                                               spec.params)[1])
     shapes = {m: observation[m].shape for m in modalities}
     encoders = {}
     if "pixels" in shapes:
-        encoders["pixels"] = pixel_cls(*shapes["pixels"], dim=dim, rngs=rngs,
+        encoders["pixels"] = PixelEncoder(*shapes["pixels"], dim=dim, rngs=rngs,
                                        widths=cnn_widths)
     if "state" in shapes:
-        encoders["state"] = state_cls(shapes["state"][0], dim=dim, rngs=rngs)
+        encoders["state"] = StateEncoder(shapes["state"][0], dim=dim, rngs=rngs)
     out = nnx.Linear(hidden, spec.num_actions + 1, rngs=rngs)
     if fusion is None:
         head = nnx.Sequential(nnx.Linear(dim, hidden, rngs=rngs), jax.nn.relu, out)
@@ -459,8 +461,6 @@ def advantages(rewards: Any, terminated: Any, values: Any, last_value: Any, *,
       ``(advantages, targets)``, float32 ``[time, envs]`` each; ``targets = advantages
       + values`` (the TD(lambda) returns the value head regresses on).
     """
-    import jax
-    import jax.numpy as jnp
     import rlax
 
     discounts = gamma * (1.0 - terminated.astype(jnp.float32))
@@ -473,7 +473,6 @@ def advantages(rewards: Any, terminated: Any, values: Any, last_value: Any, *,
 
 class LossTerms(NamedTuple):
     """The parts of the PPO loss (scalars)."""
-
     policy: Any
     value: Any
     entropy: Any
@@ -505,8 +504,6 @@ def ppo_loss(logits: Any, values: Any, actions: Any, old_log_probs: Any, old_val
     Returns:
       ``(loss, LossTerms(policy, value, entropy))``, float32 scalars.
     """
-    import jax
-    import jax.numpy as jnp
     import rlax
 
     log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), actions[:, None],
@@ -527,8 +524,6 @@ def ppo_loss(logits: Any, values: Any, actions: Any, old_log_probs: Any, old_val
 def _presence(modalities: Sequence[str], missing: Any, num_envs: int) -> dict[str, Any]:
     """``{m: bool [num_envs]}``: False for the modalities flagged in ``missing`` (bool
     ``[len(MODALITIES)]``, in ``MODALITIES`` order)."""
-    import jax.numpy as jnp
-
     return {m: jnp.broadcast_to(~missing[MODALITIES.index(m)], (num_envs,))
             for m in modalities}
 
@@ -537,11 +532,6 @@ def _dropped_presence(present: dict[str, Any], rate: float, key: Any) -> dict[st
     """Presence flags after ``lepton_mm.fusion.modality_dropout`` (each modality hidden
     with probability ``rate`` per environment, one always kept): it is applied to
     placeholder ``EncoderOutput``s ``[envs, 1, 1]`` and their ``present`` read back."""
-    import jax.numpy as jnp
-
-    from lepton_mm.fusion import modality_dropout
-    from lepton_mm.types import EncoderOutput
-
     placeholders = {m: EncoderOutput.from_tokens(jnp.ones((flags.shape[0], 1, 1)),
                                                  flags[:, None])
                     for m, flags in present.items()}
@@ -594,13 +584,6 @@ def _program_key(config: RLFusionConfig) -> RLFusionConfig:
 
 @functools.cache
 def _build_program(config: RLFusionConfig, method: str) -> Program:
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from lepton_mm.functional import functional
-
     fusion, modalities, mdrop = parse_method(method)
     spec = make_env(config.env)
 
@@ -731,8 +714,6 @@ def _build_program(config: RLFusionConfig, method: str) -> Program:
 @functools.cache
 def _compiled_train(config: RLFusionConfig, method: str) -> tuple[Any, float]:
     """The ahead-of-time compiled ``train`` of ``build_program`` and its compile time."""
-    import jax
-
     program = build_program(config, method)
     start = time.perf_counter()
     compiled = program.train.lower(program.variables, jax.random.key(0)).compile()
@@ -765,9 +746,6 @@ def train_and_test(config: RLFusionConfig, method: str, seed: int) -> dict[str, 
       of the last tenth of the updates), ``"variables"`` (the trained variables),
       ``"params"``, ``"compile_seconds"``, ``"train_seconds"``}``.
     """
-    import jax
-    import jax.numpy as jnp
-
     program = build_program(config, method)
     compiled, compile_seconds = _compiled_train(_program_key(config), method)
     train_key, test_key = jax.random.split(jax.random.key(seed))
@@ -977,7 +955,8 @@ class RLFusion(harness.Experiment):
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15,
                                 lw=0)
         ax.axhline(BLIND_RETURN, color="grey", lw=0.8, ls=":")
-        ax.text(0, BLIND_RETURN + 0.03, "ignores the ball", color="grey", fontsize=8)
+        ax.text(0.25 * self.config.total_steps / 1000, BLIND_RETURN + 0.03,
+                "a policy that ignores the ball", color="grey", fontsize=8)
         ax.set(xlabel="environment steps (thousands)", ylabel="training episode return",
                title="PPO on Catch (gymnax): fusion vs single modality", ylim=(-1.05, 1.05))
         ax.legend(fontsize=8, loc="lower right", title="method (seeds)", title_fontsize=8)

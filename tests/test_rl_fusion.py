@@ -6,11 +6,14 @@ Cost: one training program and one test program are compiled (the run), the rest
 eager or compiles nothing; about 15 s on a 2-core CPU."""
 
 import shlex
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +168,14 @@ def test_tiny_run_record_reproduces_and_reports(rl, tiny_run):
     table = (root / "report" / "results.md").read_text()
     assert "| concat | pixels + state |" in table
     assert (root / "report" / "curves.png").stat().st_size > 0
+
+
+def test_results_doc_holds_the_report_of_the_committed_records(rl, tmp_path):
+    config, _ = rl.parse_args(["--seeds", "0,1,2", "--results", str(ROOT / "results")])
+    experiment = rl.RLFusion(config)
+    result = experiment.report(tmp_path)
+    assert result["expected_runs"] == 18
+    assert experiment.docs_block(tmp_path) in (ROOT / "docs" / "results.md").read_text(), (
+        "docs/results.md is out of date with results/rl_fusion: run python "
+        "experiments/rl_fusion.py --seeds 0,1,2 --report --out runs/rl_fusion_report "
+        "--docs docs/results.md")
