@@ -1,0 +1,201 @@
+"""AV-MNIST compression: int8 quantisation and pruning of the trained models.
+
+Reads the checkpoints that ``experiments/avmnist.py`` trained (``WORKDIR/<method>/
+seed<k>-<hash>/checkpoints``, the epoch with the best validation accuracy; read only,
+nothing is written there) and, for each method and seed, measures on the test split:
+
+* ``float32``: the trained model;
+* ``int8``: ``lepton_mm.quantize.quantize`` (int8 weights per output channel);
+* ``int8+act``: also int8 activations where qwix supports them (its matmuls);
+* ``sparse<p>``: ``lepton_mm.prune.prune_magnitude`` at ``p`` % (global, one shot, no
+  fine-tuning), for each ``--sparsity`` level;
+* ``channels<p>``: ``lepton_mm.prune.prune_channels`` at ``p`` % (both CNN encoders,
+  one shot, no fine-tuning), for each ``--channel-sparsity`` level;
+
+each with its test accuracy, the size of its ``lepton_mm.export`` (``weights.safetensors``
+and the same gzip-compressed, which is where unstructured sparsity shows) and the CPU
+latency of the exported model on one batch (median of ``--repeats`` calls after a
+warm-up). Results go to ``--out`` as JSON, and a markdown table to stdout.
+
+    python experiments/avmnist_compress.py --fusion concat --seeds 0
+    python experiments/avmnist_compress.py --fusion concat,gated --seeds 0,1,2 \\
+        --num-test 2000 --out results/avmnist_compress.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import avmnist  # experiments/avmnist.py: the trained runs' config, model and data
+import numpy as np
+
+from lepton_mm import harness
+from lepton_mm.experiment import RunKey
+
+#: Global magnitude sparsity levels (fractions of the kernels) of the default sweep.
+SPARSITY = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: Fractions of the CNN encoders' channels removed per block (all blocks but the last).
+CHANNEL_SPARSITY = (0.25, 0.5, 0.75)
+
+
+def load_trained(config: Any, method: str, seed: int) -> Any:
+    """The trained model of ``(method, seed)`` (best validation epoch), in eval mode."""
+    from flax import nnx
+
+    from lepton_mm.training import load_model
+
+    workdir = avmnist.AVMNIST(config).workdir(RunKey("avmnist", method, seed))
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{workdir}: no checkpoints; train it with "
+                                f"python experiments/avmnist.py --fusion {method} "
+                                f"--seeds {seed}")
+    base = avmnist.split_method(method)[0]
+    model = load_model(workdir, lambda: avmnist.build_model(config, base, nnx.Rngs(0)))
+    model.eval()
+    return model
+
+
+def variants(model: Any, batch: dict[str, Any], sparsity: tuple[float, ...],
+             channel_sparsity: tuple[float, ...]) -> dict[str, Any]:
+    """``{name: () -> compressed model}`` for every variant of the module docstring."""
+    from lepton_mm.prune import prune_channels, prune_magnitude
+    from lepton_mm.quantize import quantize
+
+    out = {"float32": lambda: model,
+           "int8": lambda: quantize(model, batch),
+           "int8+act": lambda: quantize(model, batch, activations=True)}
+    for s in sparsity:
+        out[f"sparse{round(100 * s)}"] = lambda s=s: prune_magnitude(model, s)
+    for s in channel_sparsity:
+        out[f"channels{round(100 * s)}"] = lambda s=s: prune_channels(model, s)
+    return out
+
+
+def latency_ms(exported: Any, batch: dict[str, Any], repeats: int) -> float:
+    """Median wall time (ms) of one call of the exported model on ``batch``."""
+    import jax
+
+    for _ in range(3):
+        jax.block_until_ready(exported(batch))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(exported(batch))
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def measure(model: Any, test: dict[str, Any], batch: dict[str, Any], *,
+            repeats: int, eval_batch_size: int) -> dict[str, Any]:
+    """Test accuracy, export sizes and latency of one (compressed) model."""
+    from lepton_mm import export
+    from lepton_mm.models import Classification
+    from lepton_mm.prune import weight_sparsity
+    from lepton_mm.training import evaluate
+
+    accuracy = evaluate(model, Classification(avmnist.NUM_CLASSES), test,
+                        batch_size=eval_batch_size)["accuracy"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export.save(model, (batch,), Path(tmp) / "model")
+        weights = (path / export.WEIGHTS_FILE).read_bytes()
+        module_bytes = (path / export.MODULE_FILE).stat().st_size
+        latency = latency_ms(export.load(path), batch, repeats)
+    return {"accuracy": float(accuracy), "weights_bytes": len(weights),
+            "weights_gzip_bytes": len(gzip.compress(weights, compresslevel=6)),
+            "module_bytes": module_bytes, "latency_ms": latency,
+            "kernel_sparsity": weight_sparsity(model)}
+
+
+def run(config: Any, methods: list[str], seeds: tuple[int, ...], args: argparse.Namespace
+        ) -> dict[str, Any]:
+    # The runs are found with the training config (its hash names their workdirs); the
+    # data may be a prefix of the test split.
+    test = avmnist.make_data(dataclasses.replace(config, num_test=args.num_test))["test"]
+    batch = {k: (tuple(x[:args.batch] for x in v) if isinstance(v, tuple)
+                 else v[:args.batch]) for k, v in test.items() if k != "label"}
+    results: dict[str, Any] = {}
+    for method in methods:
+        for seed in seeds:
+            try:
+                model = load_trained(config, method, seed)
+            except FileNotFoundError as e:
+                print(f"skipped {method}/seed{seed}: {e}", file=sys.stderr)
+                continue
+            rows = {}
+            for name, make in variants(model, batch, args.sparsity,
+                                       args.channel_sparsity).items():
+                start = time.perf_counter()
+                try:
+                    rows[name] = measure(make(), test, batch, repeats=args.repeats,
+                                         eval_batch_size=args.eval_batch_size)
+                except Exception as e:  # a variant qwix or pruning cannot make
+                    rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                rows[name]["seconds"] = round(time.perf_counter() - start, 1)
+                print(f"{method}/seed{seed} {name}: {rows[name]}", file=sys.stderr,
+                      flush=True)
+            results[f"{method}/seed{seed}"] = rows
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown: one row per run and variant, accuracy delta against float32."""
+    lines = ["| run | variant | accuracy | delta (pp) | weights KB | gzip KB | "
+             "latency ms/batch | kernel sparsity |", "|" + "---|" * 8]
+    for run_name, rows in results.items():
+        base = rows.get("float32", {}).get("accuracy")
+        for name, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {run_name} | {name} | {r['error']} |||||||")
+                continue
+            delta = "" if base is None else f"{100 * (r['accuracy'] - base):+.2f}"
+            lines.append(
+                f"| {run_name} | {name} | {100 * r['accuracy']:.2f} | {delta} | "
+                f"{r['weights_bytes'] / 1024:.1f} | {r['weights_gzip_bytes'] / 1024:.1f} | "
+                f"{r['latency_ms']:.2f} | {r['kernel_sparsity']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fusion", default="concat",
+                        help="comma-separated methods of experiments/avmnist.py")
+    parser.add_argument("--seeds", type=harness.parse_ints, default=(0,))
+    parser.add_argument("--workdir", default="runs/avmnist",
+                        help="where experiments/avmnist.py trained (read only)")
+    parser.add_argument("--num-test", type=int, default=None,
+                        help="score on the first N test examples (default: all 10 000)")
+    parser.add_argument("--sparsity", type=harness.parse_floats, default=SPARSITY)
+    parser.add_argument("--channel-sparsity", type=harness.parse_floats,
+                        default=CHANNEL_SPARSITY)
+    parser.add_argument("--batch", type=int, default=40,
+                        help="batch size of the latency measurement (the recipe's)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--eval-batch-size", type=int, default=500)
+    parser.add_argument("--out", default=None, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.fusion.split(",") if m]
+
+    import jax
+
+    results = run(avmnist.AVMNISTConfig(workdir=args.workdir), methods, args.seeds, args)
+    report = {"command": "python experiments/avmnist_compress.py "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
+              "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "results": results}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
