@@ -938,12 +938,10 @@ class RLFusion(harness.Experiment):
     def plot(self, summary: dict[str, Any], out: Path) -> list[Path]:
         """``curves.png``: training return against environment steps, a line per method
         (mean over seeds) with a band of ± one sample std."""
-        import matplotlib
+        from matplotlib.figure import Figure  # not pyplot: leaves the backend alone
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+        fig = Figure(figsize=(6.4, 3.6), dpi=100)
+        ax = fig.subplots()
         for method, s in summary.items():
             x = np.asarray(s["curve"]["env_steps"]) / 1000
             mean = np.asarray(s["curve"]["mean"], float)
@@ -963,7 +961,6 @@ class RLFusion(harness.Experiment):
         fig.tight_layout()
         path = out / "curves.png"
         fig.savefig(path)
-        plt.close(fig)
         return [path]
 
 
