@@ -23,14 +23,17 @@ zeros are still stored and multiplied); it compresses well (e.g. gzip).
 
 Structured (which channels): ``prune_channels(model, sparsity)`` removes whole output
 channels from the conv blocks of the CNN encoders (``ImageCNN``,
-``AudioSpectrogramCNN``), chosen per block by the L1 norm of their filters (Li et al.
-2017) or the magnitude of their batch-norm scale (Liu et al. 2017), and rebuilds each
+``AudioSpectrogramCNN``), chosen per block by the magnitude of their batch-norm scale
+(Liu et al. 2017; the default with batch norm) or the L1 norm of their filters (Li et
+al. 2017), and rebuilds each
 encoder with the narrower widths: the next block's kernel loses the matching input
 channels, so the model is really smaller and faster. The last block keeps its width
 (it is the encoder's token size, or feeds its projection), so the encoder's output and
-everything after it are unchanged. In eval mode the pruned encoder computes exactly
-what the dense one computes with those channels' filter, batch-norm scale and bias
-zeroed. Fine-tune the pruned model with ``fit`` as any other.
+everything after it are unchanged. In eval mode the pruned encoder computes what the
+dense one computes with those channels' filter, batch-norm scale and bias zeroed (equal
+up to float summation order: the matmuls add fewer exact zeros). Without fine-tuning
+the accuracy drops (the later batch-norm statistics were measured with the removed
+channels); fine-tune the pruned model with ``fit`` as any other.
 
 References:
   Han, Pool, Tran & Dally, "Learning both Weights and Connections for Efficient Neural
@@ -66,7 +69,7 @@ __all__ = ["CRITERIA", "MagnitudePruningState", "magnitude_masks", "magnitude_pr
 
 #: Channel importance measures of ``prune_channels``: ``"l1"``, the L1 norm of a
 #: channel's filter (Li et al. 2017); ``"bn_scale"``, the magnitude of its batch-norm
-#: scale (Liu et al. 2017; needs batch norm).
+#: scale (Liu et al. 2017; needs batch norm; the default where there is one).
 CRITERIA = ("l1", "bn_scale")
 
 _STRUCTURED = (ImageCNN, AudioSpectrogramCNN)
@@ -404,7 +407,7 @@ def prune_channels(
     sparsity: float,
     *,
     modalities: Sequence[str] | None = None,
-    criterion: str = "l1",
+    criterion: str | None = None,
 ) -> nnx.Module:
     """A copy of ``model`` whose CNN encoders have ``sparsity`` of their channels removed.
 
@@ -421,7 +424,11 @@ def prune_channels(
       sparsity: the fraction of channels removed per block, in [0, 1).
       modalities: the encoders to prune (each an ``ImageCNN`` or
         ``AudioSpectrogramCNN``); default: every encoder of those types.
-      criterion: ``"l1"`` or ``"bn_scale"`` (``CRITERIA``).
+      criterion: ``"l1"`` or ``"bn_scale"`` (``CRITERIA``). Default: ``"bn_scale"``
+        for an encoder with batch norm (which rescales each channel, so its filter's
+        norm says little: on AV-MNIST's concat model, 25 % of the channels removed by
+        L1 norm left 5 % accuracy on a test batch where by batch-norm scale left 57 %,
+        before fine-tuning), ``"l1"`` without.
 
     Returns:
       The pruned copy, each module in the mode its original was in.
@@ -442,7 +449,7 @@ def prune_channels(
       ((4, 16), (3, 3, 4, 16))
     """
     sparsity = _check_sparsity(sparsity)
-    if criterion not in CRITERIA:
+    if criterion is not None and criterion not in CRITERIA:
         raise ValueError(f"criterion: expected one of {list(CRITERIA)}, got {criterion!r}.")
     if isinstance(model, _STRUCTURED):
         if modalities is not None:
@@ -472,13 +479,15 @@ def prune_channels(
                                      f"encodes {sorted(encoders)}.")
                 _check_structured(encoders[m], f"modalities: encoders[{m!r}]")
         targets = {("encoders", m): encoders[m] for m in names}
+    criteria = {}
     for where, encoder in targets.items():
         if criterion == "bn_scale" and encoder.norms is None:
             raise ValueError(f"criterion: 'bn_scale' needs batch norm, but "
                              f"{'/'.join(where) or 'model'} has none; use 'l1'.")
+        criteria[where] = criterion or ("bn_scale" if encoder.norms is not None else "l1")
     if () in targets:
-        return _shrink(model, sparsity, criterion)
+        return _shrink(model, sparsity, criteria[()])
     copy = nnx.clone(model)
     for (_, m), encoder in targets.items():
-        copy.encoders[m] = _shrink(encoder, sparsity, criterion)
+        copy.encoders[m] = _shrink(encoder, sparsity, criteria[("encoders", m)])
     return copy

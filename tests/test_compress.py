@@ -318,7 +318,7 @@ def test_channel_pruning_equals_the_dense_model_with_those_channels_zeroed():
         kernel = np.asarray(encoder.convs[i].kernel[...]).copy()
         kernel[..., weak] *= 0.01
         encoder.convs[i].kernel[...] = jnp.asarray(kernel)
-    pruned = prune_channels(encoder, 0.5)
+    pruned = prune_channels(encoder, 0.5, criterion="l1")
     assert pruned.widths == (2, 3, 8)
     assert [c.kernel.shape for c in pruned.convs] == [(3, 3, 1, 2), (3, 3, 2, 3),
                                                       (3, 3, 3, 8)]
@@ -334,7 +334,7 @@ def test_channel_pruning_equals_the_dense_model_with_those_channels_zeroed():
     audio = AudioSpectrogramCNN(8, dim=8, widths=(4, 8), time_pool=2, rngs=nnx.Rngs(3))
     _randomise_norms(audio, 4)
     audio.eval()
-    pruned = prune_channels(audio, 0.5, criterion="bn_scale")
+    pruned = prune_channels(audio, 0.5)  # default with batch norm: "bn_scale"
     assert pruned.widths == (2, 8)
     removed = {0: np.argsort(np.abs(np.asarray(audio.norms[0].scale[...])))[:2]}
     log_mel, mask = _batch()["audio"]  # three clips of 12, 7 and 3 frames
