@@ -12,14 +12,20 @@ nothing is written there) and, for each method and seed, measures on the test sp
 * ``channels<p>``: ``lepton_mm.prune.prune_channels`` at ``p`` % (both CNN encoders,
   one shot, no fine-tuning), for each ``--channel-sparsity`` level;
 
-each with its test accuracy, the size of its ``lepton_mm.export`` (``weights.safetensors``
-and the same gzip-compressed, which is where unstructured sparsity shows) and the CPU
-latency of the exported model on one batch (median of ``--repeats`` calls after a
-warm-up). Results go to ``--out`` as JSON, and a markdown table to stdout.
+and, with ``--finetune-steps N``, the pruned variants fine-tuned by ``fit`` for ``N``
+steps of the training recipe (SGD, batch 40) on the first training examples:
+``sparse<p>+ft`` prunes gradually during those steps (``magnitude_pruning``: cubic
+schedule over the first half, the mask then fixed), ``channels<p>+ft`` fine-tunes the
+channel-pruned model. Each with its test accuracy, the size of its ``lepton_mm.export``
+(``weights.safetensors``, and the same gzip-compressed, which is where unstructured
+sparsity shows) and the CPU latency of the exported model on one batch (median of
+``--repeats`` calls after a warm-up). Results go to ``--out`` as JSON, and a markdown
+table to stdout.
 
     python experiments/avmnist_compress.py --fusion concat --seeds 0
     python experiments/avmnist_compress.py --fusion concat,gated --seeds 0,1,2 \\
         --num-test 2000 --out results/avmnist_compress.json
+    python experiments/avmnist_compress.py --fusion concat --finetune-steps 300
 """
 
 from __future__ import annotations
@@ -63,19 +69,57 @@ def load_trained(config: Any, method: str, seed: int) -> Any:
     return model
 
 
-def variants(model: Any, batch: dict[str, Any], sparsity: tuple[float, ...],
-             channel_sparsity: tuple[float, ...]) -> dict[str, Any]:
+def finetune(model: Any, config: Any, train: dict[str, Any], *, steps: int, seed: int,
+             sparsity: float | None = None) -> Any:
+    """``model`` trained ``steps`` more steps with the recipe's SGD on ``train``'s first
+    ``steps * batch_size`` examples (in a temporary workdir); with ``sparsity``, pruned
+    gradually meanwhile (``magnitude_pruning`` over the first half of the steps)."""
+    import optax
+    from flax import nnx
+
+    from lepton_mm.models import Classification
+    from lepton_mm.prune import magnitude_pruning
+    from lepton_mm.training import OptimizerConfig, fit, make_optimizer
+
+    tx = make_optimizer(OptimizerConfig(name="sgd", learning_rate=config.learning_rate,
+                                        momentum=config.momentum,
+                                        weight_decay=config.weight_decay))
+    name = "sgd"
+    if sparsity is not None:
+        tx = optax.chain(tx, magnitude_pruning(sparsity, end_step=steps // 2,
+                                               frequency=max(1, steps // 20)))
+        name = f"sgd-prune{sparsity}"
+    n = steps * config.batch_size
+    subset = {k: (tuple(x[:n] for x in v) if isinstance(v, tuple) else v[:n])
+              for k, v in train.items()}
+    model = nnx.clone(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(model, Classification(avmnist.NUM_CLASSES), subset, workdir=tmp, optimizer=tx,
+            optimizer_name=name, epochs=1, batch_size=config.batch_size, seed=seed,
+            progress=False, tensorboard=False)
+    return model
+
+
+def variants(model: Any, batch: dict[str, Any], args: argparse.Namespace, *,
+             config: Any, train: dict[str, Any], seed: int) -> dict[str, Any]:
     """``{name: () -> compressed model}`` for every variant of the module docstring."""
     from lepton_mm.prune import prune_channels, prune_magnitude
     from lepton_mm.quantize import quantize
 
-    out = {"float32": lambda: model,
-           "int8": lambda: quantize(model, batch),
-           "int8+act": lambda: quantize(model, batch, activations=True)}
-    for s in sparsity:
+    steps = args.finetune_steps
+    tune = lambda m, **kw: finetune(m, config, train, steps=steps, seed=seed, **kw)
+    out = {"float32": lambda: model}
+    if not args.skip_int8:
+        out["int8"] = lambda: quantize(model, batch)
+        out["int8+act"] = lambda: quantize(model, batch, activations=True)
+    for s in args.sparsity:
         out[f"sparse{round(100 * s)}"] = lambda s=s: prune_magnitude(model, s)
-    for s in channel_sparsity:
+        if steps and s > 0:
+            out[f"sparse{round(100 * s)}+ft"] = lambda s=s: tune(model, sparsity=s)
+    for s in args.channel_sparsity:
         out[f"channels{round(100 * s)}"] = lambda s=s: prune_channels(model, s)
+        if steps:
+            out[f"channels{round(100 * s)}+ft"] = lambda s=s: tune(prune_channels(model, s))
     return out
 
 
@@ -117,8 +161,10 @@ def measure(model: Any, test: dict[str, Any], batch: dict[str, Any], *,
 def run(config: Any, methods: list[str], seeds: tuple[int, ...], args: argparse.Namespace
         ) -> dict[str, Any]:
     # The runs are found with the training config (its hash names their workdirs); the
-    # data may be a prefix of the test split.
-    test = avmnist.make_data(dataclasses.replace(config, num_test=args.num_test))["test"]
+    # data may be a prefix of the test split (the audio is standardised with the whole
+    # training split's statistics either way, as in training).
+    data = avmnist.make_data(dataclasses.replace(config, num_test=args.num_test))
+    test = data["test"]
     batch = {k: (tuple(x[:args.batch] for x in v) if isinstance(v, tuple)
                  else v[:args.batch]) for k, v in test.items() if k != "label"}
     results: dict[str, Any] = {}
@@ -130,8 +176,8 @@ def run(config: Any, methods: list[str], seeds: tuple[int, ...], args: argparse.
                 print(f"skipped {method}/seed{seed}: {e}", file=sys.stderr)
                 continue
             rows = {}
-            for name, make in variants(model, batch, args.sparsity,
-                                       args.channel_sparsity).items():
+            for name, make in variants(model, batch, args, config=config,
+                                       train=data["train"], seed=seed).items():
                 start = time.perf_counter()
                 try:
                     rows[name] = measure(make(), test, batch, repeats=args.repeats,
@@ -175,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=harness.parse_floats, default=SPARSITY)
     parser.add_argument("--channel-sparsity", type=harness.parse_floats,
                         default=CHANNEL_SPARSITY)
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="also fine-tune each pruned model this many SGD steps")
+    parser.add_argument("--skip-int8", action="store_true", help="pruning variants only")
     parser.add_argument("--batch", type=int, default=40,
                         help="batch size of the latency measurement (the recipe's)")
     parser.add_argument("--repeats", type=int, default=20)
