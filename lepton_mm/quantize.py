@@ -6,30 +6,35 @@ stored as int8 with one float32 scale per output channel: symmetric absmax calib
 round(w / scale)`` saturated to [-128, 127]. Biases, batch-norm parameters and
 statistics stay float32. Where each layer goes:
 
-* **Linear and einsum layers** (fusion layers, heads, encoder projections, attention):
-  qwix's post-training quantisation (``qwix.PtqProvider``, via ``qwix.quantize_model``)
-  replaces each kernel with a ``QArray`` (int8 ``qvalue`` + float32 ``scale``) and runs
-  the matmul on it. With ``activations=True`` the inputs of those matmuls are quantised
-  too (dynamic range: int8 per token, computed at run time; an int8 x int8 matmul).
-* **The convolutions of the CNN encoders** (``ImageCNN``, ``AudioSpectrogramCNN``):
-  qwix cannot reach them (below), so each ``nnx.Conv`` is replaced by a
-  ``QuantizedConv``: its kernel quantised by ``qwix.quantize`` (the same int8 per
-  channel numerics, nothing rounded by hand here), stored as int8 and dequantised to
-  float32 when the block runs. Storage shrinks fourfold; the convolution itself still
-  computes in float32 (weight-only), and its activations are not quantised.
+* **Matmuls and einsums** (Linear layers of fusion layers, heads and encoder
+  projections; attention): qwix's post-training quantisation (``qwix.PtqProvider``, via
+  ``qwix.quantize_model``) replaces each kernel with a ``QArray`` (int8 ``qvalue`` +
+  float32 ``scale``) and runs the matmul on it. With ``activations=True`` their inputs
+  are quantised too (dynamic range: int8 per token, computed at run time; an int8 x
+  int8 matmul).
+* **Convolutions** (the CNN encoders' blocks, the temporal convolutions of
+  ``CrossAttentionFusion``): each ``nnx.Conv`` is replaced by a ``QuantizedConv``, its
+  kernel quantised by ``qwix.quantize`` (the same int8 per-channel numerics; nothing is
+  rounded by hand here), stored as int8 and dequantised to float32 when it runs.
+  Storage shrinks fourfold; the convolution still computes in float32 (weight-only) and
+  its inputs are not quantised, with or without ``activations``.
+* ``keep_float=["fusion", ...]`` leaves modules in float32, e.g. one with an op qwix
+  cannot quantise (``MultiplicativeFusion``'s three-operand einsum: qwix 0.1.8 handles
+  two operands only, and says so).
 
-Why qwix (0.1.8) cannot quantise those convolutions: qwix intercepts calls of
+Why the convolutions are not qwix's (qwix 0.1.8): qwix intercepts calls of
 ``jax.lax.dot_general`` / ``conv_general_dilated`` / ``jnp.einsum`` and takes an
 operand for a weight when it is an ``nnx.Param`` of the module whose method is running,
-and only on the right-hand side. The encoders run each block as one fused computation
-(``lepton_mm.encoders._conv.conv_block``, see docs/performance.md) that reads
-``conv.kernel`` without calling the conv and multiplies ``kernel^T @ patches``: the
-kernel is the *left* operand and the running module is the encoder, which holds no
+and only on the right-hand side. The CNN encoders run each block as one fused
+computation (``lepton_mm.encoders._conv.conv_block``, see docs/performance.md) that
+reads ``conv.kernel`` without calling the conv and multiplies ``kernel^T @ patches``:
+the kernel is the *left* operand and the running module is the encoder, which holds no
 ``Param`` itself, so qwix sees two activations and would leave the kernel float32
 without a word. The first block (one input channel) has no matmul at all (``k*k``
-shifted multiply-adds). And through ``nnx.Conv.__call__`` (the encoders' layer-by-layer
-reference path) qwix's PTQ convolution needs the activations quantised to the same type
-as the weights: it has no weight-only int8 convolution.
+shifted multiply-adds). And where a conv is called (``nnx.Conv.__call__``: the
+encoders' layer-by-layer reference path, ``CrossAttentionFusion``), qwix's PTQ
+convolution needs the activations quantised to the same type as the weights: it has no
+weight-only int8 convolution and refuses one.
 
 The quantised model is an ordinary NNX module: ``lepton_mm.export.save`` writes it
 (int8 tensors stay int8 in ``weights.safetensors``) and ``lepton_mm.export.load`` runs it
@@ -38,8 +43,8 @@ without its code.
 Quantisation-aware training: ``quantization_aware(model, *example_inputs)`` returns a
 copy whose qwix-reachable layers fake-quantise their weights (and activations) in the
 forward pass with a straight-through gradient (``qwix.QtProvider``); train it with
-``fit`` as usual, then ``quantize`` it. The CNN encoders' convolutions are not
-fake-quantised during QAT, for the reason above.
+``fit`` as usual, then ``quantize`` it. Convolutions are not fake-quantised during QAT,
+for the reasons above.
 
 References:
   Jacob et al., "Quantization and Training of Neural Networks for Efficient
@@ -64,7 +69,7 @@ Array = jax.Array
 
 __all__ = ["QuantizedConv", "quantization_aware", "quantize"]
 
-#: Encoders whose convolutions ``quantize`` stores through ``QuantizedConv``.
+# Encoders whose fused blocks read their convs' kernels directly (qwix must stay out).
 _CNN_ENCODERS = (ImageCNN, AudioSpectrogramCNN)
 
 # nnx.Conv's configuration, which QuantizedConv keeps so that nnx.Conv.__call__ runs on it.
@@ -165,34 +170,60 @@ def _check_modalities(model: nnx.Module, modalities: Sequence[str] | None) -> tu
     return names
 
 
-def _rules(model: nnx.Module, modalities: tuple[str, ...] | None, activations: bool,
-           rule_type: Any) -> list[Any]:
-    """qwix rules: none inside a CNN encoder's own frame (its fused blocks) or inside an
-    encoder left out of ``modalities``; int8 weights (and activations) everywhere else."""
-    skip = []
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, _CNN_ENCODERS):
-            skip.append(re.escape("/".join(map(str, path))))
+def _path(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _float_prefixes(model: nnx.Module, modalities: tuple[str, ...] | None,
+                    keep_float: Sequence[str]) -> tuple[str, ...]:
+    """Module paths kept float32: ``keep_float`` (checked) and unselected encoders."""
+    if isinstance(keep_float, str):
+        keep_float = (keep_float,)
+    paths = {_path(path) for path, _ in nnx.iter_modules(model)}
+    for prefix in keep_float:
+        if not isinstance(prefix, str) or prefix not in paths:
+            shown = sorted(p for p in paths if p and p.count("/") < 2)
+            raise ValueError(f"keep_float: no module at path {prefix!r}; module paths "
+                             f"include {shown}.")
+    out = tuple(keep_float)
     if modalities is not None:
-        skip += [re.escape(f"encoders/{m}") + "(/.*)?" for m in model.encoders
-                 if m not in modalities]
+        out += tuple(f"encoders/{m}" for m in model.encoders if m not in modalities)
+    return out
+
+
+def _under(path: str, prefixes: Sequence[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") or p == "" for p in prefixes)
+
+
+def _rules(model: nnx.Module, floats: tuple[str, ...], activations: bool,
+           rule_type: Any) -> list[Any]:
+    """qwix rules: nothing inside a CNN encoder's own frame (its fused blocks) or under a
+    float prefix; int8 weights (and activations) for every other matmul and einsum.
+    Convolutions are never qwix's (``QuantizedConv`` stores them)."""
+    skip = [re.escape(_path(path)) for path, module in nnx.iter_modules(model)
+            if isinstance(module, _CNN_ENCODERS)]
+    skip += [re.escape(p) + "(/.*)?" for p in floats]
     rules = [rule_type(module_path=pattern, weight_qtype=None) for pattern in skip]
-    rules.append(rule_type(module_path=".*", weight_qtype=jnp.int8,
-                           act_qtype=jnp.int8 if activations else None))
+    rules.append(rule_type(module_path=".*", op_names=("dot_general", "einsum"),
+                           weight_qtype=jnp.int8, act_qtype=jnp.int8 if activations else None))
     return rules
 
 
-def _quantize_convs(model: nnx.Module, modalities: tuple[str, ...] | None) -> None:
-    """Replaces, in place, every conv of the selected CNN encoders by a QuantizedConv."""
-    for path, module in list(nnx.iter_modules(model)):
-        if not isinstance(module, _CNN_ENCODERS):
-            continue
-        if modalities is not None and not (
-                len(path) >= 2 and path[0] == "encoders" and path[1] in modalities):
-            continue
-        for i, conv in enumerate(module.convs):
-            if isinstance(conv, nnx.Conv):
-                module.convs[i] = QuantizedConv(conv)
+def _quantize_convs(model: nnx.Module, floats: tuple[str, ...]) -> None:
+    """Replaces, in place, every ``nnx.Conv`` outside ``floats`` by a ``QuantizedConv``."""
+    convs = [path for path, module in nnx.iter_modules(model)
+             if isinstance(module, nnx.Conv) and not _under(_path(path), floats)]
+    for path in convs:
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(parent, (nnx.List, nnx.Dict)) else getattr(
+                parent, key)
+        conv = parent[path[-1]] if isinstance(parent, (nnx.List, nnx.Dict)) else getattr(
+            parent, path[-1])
+        if isinstance(parent, (nnx.List, nnx.Dict)):
+            parent[path[-1]] = QuantizedConv(conv)
+        else:
+            setattr(parent, path[-1], QuantizedConv(conv))
 
 
 def quantize(
@@ -200,12 +231,13 @@ def quantize(
     *example_inputs: Any,
     activations: bool = False,
     modalities: Sequence[str] | None = None,
+    keep_float: Sequence[str] = (),
 ) -> nnx.Module:
     """A copy of ``model`` (e.g. a trained ``MultimodalClassifier``) with int8 weights.
 
-    Per output channel int8 weights everywhere qwix reaches (Linear and einsum layers)
-    and, through ``QuantizedConv``, in the CNN encoders' convolutions (module docstring:
-    why those are a fallback and weight-only). Also converts a model from
+    Per output channel int8 weights in every matmul and einsum qwix reaches (Linear,
+    attention and fusion layers) and, through ``QuantizedConv``, in every convolution
+    (module docstring: why those are a weight-only fallback). Also converts a model from
     ``quantization_aware`` after its training.
 
     Args:
@@ -216,7 +248,10 @@ def quantize(
       activations: also quantise the inputs of the qwix-quantised matmuls to int8
         (dynamic range, per token); the convolutions stay weight-only.
       modalities: the encoders to quantise, by modality (``model.encoders``); the
-        fusion layer and the head are always quantised. Default: all.
+        fusion layer and the head are quantised unless in ``keep_float``. Default: all.
+      keep_float: module paths (``"fusion"``, ``"encoders/text"``, ``"head"``) left in
+        float32 with everything under them: for a layer with an op qwix cannot
+        quantise, e.g. ``MultiplicativeFusion``'s three-operand einsum.
 
     Returns:
       The quantised copy, in eval mode; its state holds int8 ``qvalue`` and float32
@@ -224,8 +259,9 @@ def quantize(
 
     Raises:
       TypeError: ``model`` is not an NNX module.
-      ValueError: no ``example_inputs``, or ``modalities`` names an encoder the model
-        does not have.
+      ValueError: no ``example_inputs``; ``modalities`` names an encoder the model does
+        not have; ``keep_float`` names no module; qwix cannot quantise an op of the
+        model (the message names it and suggests ``keep_float``).
       ImportError: qwix is not installed (``pip install 'lepton_mm[quant]'``).
 
     Examples:
@@ -249,15 +285,22 @@ def quantize(
         raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}.")
     if not example_inputs:
         raise ValueError("example_inputs: qwix needs one call's inputs (e.g. a batch).")
-    names = _check_modalities(model, modalities)
+    floats = _float_prefixes(model, _check_modalities(model, modalities), keep_float)
     copy = nnx.clone(model)
     copy.eval()
-    _quantize_convs(copy, names)
-    provider = qwix.PtqProvider(_rules(copy, names, activations, qwix.QuantizationRule))
+    _quantize_convs(copy, floats)
+    provider = qwix.PtqProvider(_rules(copy, floats, activations, qwix.QuantizationRule))
     quantized = qwix.quantize_model(copy, provider, *example_inputs, skip_nnx_init=True)
     # qwix converts the weights during the model's first call; one compiled call instead
     # of an op-by-op one (the new int8 state comes out of nnx.jit with the module).
-    nnx.jit(_call)(quantized, *example_inputs)
+    try:
+        nnx.jit(_call)(quantized, *example_inputs)
+    except ValueError as e:
+        if "Unsupported" not in str(e):
+            raise
+        raise ValueError(f"model: qwix cannot quantise an op of this model ({e}); leave "
+                         "the module that holds it in float32 with keep_float=[its path], "
+                         "e.g. keep_float=['fusion'].") from e
     return quantized
 
 
@@ -270,6 +313,7 @@ def quantization_aware(
     *example_inputs: Any,
     activations: bool = False,
     modalities: Sequence[str] | None = None,
+    keep_float: Sequence[str] = (),
 ) -> nnx.Module:
     """A copy of ``model`` that trains with int8 fake quantisation (QAT, through qwix).
 
@@ -277,8 +321,8 @@ def quantization_aware(
     their weights per output channel (and, with ``activations``, their inputs per token)
     in every forward pass, with a straight-through gradient, so training adapts the
     weights to int8. Train the copy with ``fit`` (train and eval mode both simulate
-    int8), then call ``quantize`` on it. The CNN encoders' convolutions are not
-    fake-quantised (see the module docstring).
+    int8), then call ``quantize`` on it with the same ``modalities`` and
+    ``keep_float``. Convolutions are not fake-quantised (see the module docstring).
 
     Args:
       model: an NNX model called as ``model(*example_inputs)``. Not modified.
@@ -286,13 +330,15 @@ def quantization_aware(
         dynamic-range scales nothing is run ahead of training).
       activations: also fake-quantise the matmul inputs.
       modalities: the encoders to include, by modality (default: all).
+      keep_float: module paths left in float32 (as in ``quantize``).
 
     Returns:
       The QAT copy, in the mode ``model`` was in; its parameters are ``model``'s.
 
     Raises:
       TypeError: ``model`` is not an NNX module.
-      ValueError: no ``example_inputs``, or an unknown name in ``modalities``.
+      ValueError: no ``example_inputs``, an unknown name in ``modalities``, or a
+        ``keep_float`` path that names no module.
       ImportError: qwix is not installed.
     """
     qwix = _qwix()
@@ -300,8 +346,8 @@ def quantization_aware(
         raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}.")
     if not example_inputs:
         raise ValueError("example_inputs: qwix needs one call's inputs (e.g. a batch).")
-    names = _check_modalities(model, modalities)
-    provider = qwix.QtProvider(_rules(model, names, activations, qwix.QtRule))
+    floats = _float_prefixes(model, _check_modalities(model, modalities), keep_float)
+    provider = qwix.QtProvider(_rules(model, floats, activations, qwix.QtRule))
     # Nothing to convert ahead of training (dynamic-range scales): no first call.
     return qwix.quantize_model(model, provider, *example_inputs, skip_nnx_init=True)
 

@@ -162,8 +162,9 @@ def test_activation_quantisation_runs_int8_matmuls(model, batch):
         return [d for d in found if d == (jnp.int8, jnp.int8)]
 
     assert not int8_dots(model)
-    dynamic = quantize(model, batch, activations=True)
-    assert len(int8_dots(dynamic)) == 2  # the fusion layer's and the head's matmul
+    dynamic = quantize(model, batch, activations=True, keep_float=["head"])
+    assert len(int8_dots(dynamic)) == 1  # the fusion layer's matmul; the head stays float
+    assert list(_kernels(dynamic)) == [("head", "layers", 1, "kernel")]
 
 
 def test_export_reloads_equal_and_smaller(model, batch, quantized, tmp_path):
@@ -404,3 +405,5 @@ def test_bad_arguments_are_named(model, batch):
         magnitude_pruning(0.5, end_step=3, initial_sparsity=0.6)
     with pytest.raises(ValueError, match="example_inputs"):
         quantize(model)
+    with pytest.raises(ValueError, match="keep_float: no module at path 'fusoin'"):
+        quantize(model, batch, keep_float=["fusoin"])
