@@ -18,9 +18,9 @@ steps of the training recipe (SGD, batch 40) on the first training examples:
 schedule over the first half, the mask then fixed), ``channels<p>+ft`` fine-tunes the
 channel-pruned model. Each with its test accuracy, the size of its ``lepton_mm.export``
 (``weights.safetensors``, and the same gzip-compressed, which is where unstructured
-sparsity shows) and the CPU latency of the exported model on one batch (median of
-``--repeats`` calls after a warm-up). Results go to ``--out`` as JSON, and a markdown
-table to stdout.
+sparsity shows) and the CPU latency of the exported model on one batch (median over
+``--rounds`` rounds in which the variants take turns, ``--calls`` calls each). Results
+go to ``--out`` as JSON, and a markdown table to stdout.
 
     python experiments/avmnist_compress.py --fusion concat --seeds 0
     python experiments/avmnist_compress.py --fusion concat,gated --seeds 0,1,2 \\
@@ -123,23 +123,30 @@ def variants(model: Any, batch: dict[str, Any], args: argparse.Namespace, *,
     return out
 
 
-def latency_ms(exported: Any, batch: dict[str, Any], repeats: int) -> float:
-    """Median wall time (ms) of one call of the exported model on ``batch``."""
+def latency_ms(exported: dict[str, Any], batch: dict[str, Any], *, rounds: int,
+               calls: int) -> dict[str, float]:
+    """Median wall time (ms) of one call of each exported model on ``batch``.
+
+    The models take turns (``rounds`` rounds of ``calls`` calls each, after a warm-up),
+    so a load that comes and goes on a shared machine affects them alike.
+    """
     import jax
 
-    for _ in range(3):
-        jax.block_until_ready(exported(batch))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(exported(batch))
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    times: dict[str, list[float]] = {name: [] for name in exported}
+    for model in exported.values():
+        jax.block_until_ready(model(batch))
+    for _ in range(rounds):
+        for name, model in exported.items():
+            for _ in range(calls):
+                start = time.perf_counter()
+                jax.block_until_ready(model(batch))
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
 
 
 def measure(model: Any, test: dict[str, Any], batch: dict[str, Any], *,
-            repeats: int, eval_batch_size: int) -> dict[str, Any]:
-    """Test accuracy, export sizes and latency of one (compressed) model."""
+            eval_batch_size: int) -> tuple[dict[str, Any], Any]:
+    """Test accuracy and export sizes of one (compressed) model, and its export loaded."""
     from lepton_mm import export
     from lepton_mm.models import Classification
     from lepton_mm.prune import weight_sparsity
@@ -151,11 +158,11 @@ def measure(model: Any, test: dict[str, Any], batch: dict[str, Any], *,
         path = export.save(model, (batch,), Path(tmp) / "model")
         weights = (path / export.WEIGHTS_FILE).read_bytes()
         module_bytes = (path / export.MODULE_FILE).stat().st_size
-        latency = latency_ms(export.load(path), batch, repeats)
+        loaded = export.load(path)  # holds its module and weights in memory
     return {"accuracy": float(accuracy), "weights_bytes": len(weights),
             "weights_gzip_bytes": len(gzip.compress(weights, compresslevel=6)),
-            "module_bytes": module_bytes, "latency_ms": latency,
-            "kernel_sparsity": weight_sparsity(model)}
+            "module_bytes": module_bytes,
+            "kernel_sparsity": weight_sparsity(model)}, loaded
 
 
 def run(config: Any, methods: list[str], seeds: tuple[int, ...], args: argparse.Namespace
@@ -175,18 +182,21 @@ def run(config: Any, methods: list[str], seeds: tuple[int, ...], args: argparse.
             except FileNotFoundError as e:
                 print(f"skipped {method}/seed{seed}: {e}", file=sys.stderr)
                 continue
-            rows = {}
+            rows, exported = {}, {}
             for name, make in variants(model, batch, args, config=config,
                                        train=data["train"], seed=seed).items():
                 start = time.perf_counter()
                 try:
-                    rows[name] = measure(make(), test, batch, repeats=args.repeats,
-                                         eval_batch_size=args.eval_batch_size)
+                    rows[name], exported[name] = measure(
+                        make(), test, batch, eval_batch_size=args.eval_batch_size)
                 except Exception as e:  # a variant qwix or pruning cannot make
                     rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 rows[name]["seconds"] = round(time.perf_counter() - start, 1)
                 print(f"{method}/seed{seed} {name}: {rows[name]}", file=sys.stderr,
                       flush=True)
+            for name, ms in latency_ms(exported, batch, rounds=args.rounds,
+                                       calls=args.calls).items():
+                rows[name]["latency_ms"] = ms
             results[f"{method}/seed{seed}"] = rows
     return results
 
@@ -226,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-int8", action="store_true", help="pruning variants only")
     parser.add_argument("--batch", type=int, default=40,
                         help="batch size of the latency measurement (the recipe's)")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="latency: rounds in which the variants take turns")
+    parser.add_argument("--calls", type=int, default=5, help="latency: calls per turn")
     parser.add_argument("--eval-batch-size", type=int, default=500)
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
