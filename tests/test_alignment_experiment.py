@@ -81,6 +81,7 @@ def test_each_part_is_keyed_by_the_settings_it_depends_on(alignment, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized_xla
 def test_quick_pipeline_learns_both_tasks(alignment, tmp_path, monkeypatch):
     # Every part on 1536 training pairs, two epochs of 48 steps, at 0 dB (the benchmark's
     # -15 dB needs far more steps before the audio side aligns), with half-width LeNets

@@ -158,6 +158,7 @@ def _check_summary(results, methods, sweeps):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized_xla
 def test_runs_become_records_and_the_report_reads_them(avmnist, load_script, tmp_path):
     """Records are written per run, a re-run trains nothing, the report is
     byte-identical, a changed protocol makes records stale, shards partition."""

