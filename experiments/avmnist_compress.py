@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -247,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     results = run(avmnist.AVMNISTConfig(workdir=args.workdir), methods, args.seeds, args)
-    report = {"command": "python experiments/avmnist_compress.py "
-                         + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": shlex.join(["python", "experiments/avmnist_compress.py",
+                                     *(argv if argv is not None else sys.argv[1:])]),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "results": results}
     if args.out:
