@@ -158,3 +158,33 @@ def test_pytorch_probe_imports_no_jax(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["jax_modules"] == [] and _positive(result["peak_rss_mb"])
+
+
+def test_profile_step_quick_writes_shares_and_top_ops(tmp_path):
+    """benchmarks/profile_step.py traces run.py's step and splits its op time by category."""
+    out, trace = tmp_path / "profile.json", tmp_path / "trace"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--quick",
+         "--steps", "2", "--warmup", "1", "--trace-dir", str(trace), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "category" in proc.stdout and "top op" in proc.stdout  # the table
+
+    result = json.loads(out.read_text())
+    assert result["model"] == "concat" and result["quick"] is True
+    assert result["steps_traced"] == 2  # one run id per traced call
+    assert _positive(result["wall_ms_per_step"]["median"])
+    shares = {name: c["share"] for name, c in result["categories"].items()}
+    assert math.isclose(sum(shares.values()), 1.0, abs_tol=1e-6)
+    assert math.isclose(sum(p["share"] for p in result["phases"].values()), 1.0,
+                        abs_tol=1e-6)
+    # The concat step has convolutions and dots, and an Adam update outside the gradient.
+    assert shares["matmul"] + shares["matmul + fused ops"] > 0
+    assert shares["optimizer update"] > 0
+    top = result["top_ops"]
+    assert top and all(_positive(op["ms_per_step"]) for op in top)
+    # Every traced op was found in the compiled module's text (names match).
+    assert all(op["opcodes"] for op in top)
+    assert {"avx2", "avx512f", "amx"} <= set(result["machine"]) and result["machine"][
+        "cpu_model"]
+    assert list(trace.glob("plugins/profile/*/*.xplane.pb"))  # the raw trace is kept
