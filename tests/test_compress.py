@@ -156,7 +156,7 @@ def test_activation_quantisation_runs_int8_matmuls(model, batch):
             for eqn in jx.eqns:
                 if eqn.primitive.name == "dot_general":
                     found.append(tuple(v.aval.dtype for v in eqn.invars))
-                for sub in jax.core.jaxprs_in_params(eqn.params):
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                     walk(sub)
         walk(jaxpr.jaxpr)
         return [d for d in found if d == (jnp.int8, jnp.int8)]
