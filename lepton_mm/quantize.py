@@ -209,17 +209,26 @@ def _rules(model: nnx.Module, floats: tuple[str, ...], activations: bool,
     return rules
 
 
+def _checked_floats(model: Any, example_inputs: tuple[Any, ...],
+                    modalities: Sequence[str] | None,
+                    keep_float: Sequence[str]) -> tuple[str, ...]:
+    """``quantize``'s and ``quantization_aware``'s argument checks; the float prefixes."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}.")
+    if not example_inputs:
+        raise ValueError("example_inputs: qwix needs one call's inputs (e.g. a batch).")
+    return _float_prefixes(model, _check_modalities(model, modalities), keep_float)
+
+
 def _quantize_convs(model: nnx.Module, floats: tuple[str, ...]) -> None:
     """Replaces, in place, every ``nnx.Conv`` outside ``floats`` by a ``QuantizedConv``."""
-    convs = [path for path, module in nnx.iter_modules(model)
+    convs = [(path, module) for path, module in nnx.iter_modules(model)
              if isinstance(module, nnx.Conv) and not _under(_path(path), floats)]
-    for path in convs:
+    for path, conv in convs:
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(parent, (nnx.List, nnx.Dict)) else getattr(
                 parent, key)
-        conv = parent[path[-1]] if isinstance(parent, (nnx.List, nnx.Dict)) else getattr(
-            parent, path[-1])
         if isinstance(parent, (nnx.List, nnx.Dict)):
             parent[path[-1]] = QuantizedConv(conv)
         else:
@@ -281,11 +290,7 @@ def quantize(
       (2, 3)
     """
     qwix = _qwix()
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}.")
-    if not example_inputs:
-        raise ValueError("example_inputs: qwix needs one call's inputs (e.g. a batch).")
-    floats = _float_prefixes(model, _check_modalities(model, modalities), keep_float)
+    floats = _checked_floats(model, example_inputs, modalities, keep_float)
     copy = nnx.clone(model)
     copy.eval()
     _quantize_convs(copy, floats)
@@ -342,11 +347,7 @@ def quantization_aware(
       ImportError: qwix is not installed.
     """
     qwix = _qwix()
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}.")
-    if not example_inputs:
-        raise ValueError("example_inputs: qwix needs one call's inputs (e.g. a batch).")
-    floats = _float_prefixes(model, _check_modalities(model, modalities), keep_float)
+    floats = _checked_floats(model, example_inputs, modalities, keep_float)
     provider = qwix.QtProvider(_rules(model, floats, activations, qwix.QtRule))
     # Nothing to convert ahead of training (dynamic-range scales): no first call.
     return qwix.quantize_model(model, provider, *example_inputs, skip_nnx_init=True)
