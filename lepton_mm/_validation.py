@@ -15,7 +15,7 @@ Layouts are written as space-separated axis names, e.g. ``"batch time dim"``. Sh
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -183,3 +183,37 @@ def check_ids_in_range(name: str, ids: Any, mask: Any, upper: int) -> None:
         raise ValueError(
             f"{name}: ids must lie in [0, {upper}) at valid positions, got values in "
             f"[{valid.min()}, {valid.max()}].")
+
+
+def check_modalities(name: str, modalities: str | Iterable[Any],
+                     known: Iterable[str]) -> tuple[str, ...]:
+    """The modality names in ``modalities``, if each is one of ``known``.
+
+    The one check that a user-given modality exists (in a model's ``encoders``, an
+    environment's observations, ...); its message names the argument, every unknown
+    name and the known ones: ``modalities: unknown modality 'text'. Known: ['audio',
+    'image'].``
+
+    Args:
+      name: the argument's name as the user wrote it (used in messages).
+      modalities: modality names; a single str is one name.
+      known: the valid names (e.g. ``model.encoders``, a mapping's keys).
+
+    Returns:
+      The names as a tuple, in the given order.
+
+    Raises:
+      TypeError: a name is not a str.
+      ValueError: a name is not one of ``known``.
+    """
+    names = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+    for m in names:
+        if not isinstance(m, str):
+            raise TypeError(f"{name}: expected modality names (str), got {m!r}.")
+    known = sorted(known)
+    unknown = list(dict.fromkeys(m for m in names if m not in known))
+    if unknown:
+        which = (f"modality {unknown[0]!r}" if len(unknown) == 1
+                 else f"modalities {unknown}")
+        raise ValueError(f"{name}: unknown {which}. Known: {known}.")
+    return names

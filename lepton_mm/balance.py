@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lepton_mm._validation import check_modalities
 from lepton_mm.types import RESERVED_KEYS
 
 Array = jax.Array
@@ -405,9 +406,8 @@ class GradientBlending:
     def check(self, model: Any) -> None:
         """Errors before any compilation: each weighted head must be a modality of the
         model (or ``FUSED``)."""
-        _check_encoders(model, "GradientBlending", "heads",
-                        [k for k, _ in self.weights if k != FUSED],
-                        note=f"; the fused head is {FUSED!r}")
+        _check_encoders(model, "GradientBlending", "heads", [k for k, _ in self.weights],
+                        also=(FUSED,))
 
     def loss(self, forward: Any, task: Any, batch: Mapping[str, Any], outputs: Any,
              loss: Array, key: Array, step: Array) -> tuple[Array, dict[str, Array]]:
@@ -886,17 +886,14 @@ def _modality_names(value: Any, *, least: int) -> tuple[str, ...] | None:
 
 
 def _check_encoders(model: Any, strategy: str, what: str, names: Sequence[str], *,
-                    note: str = "") -> None:
+                    also: Sequence[str] = ()) -> None:
     """Checks that ``model`` has ``encoders`` and that every one of ``names`` (a
-    strategy's ``what``) is among them; the errors name the strategy."""
+    strategy's ``what``) is among them or ``also``; the errors name the strategy."""
     encoders = getattr(model, "encoders", None)
     if encoders is None or not hasattr(encoders, "keys"):
         raise TypeError(f"strategy: {strategy} needs a model with an `encoders` dict "
                         f"(MultimodalClassifier), got {type(model).__name__}.")
-    unknown = [m for m in names if m not in encoders]
-    if unknown:
-        raise ValueError(f"strategy: {strategy} {what} {unknown} are not encoders of the "
-                         f"model (it has {sorted(encoders)}{note}).")
+    check_modalities(f"strategy: {strategy} {what}", names, [*encoders, *also])
 
 
 def _encoder_of(path: Sequence[Any]) -> str | None:

@@ -58,6 +58,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lepton_mm._validation import check_modalities
 from lepton_mm.encoders.audio_cnn import AudioSpectrogramCNN
 from lepton_mm.encoders.image_cnn import ImageCNN
 from lepton_mm.training.optim import param_path
@@ -472,11 +473,8 @@ def prune_channels(
                     f"AudioSpectrogramCNN); its encoders: "
                     f"{ {m: type(e).__name__ for m, e in encoders.items()} }.")
         else:
-            names = [modalities] if isinstance(modalities, str) else list(modalities)
+            names = check_modalities("modalities", modalities, encoders)
             for m in names:
-                if m not in encoders:
-                    raise ValueError(f"modalities: unknown modality {m!r}; the model "
-                                     f"encodes {sorted(encoders)}.")
                 _check_structured(encoders[m], f"modalities: encoders[{m!r}]")
         targets = {("encoders", m): encoders[m] for m in names}
     criteria = {}

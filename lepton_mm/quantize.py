@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lepton_mm._validation import check_modalities
 from lepton_mm.encoders.audio_cnn import AudioSpectrogramCNN
 from lepton_mm.encoders.image_cnn import ImageCNN
 
@@ -154,20 +155,12 @@ def _check_modalities(model: nnx.Module, modalities: Sequence[str] | None) -> tu
     """``modalities`` as a tuple of names of ``model.encoders`` (None: all)."""
     if modalities is None:
         return None
-    if isinstance(modalities, str):
-        modalities = (modalities,)
-    names = tuple(modalities)
     encoders = getattr(model, "encoders", None)
     if encoders is None:
-        raise ValueError(f"modalities: {list(names)} given, but the model "
+        given = [modalities] if isinstance(modalities, str) else list(modalities)
+        raise ValueError(f"modalities: {given} given, but the model "
                          f"({type(model).__name__}) has no .encoders by modality.")
-    for m in names:
-        if not isinstance(m, str):
-            raise TypeError(f"modalities: expected modality names (str), got {m!r}.")
-        if m not in encoders:
-            raise ValueError(f"modalities: unknown modality {m!r}; the model encodes "
-                             f"{sorted(encoders)}.")
-    return names
+    return check_modalities("modalities", modalities, encoders)
 
 
 def _path(path: tuple) -> str:

@@ -296,8 +296,8 @@ def test_bad_blending_weights(weights, error, match):
 
 
 def test_blending_an_unknown_head_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"GradientBlending heads \['text'\] are not "
-                                         r"encoders"):
+    with pytest.raises(ValueError, match=r"strategy: GradientBlending heads: unknown "
+                                         r"modality 'text'\. Known: \['audio', 'fused'"):
         _fit(tmp_path / "t", GradientBlending({FUSED: 1.0, "text": 1.0}))
     assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
 
@@ -541,7 +541,7 @@ def test_bad_mslr_scales(scales, error, match):
 
 
 def test_mslr_of_an_unknown_modality_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"strategy: MSLR scales \['text'\] are not encoders"):
+    with pytest.raises(ValueError, match=r"strategy: MSLR scales: unknown modality 'text'"):
         _fit(tmp_path / "t", MSLR({"audio": 2.0, "text": 0.5}))
     assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
     with pytest.raises(TypeError, match="strategy: MSLR needs a model with an `encoders`"):

@@ -381,6 +381,9 @@ def test_bad_arguments_are_named(model, batch):
         prune_channels(model, 0.5, modalities=["text"])
     with pytest.raises(ValueError, match="modalities: unknown modality 'video'"):
         quantize(model, batch, modalities=["video"])
+    with pytest.raises(ValueError, match=r"modalities: unknown modalities \['text', 'video'\]\. "
+                                         r"Known: \['audio', 'image'\]\.$"):
+        prune_channels(model, 0.5, modalities=["image", "text", "video", "text"])
     with pytest.raises(ValueError, match="criterion"):
         prune_channels(model, 0.5, criterion="l2")
     no_norm = ImageCNN(1, dim=4, widths=(2, 4), batch_norm=False, rngs=nnx.Rngs(0))
