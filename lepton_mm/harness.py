@@ -10,12 +10,23 @@ figures) and its copy into a docs page, and the shared command line (``--seeds``
 
     class MyExperiment(Experiment):
         name, script = "mine", "experiments/mine.py"
+        config_class, quick_config = MyConfig, staticmethod(my_quick_config)
         def methods(self): return ["a", "b"]
         def train(self, key, data, workdir): ...   # -> make_record's fields
         def summarize(self, runs): ...             # -> per-method summary
         def tables(self, summary): ...             # -> markdown
 
-    sys.exit(run_main(MyExperiment(config), args))
+    def parse_args(argv=None):
+        parser = make_parser(MyExperiment, doc=__doc__, methods="a, b", quick="fast")
+        args = parser.parse_args(argv)
+        return config_from_args(MyExperiment, parser, args), args
+
+    def main(argv=None):
+        config, args = parse_args(argv)
+        return run_main(MyExperiment(config), args)
+
+    if __name__ == "__main__":
+        run_script(main)
 
 Nothing here imports JAX at module level; ``Experiment.run`` imports it to record
 the device kind.
@@ -44,14 +55,18 @@ __all__ = [
     "add_flags",
     "base_overrides",
     "config_file",
+    "config_from_args",
     "enable_compilation_cache",
     "fit_facts",
     "flag_overrides",
+    "int_at_least",
     "make_config",
+    "make_parser",
     "parse_floats",
     "parse_ints",
     "run_costs",
     "run_main",
+    "run_script",
     "update_docs",
 ]
 
@@ -78,6 +93,29 @@ def parse_floats(text: str) -> tuple[float, ...]:
       ``(20.0, -5.5)``.
     """
     return tuple(float(s) for s in text.split(",") if s.strip())
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type=`` for ints ``>= minimum``, with a one-line error otherwise.
+
+    Args:
+      minimum: the smallest value accepted.
+
+    Returns:
+      The parser: ``"3"`` -> ``3``; ``"two"`` or a value below ``minimum`` raises
+      ``argparse.ArgumentTypeError`` (``expected an integer >= 1, got 0``).
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
 
 
 def run_costs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -155,7 +193,11 @@ class Experiment(abc.ABC):
     Attributes:
       name: the ledger's experiment name (records at ``<results>/<name>/...``).
       script: the script that trains a run, for the records' commands.
+      config_class: the config dataclass (``make_parser``, ``config_from_args``).
+      quick_config: the function that makes the ``--quick`` config from overrides (set
+        it as ``staticmethod(quick_config)``; None: ``--quick`` only sets ``quick``).
       method_flag: the script's flag that picks methods (``--fusion``, ``--parts``).
+      methods_field: the config field that flag sets (``methods``, ``parts``).
       numerics: the numerics version records must carry to be current.
       extra_methods: rows the experiment does not train (a peer library's), reported
         when their records carry the current numerics.
@@ -169,7 +211,10 @@ class Experiment(abc.ABC):
 
     name: ClassVar[str]
     script: ClassVar[str]
+    config_class: ClassVar[type]
+    quick_config: ClassVar[Callable[..., Any] | None] = None
     method_flag: ClassVar[str] = "--methods"
+    methods_field: ClassVar[str] = "methods"
     numerics: ClassVar[str] = NUMERICS
     extra_methods: ClassVar[tuple[str, ...]] = ()
     not_recorded: ClassVar[tuple[str, ...]] = (
@@ -190,7 +235,10 @@ class Experiment(abc.ABC):
         names, before any computation)."""
 
     def default_config(self) -> Any:
-        """The config ``command`` compares against (flags only for what differs)."""
+        """The config ``command`` compares against (flags only for what differs): that of
+        ``quick_config()`` for a quick config, else the config class's defaults."""
+        if self.config.quick and self.quick_config is not None:
+            return self.quick_config()
         return type(self.config)()
 
     def prepare(self, todo: Sequence[RunKey]) -> Any:
@@ -680,6 +728,58 @@ def make_config(parser: argparse.ArgumentParser, factory: Callable[..., Any],
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
+def make_parser(experiment: type[Experiment], *, doc: str, methods: str,
+                quick: str) -> argparse.ArgumentParser:
+    """An experiment script's parser: its method flag, the shared flags, its config's.
+
+    Args:
+      experiment: the ``Experiment`` subclass (``method_flag``, ``flags``,
+        ``config_class``).
+      doc: the script's docstring (its first line describes the script in ``--help``).
+      methods: the help text of ``experiment.method_flag``.
+      quick: the help text of ``--quick``.
+
+    Returns:
+      The parser, with ``experiment.method_flag`` (comma-separated names), then
+      ``add_arguments``'s flags, then ``add_flags``'s; the script may add its own.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument(experiment.method_flag, default=None, help=methods)
+    add_arguments(parser, quick=quick)
+    add_flags(parser, experiment, experiment.config_class)
+    return parser
+
+
+def config_from_args(experiment: type[Experiment], parser: argparse.ArgumentParser,
+                     args: argparse.Namespace, **overrides: Any) -> Any:
+    """The config a ``make_parser`` command line asks for.
+
+    Later sources win: the shared flags (``base_overrides``), ``--config FILE``
+    (``config_file``), the config's flags (``flag_overrides``), ``overrides``, the
+    method flag. ``--quick`` builds it with ``experiment.quick_config``. A value the
+    config rejects ends the program as ``make_config`` says.
+
+    Args:
+      experiment: the ``Experiment`` subclass the parser was made for.
+      parser: ``make_parser``'s parser.
+      args: its parsed arguments.
+      **overrides: config fields from the script's own flags (None: not given).
+
+    Returns:
+      The config.
+    """
+    given = {**base_overrides(parser, args, experiment.name),
+             **config_file(parser, args, experiment.config_class),
+             **flag_overrides(args, experiment),
+             **{k: v for k, v in overrides.items() if v is not None}}
+    methods = getattr(args, experiment.method_flag.lstrip("-").replace("-", "_"))
+    if methods is not None:
+        given[experiment.methods_field] = tuple(m for m in methods.split(",") if m)
+    factory = experiment.quick_config if args.quick and experiment.quick_config else (
+        experiment.config_class)
+    return make_config(parser, factory, given)
+
+
 def run_main(experiment: Experiment, args: argparse.Namespace) -> int:
     """What an experiment script's ``main`` does after parsing.
 
@@ -716,3 +816,19 @@ def run_main(experiment: Experiment, args: argparse.Namespace) -> int:
     print(f"\n{out / 'results.json'}  complete: {str(result['complete']).lower()}  "
           f"({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """What a training script does under ``if __name__ == "__main__":``.
+
+    Tunes glibc's malloc for this process (freed step buffers are reused: faster steps;
+    ``lepton_mm.training.tune_glibc_malloc``, docs/performance.md), then exits with
+    ``main()``'s status. Tests call ``main`` itself, which leaves malloc alone.
+
+    Args:
+      main: the script's ``main`` (parses ``sys.argv``; returns the exit status).
+    """
+    from lepton_mm.training import tune_glibc_malloc
+
+    tune_glibc_malloc()
+    sys.exit(main())

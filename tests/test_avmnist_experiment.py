@@ -25,7 +25,9 @@ def test_argparse_converts_to_a_typed_config(avmnist):
     assert quick.quick and quick.seeds == (4,) and quick.num_train == 12000
     assert quick.snr_db == -15.0 and quick.progress is True  # the benchmark; bars shown
     assert quick.results == "runs/avmnist_quick/results"  # quick records stay local
-    assert avmnist.resolve_methods(quick) == list(avmnist.QUICK_METHODS)
+    from lepton_mm.recipes.avmnist import QUICK_METHODS
+
+    assert avmnist.resolve_methods(quick) == list(QUICK_METHODS)
     assert avmnist.parse_args(["--quick", "--no-progress"])[0].progress is False
     with pytest.raises(Exception, match="frozen|cannot assign"):
         config.epochs = 1

@@ -308,6 +308,57 @@ def test_fit_facts_and_all_finite():
     assert harness.parse_floats("-15,2.5") == (-15.0, 2.5)
 
 
+def _quick_toy(**overrides):
+    return ToyConfig(**{"rate": 0.1, "quick": True, **overrides})
+
+
+class Scripted(Toy):
+    config_class, quick_config = ToyConfig, staticmethod(_quick_toy)
+    method_flag = "--kinds"
+
+
+def test_make_parser_and_config_from_args_give_a_scripts_command_line():
+    parser = harness.make_parser(Scripted, doc="Toy: trains nothing.\n\nMore.",
+                                 methods="a or b", quick="fast")
+    parser.add_argument("--bonus", type=float, default=None)  # the script's own flag
+    assert parser.description == "Toy: trains nothing."
+    help_text = " ".join(parser.format_help().split())
+    assert "--kinds KINDS a or b" in help_text and "--quick fast" in help_text
+    assert "--rate RATE" in help_text and "--shard I/N" in help_text
+    args = parser.parse_args(["--kinds", "b,a,", "--seed", "2", "--rate", "0.7",
+                              "--bonus", "3"])
+    config = harness.config_from_args(Scripted, parser, args, levels=(args.bonus,),
+                                      tags=None)  # None: not given
+    assert config == ToyConfig(methods=("b", "a"), seeds=(2,), rate=0.7, levels=(3.0,))
+    # --quick builds on the quick config (flags still win); `command` compares with it.
+    quick = harness.config_from_args(Scripted, parser, parser.parse_args(["--quick"]))
+    assert quick == _quick_toy(workdir="runs/toy_quick", results="runs/toy_quick/results")
+    assert Scripted(quick).default_config() == _quick_toy()
+    assert Toy(quick).default_config() == ToyConfig()  # no quick_config: the defaults
+    faster = dataclasses.replace(quick, rate=0.2)
+    assert Scripted(faster).command(RunKey("toy", "a", 0)) == (
+        "python experiments/toy.py --quick --kinds a --seeds 0 --rate=0.2 --force")
+    args = parser.parse_args(["--quick", "--rate", "0.2", "--kinds", "a", "--seeds", "0"])
+    assert harness.config_from_args(Scripted, parser, args) == dataclasses.replace(
+        faster, methods=("a",), seeds=(0,))
+
+
+def test_int_at_least_and_run_script(monkeypatch):
+    parse = harness.int_at_least(1)
+    assert parse("3") == 3 and parse.__name__ == "int >= 1"
+    for text, match in (("0", "expected an integer >= 1, got 0"),
+                        ("two", "expected an integer, got 'two'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=match):
+            parse(text)
+    import lepton_mm.training
+
+    tuned = []
+    monkeypatch.setattr(lepton_mm.training, "tune_glibc_malloc", lambda: tuned.append(1))
+    with pytest.raises(SystemExit) as info:
+        harness.run_script(lambda: 3)
+    assert info.value.code == 3 and tuned == [1]
+
+
 def _config_parser():
     parser = argparse.ArgumentParser(prog="toy.py")
     harness.add_arguments(parser, quick="q")

@@ -1,0 +1,515 @@
+"""MultiBench's AV-MNIST recipe: config, data, LeNet model, SGD training, robustness protocol.
+
+One run of ``experiments/avmnist.py`` is: ``make_data`` (``lepton_mm.data.avmnist_arrays``
+of the config), ``build_model`` (MultiBench's image and audio LeNets, a 100-unit fused
+layer from ``lepton_mm.fusion``, Linear(100, 10)), ``fit_recipe`` (SGD with momentum and
+L2 decay, batch 40, the epoch with the best validation accuracy kept) and
+``robustness_results`` (the test split scored once, also with a modality absent and
+under an audio SNR sweep and an image-noise sweep; ``docs/results.md``). A method
+``<fusion>+<variant>`` trains the same model with modality dropout (``+mdrop``) or a
+balanced-learning strategy (``+ogm_ge``, ``+gblend``, ``+mmpareto``;
+``gradient_blending_pilot`` gives Gradient Blending its weights).
+
+The follow-up experiments (``avmnist_compress.py``, ``avmnist_noise_levels.py``), the
+benchmarks and ``experiments/alignment.py`` (``make_data``, ``lenet_encoders``) build
+exactly these models and arrays. JAX and Flax are imported on first use.
+
+References:
+  Liang et al., "MultiBench: Multiscale Benchmarks for Multimodal Representation
+  Learning", NeurIPS 2021 Datasets and Benchmarks. https://arxiv.org/abs/2107.07502
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BALANCE",
+    "IMAGE_NOISE_SWEEP",
+    "MDROP_SUFFIX",
+    "NUM_CLASSES",
+    "QUICK_METHODS",
+    "SNR_SWEEP",
+    "SWEEPS",
+    "UNIMODAL",
+    "AVMNISTConfig",
+    "build_model",
+    "fit_recipe",
+    "gradient_blending_pilot",
+    "lenet_encoders",
+    "make_data",
+    "quick_config",
+    "resolve_methods",
+    "robustness_protocol",
+    "robustness_results",
+    "split_method",
+    "sweep_data",
+]
+
+#: The unimodal baselines (one LeNet, the same head).
+UNIMODAL = ("image_only", "audio_only")
+#: ``--quick`` trains these (the fusion zoo's classic representatives).
+QUICK_METHODS = ("image_only", "audio_only", "concat", "low_rank", "gated")
+#: Digits.
+NUM_CLASSES = 10
+#: Suffix of the method key of a run trained with modality dropout (``concat+mdrop``).
+MDROP_SUFFIX = "+mdrop"
+#: ``--balance`` strategies (``lepton_mm.balance``): the method key of a fusion method
+#: trained with one is ``<method>+<name>`` (``concat+ogm_ge``).
+BALANCE = {"ogm_ge": "OGM-GE (Peng et al. 2022)",
+           "gblend": "offline Gradient Blending (Wang et al. 2020)",
+           "mmpareto": "MMPareto (Wei & Hu 2024)"}
+#: Audio SNR sweep (dB), least noisy first; the benchmark trains and tests at -15.
+SNR_SWEEP = (20.0, 10.0, 0.0, -5.0, -10.0, -15.0, -20.0)
+#: Image noise sweep: standard deviations of white Gaussian noise added to each pixel
+#: of the PCA-reconstructed test images (whose pixels span roughly [0, 1]; per-image
+#: pixel standard deviation ~0.2), least noisy first. See docs/results.md.
+IMAGE_NOISE_SWEEP = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+#: The robustness sweeps: name in ``robustness_results`` -> (its levels' key in the
+#: protocol, the levels' axis label).
+SWEEPS = {"audio_snr": ("snr_db", "audio SNR (dB)"),
+          "image_noise": ("image_noise_sigma", "image noise σ (pixel units)")}
+# fold_in tag under key(data_seed) of the test sweep's image noise (AV-MNIST's own keys
+# fold in the split ids 0-2 there; avmnist_noise_levels.py's validation check uses 2000).
+_IMAGE_NOISE_TAG = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class AVMNISTConfig:
+    """Everything the experiment needs (``quick_config()`` for the fast variant).
+
+    Attributes:
+      methods: ``"image_only"``, ``"audio_only"`` and/or names in
+        ``lepton_mm.fusion.FUSIONS``; empty means all of them.
+      seeds: training seeds (initialisation and shuffling); one run per method and seed.
+      data_seed: the data set's seed (pairing and noise; ``load_avmnist``).
+      snr_db: the audio noise level; the benchmark is -15 dB (higher = easier, for
+        fast pipeline checks only).
+      workdir: root of the runs' checkpoints (local, not committed).
+      results: root of the run ledger (``<results>/avmnist/<method>/seed<k>.json``,
+        committed); ``--quick`` keeps its records under the workdir instead.
+      epochs: passes over the training split; the best validation epoch is kept.
+      batch_size: training batch size (MultiBench: 40).
+      eval_batch_size: batch size for validation and test (None: ``batch_size``). On
+        CPU small batches are cheaper: 1.3 ms per example at 16 against 1.8 at 200,
+        and the eval step compiles in 2.7 s against 5.2 s (audio LeNet, 2 busy cores).
+      learning_rate, momentum, weight_decay: SGD (L2 decay, not on biases or norms).
+      fusion_dim: output size of every fusion layer (and of the unimodal hidden layer).
+      image_channels: first width of the image LeNet (4 blocks: 6 -> 48 features).
+      audio_channels: first width of the audio LeNet (6 blocks: 6 -> 192 features).
+      num_train, num_val, num_test: use the first examples of each split (None: all).
+      normalize_audio: standardise the log-mels (dB) with training-split statistics.
+      checkpoint_every: also checkpoint every this many steps (resume granularity).
+      progress: tqdm bars (None: when stdout is a terminal).
+      modality_dropout: if > 0, every fusion method is also trained with
+        ``fit(modality_dropout=...)`` (each example drops each modality with this
+        probability, keeping at least one) as method ``<name>+mdrop``.
+      balance: balanced-learning strategies (keys of ``BALANCE``); every fusion method
+        is also trained with each, as method ``<name>+<strategy>``.
+      ogm_alpha: OGM-GE's modulation strength ``alpha`` (``+ogm_ge`` runs; not tuned:
+        the middle of the 0.1-1.0 range the paper reports).
+      gblend_pilot: ``(n, n + dn)``: a ``+gblend`` run first trains a pilot of the same
+        model for ``n + dn`` epochs, measures each head's training and validation loss
+        (``head_losses``) after epochs ``n`` and ``n + dn``, and takes the blend's
+        weights from them (``gradient_blending_weights``); the model is then trained
+        from its initialisation with that blend.
+      gblend_train_examples: the training examples the pilot's training losses are
+        measured on (the first ones; the validation losses use the whole split).
+      robustness: test every trained model with a modality absent and under the two
+        sweeps (``robustness_results``).
+      snr_sweep: audio SNRs (dB) of the robustness sweep, strictly decreasing.
+      image_noise_sweep: image noise standard deviations, strictly increasing.
+      quick: set by ``quick_config``.
+    """
+
+    methods: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0, 1, 2)
+    data_seed: int = 0
+    snr_db: float = -15.0
+    workdir: str = "runs/avmnist"
+    results: str = "results"
+    epochs: int = 5
+    batch_size: int = 40
+    eval_batch_size: int | None = None
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    fusion_dim: int = 100
+    image_channels: int = 6
+    audio_channels: int = 6
+    num_train: int | None = None
+    num_val: int | None = None
+    num_test: int | None = None
+    normalize_audio: bool = True
+    checkpoint_every: int | None = 500
+    progress: bool | None = None
+    modality_dropout: float = 0.0
+    balance: tuple[str, ...] = ()
+    ogm_alpha: float = 0.5
+    gblend_pilot: tuple[int, ...] = (1, 2)
+    gblend_train_examples: int = 5000
+    robustness: bool = True
+    snr_sweep: tuple[float, ...] = SNR_SWEEP
+    image_noise_sweep: tuple[float, ...] = IMAGE_NOISE_SWEEP
+    quick: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected distinct seeds, got {list(self.seeds)}.")
+        if not 0.0 <= float(self.modality_dropout) < 1.0:
+            raise ValueError(f"modality_dropout: expected a rate in [0, 1), got "
+                             f"{self.modality_dropout!r}.")
+        object.__setattr__(self, "modality_dropout", float(self.modality_dropout))
+        balance = tuple(dict.fromkeys(self.balance))
+        unknown = [b for b in balance if b not in BALANCE]
+        if unknown:
+            raise ValueError(f"balance: unknown strategies {unknown}; known: {list(BALANCE)}.")
+        object.__setattr__(self, "balance", balance)
+        if not (math.isfinite(float(self.ogm_alpha)) and float(self.ogm_alpha) > 0):
+            raise ValueError(f"ogm_alpha: expected a number > 0, got {self.ogm_alpha!r}.")
+        pilot = tuple(int(e) for e in self.gblend_pilot)
+        if len(pilot) != 2 or not 1 <= pilot[0] < pilot[1]:
+            raise ValueError(f"gblend_pilot: expected two epochs 1 <= n < m, got "
+                             f"{list(self.gblend_pilot)}.")
+        object.__setattr__(self, "gblend_pilot", pilot)
+        for name, sign in (("snr_sweep", -1), ("image_noise_sweep", 1)):
+            levels = tuple(float(v) for v in getattr(self, name))
+            steps = np.diff(levels)
+            if (len(levels) < 2 or not all(math.isfinite(v) for v in levels)
+                    or not np.all(sign * steps > 0)):
+                order = "decreasing" if sign < 0 else "increasing"
+                raise ValueError(f"{name}: expected at least 2 finite, strictly {order} "
+                                 f"levels (least imperfect first), got {list(levels)}.")
+            object.__setattr__(self, name, levels)
+        if self.image_noise_sweep[0] < 0:
+            raise ValueError(f"image_noise_sweep: expected standard deviations >= 0, got "
+                             f"{list(self.image_noise_sweep)}.")
+
+
+def quick_config(**overrides: Any) -> AVMNISTConfig:
+    """``--quick``: a smoke check, not a ranking (~3 min on 2 idle cores, sweeps
+    included): the first 12 000 / 1000 / 2000 examples, one epoch of 750 steps of batch
+    16, five methods, one seed, records under the workdir. The budget was chosen on
+    validation accuracy (docs/results.md, "Quick mode").
+
+    Args:
+      **overrides: config fields that replace the quick settings.
+
+    Returns:
+      The config, ``quick=True``.
+    """
+    base = dict(methods=QUICK_METHODS, seeds=(0,), epochs=1, batch_size=16,
+                eval_batch_size=40, num_train=12000, num_val=1000, num_test=2000,
+                checkpoint_every=None, progress=True, quick=True)
+    return AVMNISTConfig(**{**base, **overrides})
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """A method key -> its fusion method and training variant.
+
+    Args:
+      method: e.g. ``"concat+mdrop"``, ``"concat+ogm_ge"`` or ``"concat"``.
+
+    Returns:
+      ``("concat", "mdrop")``, ``("concat", "ogm_ge")``, ``("concat", None)``.
+    """
+    base, plus, variant = method.partition("+")
+    return (base, variant) if plus else (method, None)
+
+
+def resolve_methods(config: AVMNISTConfig) -> list[str]:
+    """The method keys to run, validated (before any computation).
+
+    Args:
+      config: its ``methods`` (empty or ``("all",)``: every method), ``modality_dropout``
+        and ``balance``.
+
+    Returns:
+      The method keys in order: with ``modality_dropout > 0`` each fusion method ``m``
+      is followed by ``m+mdrop``, then by ``m+<strategy>`` for each of ``balance``.
+
+    Raises:
+      ValueError: an unknown method name.
+    """
+    from lepton_mm.fusion import FUSIONS
+
+    known = [*UNIMODAL, *sorted(FUSIONS)]
+    if not config.methods or config.methods == ("all",):
+        methods = known
+    else:
+        for m in config.methods:
+            if m not in known:
+                raise ValueError(f"Unrecognized method: {m!r}. Known: {known} (or 'all'); "
+                                 "train with modality dropout via --modality-dropout.")
+        methods = list(dict.fromkeys(config.methods))
+    variants = [*([MDROP_SUFFIX] if config.modality_dropout else []),
+                *(f"+{b}" for b in config.balance)]
+    return [k for m in methods
+            for k in ((m,) if m in UNIMODAL else (m, *(m + v for v in variants)))]
+
+
+def make_data(config: Any) -> dict[str, Any]:
+    """The arrays a run trains and is scored on (features computed once per process).
+
+    Args:
+      config: an ``AVMNISTConfig``, or any config with its data fields (``data_seed``,
+        ``snr_db``, ``normalize_audio``, ``num_train``, ``num_val``, ``num_test``; the
+        alignment recipe's).
+
+    Returns:
+      ``avmnist_arrays`` of the config: ``{"train", "val", "test", "audio_stats"}``, the
+      audio standardised by the training split's statistics when ``normalize_audio``.
+    """
+    from lepton_mm.data import avmnist_arrays
+
+    return avmnist_arrays(data_seed=config.data_seed, snr_db=config.snr_db,
+                          normalize_audio=config.normalize_audio,
+                          sizes={"train": config.num_train, "val": config.num_val,
+                                 "test": config.num_test})
+
+
+def sweep_data(config: AVMNISTConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """The test inputs of the robustness sweeps (built once per process, kept in ``data``).
+
+    The audio at each SNR is the test split rebuilt by ``load_avmnist(snr_db=snr)`` with
+    the same ``data_seed`` (same pairing, same noise draws, scaled to that SNR),
+    standardised with the *training* split's statistics at ``config.snr_db``; the images
+    get ``add_gaussian_noise`` with the key ``fold_in(key(data_seed), 1000)`` (example
+    ``i`` from ``fold_in(that, i)``: the same draw at every sigma and for every method).
+    The training SNR and sigma 0 are the test split itself (the same arrays).
+
+    Args:
+      config: the sweeps' levels, ``data_seed`` and ``snr_db``.
+      data: ``make_data``'s dict (gains a ``"sweep"`` entry).
+
+    Returns:
+      ``{"audio": {snr: (log_mel, mask)}, "image": {sigma: images}}`` for the test
+      examples in ``data``.
+    """
+    if "sweep" in data:
+        return data["sweep"]
+    import jax
+
+    from lepton_mm.data import load_avmnist, standardize_log_mel
+    from lepton_mm.robustness import add_gaussian_noise
+
+    test = data["test"]
+    n = len(test["label"])
+    audio = {config.snr_db: test["audio"]}
+    for snr in config.snr_sweep:
+        if snr not in audio:
+            split = load_avmnist(data_seed=config.data_seed, snr_db=snr).test
+            audio[snr] = split.subset(np.arange(n)).materialize()["audio"]
+            standardize_log_mel(audio[snr][0], data.get("audio_stats"))
+    key = jax.random.fold_in(jax.random.key(config.data_seed), _IMAGE_NOISE_TAG)
+    image = {sigma: test["image"] if sigma == 0 else np.asarray(
+        add_gaussian_noise(test["image"], sigma, key=key, example_index=np.arange(n)))
+        for sigma in config.image_noise_sweep}
+    data["sweep"] = {"audio": audio, "image": image}
+    return data["sweep"]
+
+
+def lenet_encoders(config: Any, modalities: tuple[str, ...] = ("image", "audio"), *,
+                   rngs: Any, n_mels: int | None = None) -> dict[str, Any]:
+    """MultiBench's AV-MNIST encoders, created in the order image, audio.
+
+    Args:
+      config: its ``image_channels`` and ``audio_channels`` (``AVMNISTConfig`` or the
+        alignment recipe's config).
+      modalities: which of ``"image"``, ``"audio"`` to build.
+      rngs: ``nnx.Rngs`` for the initialisation.
+      n_mels: mel bins of the audio input (None: AV-MNIST's 64).
+
+    Returns:
+      ``{modality: encoder}``: ``ImageCNN.lenet`` (4 blocks: 6 -> 48 features at width 6)
+      and ``AudioSpectrogramCNN.lenet`` (6 blocks: 6 -> 192 features).
+    """
+    from lepton_mm.data.avmnist import N_MELS
+    from lepton_mm.encoders import AudioSpectrogramCNN, ImageCNN
+
+    encoders = {}
+    if "image" in modalities:
+        encoders["image"] = ImageCNN.lenet(1, channels=config.image_channels,
+                                           additional_layers=3, rngs=rngs)
+    if "audio" in modalities:
+        encoders["audio"] = AudioSpectrogramCNN.lenet(
+            N_MELS if n_mels is None else n_mels, channels=config.audio_channels,
+            additional_layers=5, rngs=rngs)
+    return encoders
+
+
+def build_model(config: AVMNISTConfig, method: str, rngs: Any) -> Any:
+    """LeNet encoders → fusion (``fusion_dim``) → ReLU → Linear(10).
+
+    Concat is MultiBench's model exactly: ``[48-d image; 192-d audio]`` → Linear(240,
+    100) → ReLU → Linear(100, 10). Unimodal baselines use the same head on one
+    encoder (Linear(d, 100) → ReLU → Linear(100, 10)); every other fusion layer replaces
+    the first linear layer.
+
+    Args:
+      config: the widths (``fusion_dim``, ``image_channels``, ``audio_channels``).
+      method: ``"image_only"``, ``"audio_only"`` or a name in ``FUSIONS`` (no variant).
+      rngs: ``nnx.Rngs`` for the initialisation.
+
+    Returns:
+      A ``MultimodalClassifier``.
+    """
+    import jax
+    from flax import nnx
+
+    from lepton_mm.fusion import build
+    from lepton_mm.models import MultimodalClassifier
+
+    modalities = {"image_only": ("image",), "audio_only": ("audio",)}.get(
+        method, ("image", "audio"))
+    encoders = lenet_encoders(config, modalities, rngs=rngs)
+    d = config.fusion_dim
+    if method in UNIMODAL:
+        ((_, encoder),) = encoders.items()
+        fusion = None
+        head = nnx.Sequential(nnx.Linear(encoder.dim, d, rngs=rngs), jax.nn.relu,
+                              nnx.Linear(d, NUM_CLASSES, rngs=rngs))
+    else:
+        dims = {m: e.dim for m, e in encoders.items()}
+        fusion = build(method, dims, d, rngs=rngs)
+        head = nnx.Sequential(jax.nn.relu, nnx.Linear(d, NUM_CLASSES, rngs=rngs))
+    return MultimodalClassifier(encoders, fusion, head)
+
+
+def fit_recipe(config: AVMNISTConfig, model: Any, data: dict[str, Any], workdir: Path, *,
+               seed: int, epochs: int, modality_dropout: float = 0.0, strategy: Any = None,
+               meta: dict[str, Any] | None = None) -> Any:
+    """``lepton_mm.training.fit`` with the recipe: SGD with momentum and L2 decay, the
+    epoch with the best validation accuracy kept.
+
+    Args:
+      config: the optimiser's and batches' settings, ``checkpoint_every``, ``progress``.
+      model: ``build_model``'s (trained in place).
+      data: ``make_data``'s (``"train"``, ``"val"``).
+      workdir: the checkpoints (an interrupted run resumes from them).
+      seed: shuffling and dropout.
+      epochs: passes over the training split.
+      modality_dropout: ``fit``'s rate (``+mdrop`` runs).
+      strategy: ``fit``'s balanced-learning strategy (``--balance`` runs), or None.
+      meta: ``fit``'s ``config``, kept with the checkpoints.
+
+    Returns:
+      ``fit``'s ``FitResult``.
+    """
+    from lepton_mm.models import Classification
+    from lepton_mm.training import OptimizerConfig, fit
+
+    return fit(
+        model, Classification(NUM_CLASSES), data["train"], eval_data=data["val"],
+        workdir=workdir, optimizer=OptimizerConfig(
+            name="sgd", learning_rate=config.learning_rate, momentum=config.momentum,
+            weight_decay=config.weight_decay),
+        epochs=epochs, batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size or config.batch_size, seed=seed,
+        monitor="accuracy", mode="max", modality_dropout=modality_dropout,
+        strategy=strategy, checkpoint_every=config.checkpoint_every,
+        progress=config.progress, tensorboard=False, config=meta)
+
+
+def gradient_blending_pilot(config: AVMNISTConfig, method: str, data: dict[str, Any],
+                            workdir: Path, *, seed: int, meta: dict[str, Any] | None = None,
+                            ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Offline Gradient Blending's weights for a ``method`` run: a pilot of the same model
+    (same seed) trained plain in ``workdir`` (resumable), each head's training and
+    validation loss (``head_losses``) after epochs ``n`` and ``n + dn``
+    (``config.gblend_pilot``), then ``gradient_blending_weights``.
+
+    Args:
+      config: ``gblend_pilot``, ``gblend_train_examples`` and the training settings.
+      method: the fusion method (no variant).
+      data: ``make_data``'s.
+      workdir: the pilot's checkpoints.
+      seed: the run's seed.
+      meta: ``fit``'s ``config``, kept with the pilot's checkpoints.
+
+    Returns:
+      ``(weights, {"epoch <n>": {"train": {head: loss}, "val": {...}}, ...})``.
+    """
+    import jax
+
+    from lepton_mm.balance import gradient_blending_weights, head_losses
+    from lepton_mm.models import Classification
+    from lepton_mm.training import seed_rngs
+
+    train = jax.tree.map(lambda a: a[:config.gblend_train_examples], data["train"])
+    model = build_model(config, method, seed_rngs(seed))
+    losses = {}
+    for epochs in config.gblend_pilot:  # the second call resumes the first's run
+        fit_recipe(config, model, data, workdir, seed=seed, epochs=epochs, meta=meta)
+        losses[f"epoch {epochs}"] = {
+            split: head_losses(model, Classification(NUM_CLASSES), arrays,
+                               batch_size=config.eval_batch_size or config.batch_size)
+            for split, arrays in (("train", train), ("val", data["val"]))}
+    first, last = (losses[f"epoch {e}"] for e in config.gblend_pilot)
+    pairs = lambda at: {h: (at["train"][h], at["val"][h]) for h in at["train"]}
+    return gradient_blending_weights(pairs(first), pairs(last)), losses
+
+
+def robustness_protocol(config: AVMNISTConfig, num_test: int) -> dict[str, Any]:
+    """What a run's robustness results depend on (recomputed when it changes).
+
+    Args:
+      config: the sweeps, the training SNR, ``data_seed`` and ``normalize_audio``.
+      num_test: the test examples scored.
+
+    Returns:
+      ``{"snr_db", "image_noise_sigma", "train_snr_db", "data_seed", "num_test",
+      "normalize_audio"}`` (JSON values).
+    """
+    return {"snr_db": list(config.snr_sweep), "image_noise_sigma":
+            list(config.image_noise_sweep), "train_snr_db": config.snr_db,
+            "data_seed": config.data_seed, "num_test": num_test,
+            "normalize_audio": config.normalize_audio}
+
+
+def robustness_results(config: AVMNISTConfig, method: str, model: Any,
+                       data: dict[str, Any], *, full: bool = True) -> dict[str, Any]:
+    """Test accuracy of a trained model under every robustness condition.
+
+    Accuracies (fractions) with both modalities, with the audio / the image marked absent
+    (``mark_absent``: through ``batch["present"]``, never zeros fed as data), and lists
+    over ``config.snr_sweep`` and ``config.image_noise_sweep``
+    (``ConditionEvaluator.evaluate``). Conditions a unimodal baseline lacks are None.
+
+    Args:
+      config: the sweeps and the evaluation batch size.
+      method: the run's method key (a variant's conditions are its fusion method's).
+      model: the trained model.
+      data: ``make_data``'s (the sweeps' inputs are cached in it).
+      full: False: the clean test split only.
+
+    Returns:
+      ``{"protocol", "both", "audio_absent", "image_absent", "audio_snr",
+      "image_noise", "time_s", "test_predictions"}``.
+    """
+    from lepton_mm.robustness import ConditionEvaluator
+
+    base, _ = split_method(method)
+    has_image, has_audio = full and base != "audio_only", full and base != "image_only"
+    sweep = sweep_data(config, data) if full else {}
+    sweeps = {}
+    if has_audio:
+        sweeps["audio_snr"] = ("audio", [sweep["audio"][v] for v in config.snr_sweep])
+    if has_image:
+        sweeps["image_noise"] = ("image", [sweep["image"][v] for v in config.image_noise_sweep])
+    start = time.perf_counter()
+    evaluator = ConditionEvaluator(model, config.eval_batch_size or config.batch_size)
+    out = evaluator.evaluate(data["test"], sweeps=sweeps, progress=config.progress,
+                             absent=("audio", "image") if has_image and has_audio else ())
+    return {"protocol": robustness_protocol(config, len(data["test"]["label"])),
+            "both": out["clean"], "test_predictions": out["predictions"],
+            **{k: out.get(k) for k in ("audio_absent", "image_absent", *SWEEPS)},
+            "time_s": time.perf_counter() - start}
