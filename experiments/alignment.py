@@ -28,9 +28,11 @@ is the class-level R@1 averaged over both directions (retrieval: the accuracy of
 labelling a query by its nearest item of the other modality) or the accuracy with "the
 spoken digit {}"; ``val_accuracy`` the same on the validation split.
 
-Each (part, seed) run is a record in ``results/alignment/<part>/seed<k>.json``
-(``lepton_mm.harness``; checkpoints in ``WORKDIR/<part>/``): a command trains only the
-runs without a current record; ``--report --out DIR`` trains nothing.
+The config, the models and the prompt metrics are ``lepton_mm.recipes.alignment``'s; the
+data are the AV-MNIST classifier's (``lepton_mm.recipes.avmnist.make_data``). Each (part,
+seed) run is a record in ``results/alignment/<part>/seed<k>.json`` (``lepton_mm.harness``;
+checkpoints in ``WORKDIR/<part>/``): a command trains only the runs without a current
+record; ``--report --out DIR`` trains nothing.
 
     python experiments/alignment.py --quick              # ~3-5 min on 2 CPU cores
     python experiments/alignment.py --seeds 0
@@ -41,8 +43,6 @@ runs without a current record; ``--report --out DIR`` trains nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,178 +51,23 @@ import numpy as np
 
 from lepton_mm import harness
 from lepton_mm.experiment import RunKey
+from lepton_mm.recipes.alignment import (
+    ENSEMBLE,
+    LOSSES,
+    PARTS,
+    AlignmentConfig,
+    build_prompt_classifier,
+    build_two_tower,
+    prompt_metrics,
+    prompt_table,
+    quick_config,
+    resolve_parts,
+)
+from lepton_mm.recipes.avmnist import NUM_CLASSES, make_data
 
-PARTS = ("clip_loss", "sigmoid_loss", "prompt_classifier")
-#: the ``Contrastive`` task's ``kind`` and ``TwoTower``'s initial scale and bias per loss
-#: (CLIP: 1/0.07 and no bias; SigLIP: 10 and -10, as in each paper).
-LOSSES = {"clip_loss": ("softmax", 1 / 0.07, 0.0), "sigmoid_loss": ("sigmoid", 10.0, -10.0)}
-NUM_CLASSES = 10
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-#: Prompt templates seen in training; the first is the issue's and drives validation.
-TRAIN_TEMPLATES = ("the spoken digit {}", "a recording of someone saying {}", "the number {}",
-                   "a voice saying the word {}", "{}", "the digit {} said out loud")
-#: Never seen in training: does the audio embedding follow MiniLM to new wordings?
-HELDOUT_TEMPLATES = ("an audio clip of the number {}", "someone says {}")
-#: The prompt classifier's column over its training-template ensemble.
-ENSEMBLE = "ensemble of training templates"
-#: Config fields with a command-line flag (``--num-train`` ...) beside ``--snr-db``, and
-#: their types.
 # Per part, the settings of the other parts (not in its config, hence not in its hash).
 _PART_ONLY = {"prompt_classifier": ("train_templates", "heldout_templates"),
               "retrieval": ("embed_dim", "image_channels")}
-
-
-@dataclasses.dataclass(frozen=True)
-class AlignmentConfig:
-    """Everything the experiment needs (``quick_config()`` for the fast variant).
-
-    Attributes:
-      parts: names in ``PARTS``; empty means all of them.
-      seeds: training seeds (initialisation, shuffling, prompt templates).
-      data_seed, snr_db: the data set's seed and audio noise level (``load_avmnist``;
-        the benchmark is -15 dB).
-      workdir: root of the runs' checkpoints (local, not committed).
-      results: root of the run ledger (committed; ``--quick``: under the workdir).
-      epochs: passes over the training split; the best validation epoch is kept.
-      batch_size: training batch size (also the contrastive losses' negatives + 1).
-      eval_batch_size: batch size of validation and of the test embeddings.
-      learning_rate: Adam's learning rate.
-      embed_dim: size of the image–audio shared space.
-      image_channels, audio_channels: first widths of the image LeNet (4 blocks: 6 -> 48
-        features) and of the audio LeNet (6 blocks: 6 -> 192 features).
-      num_train, num_val, num_test: use the first examples of each split (None: all).
-      normalize_audio: standardise the log-mels with training-split statistics.
-      ks: the k of recall@k.
-      train_templates, heldout_templates: the prompt classifier's training templates
-        (``{}``: the digit word) and those only used at test time.
-      checkpoint_every: also checkpoint every this many steps (resume granularity).
-      progress: tqdm bars (None: when stdout is a terminal).
-      quick: set by ``quick_config``.
-    """
-
-    parts: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = (0,)
-    data_seed: int = 0
-    snr_db: float = -15.0
-    workdir: str = "runs/alignment"
-    results: str = "results"
-    epochs: int = 1
-    batch_size: int = 64
-    eval_batch_size: int = 64
-    learning_rate: float = 3e-3
-    embed_dim: int = 64
-    image_channels: int = 6
-    audio_channels: int = 6
-    num_train: int | None = None
-    num_val: int | None = None
-    num_test: int | None = None
-    normalize_audio: bool = True
-    ks: tuple[int, ...] = (1, 5)
-    train_templates: tuple[str, ...] = TRAIN_TEMPLATES
-    heldout_templates: tuple[str, ...] = HELDOUT_TEMPLATES
-    checkpoint_every: int | None = 500
-    progress: bool | None = None
-    quick: bool = False
-
-    def __post_init__(self):
-        for name in ("parts", "ks", "train_templates", "heldout_templates"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: expected distinct seeds, got {list(self.seeds)}.")
-        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
-                              for k in self.ks):
-            raise ValueError(f"ks: expected positive ints, got {list(self.ks)}.")
-        if not self.train_templates:
-            raise ValueError("train_templates: expected at least one template.")
-        for t in (*self.train_templates, *self.heldout_templates):
-            if t.count("{}") != 1:
-                raise ValueError(f"templates: each needs exactly one '{{}}', got {t!r}.")
-
-
-def quick_config(**overrides: Any) -> AlignmentConfig:
-    """``--quick``: a subset, one seed, one epoch, all parts (~3-5 min on 2 CPU cores);
-    records under ``WORKDIR/results``, never in the committed ledger."""
-    merged = {**dict(seeds=(0,), epochs=1, num_train=6000, num_val=1000, num_test=2000,
-                     checkpoint_every=None, quick=True), **overrides}
-    merged.setdefault("workdir", "runs/alignment_quick")
-    merged.setdefault("results", str(Path(merged["workdir"]) / "results"))
-    return AlignmentConfig(**merged)
-
-
-def resolve_parts(config: AlignmentConfig) -> list[str]:
-    """The parts to run, validated (before any computation)."""
-    if not config.parts or config.parts == ("all",):
-        return list(PARTS)
-    for p in config.parts:
-        if p not in PARTS:
-            raise ValueError(f"Unrecognized part: {p!r}. Known: {list(PARTS)} (or 'all').")
-    return list(dict.fromkeys(config.parts))
-
-
-def make_data(config: AlignmentConfig) -> dict[str, Any]:
-    """``avmnist_arrays`` of the config: the first ``num_*`` examples of each split as
-    batch dicts for ``fit``, log-mels standardised with the training split's statistics."""
-    from lepton_mm.data import avmnist_arrays
-
-    return avmnist_arrays(data_seed=config.data_seed, snr_db=config.snr_db,
-                          normalize_audio=config.normalize_audio,
-                          sizes={"train": config.num_train, "val": config.num_val,
-                                 "test": config.num_test})
-
-
-def prompt_table(config: AlignmentConfig, encoder: Any = None) -> np.ndarray:
-    """float32 ``[templates, 10, 384]``: MiniLM embeddings (unit norm) of every template
-    (training ones first, then held-out) filled with each digit word."""
-    if encoder is None:
-        from lepton_mm.pretrained import SentenceEncoder
-
-        encoder = SentenceEncoder.from_pretrained()
-    templates = (*config.train_templates, *config.heldout_templates)
-    texts = [t.format(word) for t in templates for word in DIGITS]
-    table = np.asarray(encoder.encode(texts), np.float32)
-    return table.reshape(len(templates), NUM_CLASSES, -1)
-
-
-def build_two_tower(config: AlignmentConfig, part: str, n_mels: int, rngs: Any) -> Any:
-    """Image LeNet and audio LeNet → linear ``ProjectionHead`` each → ``TwoTower``."""
-    from lepton_mm.alignment import ProjectionHead
-    from lepton_mm.encoders import AudioSpectrogramCNN, ImageCNN
-    from lepton_mm.models import TwoTower
-
-    _, init_scale, init_bias = LOSSES[part]
-    image = ImageCNN.lenet(1, channels=config.image_channels, additional_layers=3,
-                           rngs=rngs)
-    audio = AudioSpectrogramCNN.lenet(n_mels, channels=config.audio_channels,
-                                      additional_layers=5, rngs=rngs)
-    return TwoTower(image, audio, ProjectionHead(image.dim, config.embed_dim, rngs=rngs),
-                    ProjectionHead(audio.dim, config.embed_dim, rngs=rngs),
-                    modalities=("image", "audio"), init_scale=init_scale,
-                    init_bias=init_bias)
-
-
-def build_prompt_classifier(config: AlignmentConfig, table: np.ndarray, n_mels: int,
-                            rngs: Any) -> Any:
-    """The audio LeNet scored against the prompt table (``PromptMatcher``)."""
-    from lepton_mm.encoders import AudioSpectrogramCNN
-    from lepton_mm.models import PromptMatcher
-
-    audio = AudioSpectrogramCNN.lenet(n_mels, channels=config.audio_channels,
-                                      additional_layers=5, rngs=rngs)
-    return PromptMatcher(audio, table, modality="audio", rngs=rngs)
-
-
-def prompt_metrics(embeddings: np.ndarray, labels: np.ndarray, table: np.ndarray,
-                   config: AlignmentConfig) -> dict[str, float]:
-    """Accuracy from the prompts of each template (by name) and of the training-template
-    ensemble (mean of the normalised prompt embeddings per digit, as CLIP)."""
-    from lepton_mm.alignment import zero_shot_accuracy
-
-    templates = (*config.train_templates, *config.heldout_templates)
-    out = {t: zero_shot_accuracy(embeddings, labels, table[i]) for i, t in enumerate(templates)}
-    out[ENSEMBLE] = zero_shot_accuracy(
-        embeddings, labels, np.transpose(table[:len(config.train_templates)], (1, 0, 2)))
-    return out
 
 
 def _mean_r1(metrics: dict[str, dict[str, float]]) -> float:
@@ -233,6 +78,8 @@ class Alignment(harness.Experiment):
     """The alignment tables: one run per (part, seed) of an ``AlignmentConfig``."""
 
     name, script, method_flag = "alignment", "experiments/alignment.py", "--parts"
+    config_class, quick_config = AlignmentConfig, staticmethod(quick_config)
+    methods_field = "parts"
     not_recorded = ("parts", "seeds", "workdir", "results", "progress", "checkpoint_every",
                     "quick")
     flags = tuple((f, "--" + f.replace("_", "-")) for f in (
@@ -241,9 +88,6 @@ class Alignment(harness.Experiment):
 
     def methods(self) -> list[str]:
         return resolve_parts(self.config)
-
-    def default_config(self) -> AlignmentConfig:
-        return quick_config() if self.config.quick else AlignmentConfig()
 
     def run_config(self, method: str) -> dict[str, Any]:
         """The config's fields less ``not_recorded`` and the other parts' settings
@@ -432,19 +276,11 @@ def _prompt_table(s: dict[str, Any]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[AlignmentConfig, argparse.Namespace]:
     """Command line → ``(AlignmentConfig, the parsed arguments)``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default=None,
-                        help=f"'all' or comma-separated: {', '.join(PARTS)} (default: all)")
-    harness.add_arguments(parser, quick="subset, 1 seed, 1 epoch")
-    harness.add_flags(parser, Alignment, AlignmentConfig)
+    parser = harness.make_parser(
+        Alignment, doc=__doc__, quick="subset, 1 seed, 1 epoch",
+        methods=f"'all' or comma-separated: {', '.join(PARTS)} (default: all)")
     args = parser.parse_args(argv)
-    overrides = {**harness.base_overrides(parser, args, "alignment"),
-                 **harness.config_file(parser, args, AlignmentConfig),
-                 **harness.flag_overrides(args, Alignment)}
-    if args.parts is not None:
-        overrides["parts"] = tuple(p for p in args.parts.split(",") if p)
-    return harness.make_config(parser, quick_config if args.quick else AlignmentConfig,
-                               overrides), args
+    return harness.config_from_args(Alignment, parser, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,7 +289,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lepton_mm.training import tune_glibc_malloc
-
-    tune_glibc_malloc()  # reuse freed step buffers (faster steps); docs/performance.md
-    sys.exit(main())
+    harness.run_script(main)
