@@ -17,7 +17,8 @@ each fold a stratified 15 % of the training part (the same for every seed) is he
 ``lepton_mm.training.fit`` trains on the rest and keeps the epoch with the **lowest
 validation loss** (``monitor="loss"``). Weighted F1 would be the natural rule, but the
 ``Classification`` task reports accuracy and macro F1 only, and the rule is not chosen
-after seeing scores. The test fold is scored once, at the kept checkpoint.
+after seeing scores. The test fold is scored once, at the kept checkpoint. The config,
+inputs, models and per-fold training are ``lepton_mm.recipes.mustard``'s.
 
 Each (method, seed) run covers the config's folds and is one ledger record
 (``lepton_mm.harness``), ``results/mustard/<method>/seed<k>.json``: per fold under
@@ -38,328 +39,27 @@ References:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from lepton_mm import harness
 from lepton_mm.experiment import RunKey, format_mean_std
-from lepton_mm.types import EncoderOutput
+from lepton_mm.recipes.mustard import (
+    METHODS,
+    MUStARDConfig,
+    fold_split,
+    majority_fold,
+    make_inputs,
+    method_inputs,
+    quick_config,
+    resolve_methods,
+    train_fold,
+)
 
-METHODS = ("frozen_head", "finetune", "context_fusion")
-NUM_CLASSES = 2
 #: Castro et al. 2019, speaker-dependent setup, weighted F1 (approximate, in %).
 PAPER = {"text_only": 65.0, "text_audio_video": 72.0}
-_VAL_TAG = 7  # numpy seed tag of the validation slice
-
-
-@dataclasses.dataclass(frozen=True)
-class MUStARDConfig:
-    """Everything the experiment needs (``quick_config()`` for the fast variant).
-
-    Attributes:
-      methods, seeds, folds: what to run (empty methods: all; folds of 0..4).
-      workdir: root of the runs' checkpoints; results: root of the run ledger.
-      val_fraction: share of each fold's training part held out (stratified).
-      head_hidden, head_dropout: the head's hidden width (the fusion output for
-        ``context_fusion``) and the dropout on its input features.
-      weight_decay: AdamW decoupled weight decay (not on biases and norm scales).
-      head_epochs, head_batch_size, head_learning_rate: the frozen-feature methods.
-      finetune_epochs, finetune_batch_size: fine-tuning.
-      text_learning_rate, finetune_head_learning_rate: peak rates of the text tower and
-        of the head while fine-tuning (cosine decay after a linear warmup over
-        ``warmup_fraction`` of the steps; gradients clipped to global norm 1).
-      freeze_embeddings: keep the word/position/segment tables fixed.
-      freeze_layers: also freeze the lowest this many transformer blocks.
-      max_tokens: utterances are truncated to this many word pieces and bucketed by
-        length (16, 32, ... up to ``max_tokens``).
-      eval_batch_size: batch size of validation and test passes.
-      context_fusion: a name in ``lepton_mm.fusion.FUSIONS``.
-      finetune_max_train: fine-tune on only this many training examples (quick).
-      progress: tqdm bars (None: when stdout is a terminal); quick: set by
-        ``quick_config``.
-    """
-
-    methods: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = (0,)
-    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    workdir: str = "runs/mustard"
-    results: str = "results"
-    val_fraction: float = 0.15
-    head_hidden: int = 128
-    head_dropout: float = 0.1
-    weight_decay: float = 0.01
-    head_epochs: int = 40
-    head_batch_size: int = 32
-    head_learning_rate: float = 1e-3
-    finetune_epochs: int = 5
-    finetune_batch_size: int = 16
-    text_learning_rate: float = 3e-5
-    finetune_head_learning_rate: float = 1e-3
-    warmup_fraction: float = 0.1
-    freeze_embeddings: bool = True
-    freeze_layers: int = 0
-    max_tokens: int = 64
-    eval_batch_size: int = 64
-    context_fusion: str = "concat"
-    finetune_max_train: int | None = None
-    progress: bool | None = None
-    quick: bool = False
-
-    def __post_init__(self):
-        for name in ("methods", "seeds", "folds"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: expected distinct seeds, got {list(self.seeds)}.")
-        if not self.folds or len(set(self.folds)) != len(self.folds) or \
-                not all(0 <= f < 5 for f in self.folds):
-            raise ValueError(f"folds: expected distinct folds in 0..4, got "
-                             f"{list(self.folds)}.")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction: expected a number in (0, 0.5), got "
-                             f"{self.val_fraction!r}.")
-        if not 16 <= self.max_tokens <= 512:
-            raise ValueError(f"max_tokens: expected 16..512, got {self.max_tokens!r}.")
-
-
-def quick_config(**overrides: Any) -> MUStARDConfig:
-    """``--quick``: 2 folds, one seed, short training, a small fine-tuning subset; records
-    under ``WORKDIR/results``, never in the committed ledger."""
-    base = dict(folds=(0, 1), seeds=(0,), head_epochs=15, finetune_epochs=1,
-                finetune_max_train=48, max_tokens=16, quick=True,
-                workdir="runs/mustard_quick")
-    merged = {**base, **overrides}
-    merged.setdefault("results", str(Path(merged["workdir"]) / "results"))
-    return MUStARDConfig(**merged)
-
-
-def resolve_methods(config: MUStARDConfig) -> list[str]:
-    """The methods to run, validated (before any computation). ``majority``, the baseline
-    every config also runs, may be named to select it alone."""
-    from lepton_mm.fusion import FUSIONS
-
-    if config.context_fusion not in FUSIONS:
-        raise ValueError(f"Unrecognized fusion: {config.context_fusion!r}. Known: "
-                         f"{sorted(FUSIONS)}.")
-    if not config.methods or config.methods == ("all",):
-        return list(METHODS)
-    for m in config.methods:
-        if m not in ("majority", *METHODS):
-            raise ValueError(f"Unrecognized method: {m!r}. Known: {list(METHODS)} "
-                             "(or 'all', or 'majority').")
-    return list(dict.fromkeys(config.methods))
-
-
-# ------------------------------------------------------------------------------- data
-
-
-def fold_split(labels: np.ndarray, train: np.ndarray, test: np.ndarray, fold: int,
-               val_fraction: float) -> dict[str, np.ndarray]:
-    """An official fold's training part split into train and a stratified validation
-    slice (drawn from the fold number only); ``"test"`` is the fold's test part. Sorted
-    int64 index arrays, pairwise disjoint."""
-    rng = np.random.default_rng([fold, _VAL_TAG])
-    val = []
-    for c in np.unique(labels[train]):
-        members = train[labels[train] == c]
-        val.append(rng.choice(members, round(val_fraction * len(members)), replace=False))
-    val = np.sort(np.concatenate(val))
-    return {"train": np.setdiff1d(train, val), "val": val, "test": np.asarray(test)}
-
-
-def _scores(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Weighted F1 (the benchmark's score) and accuracy."""
-    import jax.numpy as jnp
-
-    from lepton_mm.metrics import precision_recall_f1
-
-    _, _, f1 = precision_recall_f1(jnp.asarray(predictions), jnp.asarray(labels),
-                                   num_classes=NUM_CLASSES, average="weighted")
-    return {"weighted_f1": float(f1), "accuracy": float(np.mean(predictions == labels))}
-
-
-def make_inputs(config: MUStARDConfig, methods: list[str]) -> dict[str, Any]:
-    """Every method's model inputs for all 690 utterances, computed once: ``"label"``,
-    ``"folds"`` and, as needed, ``"tokens"`` (int32 word-piece ids ``[690, max_tokens]``
-    and bool mask), ``"utterance_embedding"`` (float32 unit-norm MiniLM embeddings
-    ``[690, 1, 384]`` and mask) and ``"context_embedding"`` (float32 ``[690, 11, 384]``,
-    a row per context sentence, and mask)."""
-    from lepton_mm.data import load_mustard
-    from lepton_mm.pretrained import SentenceEncoder
-
-    mustard = load_mustard()
-    out: dict[str, Any] = {"label": mustard.labels.astype(np.int32), "folds": mustard.folds}
-    if not methods:
-        return out
-    encoder = SentenceEncoder.from_pretrained()
-    progress = sys.stdout.isatty() if config.progress is None else config.progress
-    if "finetune" in methods:
-        ids = SentenceEncoder(encoder.model, encoder.tokenizer,
-                              max_seq_length=config.max_tokens).tokenize(mustard.utterances)
-        mask = np.arange(config.max_tokens)[None] < np.array([len(r) for r in ids])[:, None]
-        tokens = np.zeros(mask.shape, np.int32)
-        tokens[mask] = np.concatenate(ids)
-        out["tokens"] = (tokens, mask)
-    if {"frozen_head", "context_fusion"} & set(methods):
-        emb = encoder.encode(mustard.utterances, progress=progress)
-        out["utterance_embedding"] = (emb[:, None], np.ones((len(emb), 1), bool))
-    if "context_fusion" in methods:
-        emb = encoder.encode([s for c in mustard.contexts for s in c], progress=progress)
-        sizes = np.array([len(c) for c in mustard.contexts])
-        mask = np.arange(sizes.max())[None] < sizes[:, None]
-        context = np.zeros((*mask.shape, emb.shape[1]), np.float32)
-        context[mask] = emb  # row-major: each utterance's sentences in order
-        out["context_embedding"] = (context, mask)
-    return out
-
-
-def method_inputs(inputs: dict[str, Any], method: str) -> dict[str, tuple[Any, Any]]:
-    """``{modality: (features or token ids, mask)}`` that ``method``'s model encodes."""
-    if method == "finetune":
-        return {"utterance": inputs["tokens"]}
-    out = {"utterance": inputs["utterance_embedding"]}
-    if method == "context_fusion":
-        out["context"] = inputs["context_embedding"]
-    return out
-
-
-def _source(config: MUStARDConfig, modalities: dict[str, Any], labels: np.ndarray,
-            idx: np.ndarray) -> Any:
-    """Examples ``idx`` as a batch source: token ids by length bucket, features as is."""
-    from lepton_mm.data import ArrayDataset, BucketedDataset
-
-    arrays = {m: (x[idx], mask[idx]) for m, (x, mask) in modalities.items()}
-    arrays["label"] = labels[idx]
-    if not np.issubdtype(arrays["utterance"][0].dtype, np.integer):
-        return ArrayDataset(arrays)
-    bounds = (*(b for b in (16, 32, 64, 128, 256) if b < config.max_tokens),
-              config.max_tokens)
-    return BucketedDataset(arrays, {"utterance": arrays["utterance"][1].sum(1)},
-                           bucket_bounds=bounds)
-
-
-# ------------------------------------------------------------------------------ model
-
-
-class Features(nnx.Module):
-    """A parameter-free encoder of precomputed features ``[batch, time, dim]`` + mask:
-    their ``EncoderOutput`` (``pooled``: the masked mean over time)."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-
-    def __call__(self, features: Any, mask: Any) -> EncoderOutput:
-        return EncoderOutput.from_tokens(features, mask)
-
-
-def build_model(config: MUStARDConfig, method: str, rngs: Any) -> Any:
-    """The ``MultimodalClassifier`` of ``method``: the pooled 384-d utterance through
-    Dropout -> Linear(384, head_hidden) -> ReLU -> Linear(head_hidden, 2); for
-    ``context_fusion`` the fusion layer replaces the first linear layer (``concat``:
-    exactly that layer on ``[utterance; mean context]``)."""
-    import jax
-
-    from lepton_mm.fusion import FUSIONS, build
-    from lepton_mm.models import MultimodalClassifier
-    from lepton_mm.pretrained import load_text_transformer
-    from lepton_mm.pretrained.sentence_encoder import default_model_path
-
-    dim = 384  # all-MiniLM-L6-v2
-    if method == "context_fusion":
-        encoders = {"utterance": Features(dim), "context": Features(dim)}
-        kwargs = ({"dropout": config.head_dropout} if "dropout" in inspect.signature(
-            FUSIONS[config.context_fusion]).parameters else {})
-        fusion = build(config.context_fusion, {m: dim for m in encoders},
-                       config.head_hidden, rngs=rngs, **kwargs)
-        head = nnx.Sequential(jax.nn.relu,
-                              nnx.Linear(config.head_hidden, NUM_CLASSES, rngs=rngs))
-        return MultimodalClassifier(encoders, fusion, head)
-    text = (load_text_transformer(default_model_path(), rngs=rngs)[0]
-            if method == "finetune" else Features(dim))
-    head = nnx.Sequential(nnx.Dropout(config.head_dropout, rngs=rngs),
-                          nnx.Linear(dim, config.head_hidden, rngs=rngs), jax.nn.relu,
-                          nnx.Linear(config.head_hidden, NUM_CLASSES, rngs=rngs))
-    return MultimodalClassifier({"utterance": text}, None, head)
-
-
-def optimizer(config: MUStARDConfig, method: str, steps: int) -> Any:
-    """AdamW; fine-tuning: the head's rate, the text tower at ``text_learning_rate``
-    (``lr_multipliers``), frozen tables (``freeze``), cosine decay over ``steps``."""
-    from lepton_mm.training import OptimizerConfig
-
-    if method != "finetune":
-        return OptimizerConfig(name="adamw", learning_rate=config.head_learning_rate,
-                               weight_decay=config.weight_decay)
-    freeze = []
-    if config.freeze_embeddings:
-        freeze.append(r"^encoders/utterance/(word|position|segment)_embeddings/")
-    if config.freeze_layers:
-        layers = "|".join(str(i) for i in range(config.freeze_layers))
-        freeze.append(rf"^encoders/utterance/layers/({layers})/")
-    warmup = max(1, round(config.warmup_fraction * steps))
-    return OptimizerConfig(
-        name="adamw", learning_rate=config.finetune_head_learning_rate,
-        weight_decay=config.weight_decay, schedule="cosine", warmup_steps=warmup,
-        total_steps=max(steps, warmup + 1), clip_norm=1.0, freeze=tuple(freeze),
-        lr_multipliers={"^encoders/": config.text_learning_rate
-                        / config.finetune_head_learning_rate})
-
-
-# -------------------------------------------------------------------------------- runs
-
-
-def train_fold(config: MUStARDConfig, method: str, seed: int, split: dict[str, Any],
-               modalities: dict[str, Any], labels: np.ndarray,
-               workdir: Path) -> tuple[dict[str, Any], float | None, int]:
-    """Trains (or resumes) one fold with ``fit`` and scores its test part once, at the
-    checkpoint of lowest validation loss. Returns (the fold's metrics, its seconds per
-    epoch trained here or None, the number of trained parameters)."""
-    import jax
-
-    from lepton_mm.models import Classification
-    from lepton_mm.training import fit, predict, seed_rngs, trainable_mask
-
-    start, finetune = time.perf_counter(), method == "finetune"
-    epochs = config.finetune_epochs if finetune else config.head_epochs
-    batch_size = config.finetune_batch_size if finetune else config.head_batch_size
-    train = _source(config, modalities, labels, split["train"])
-    model = build_model(config, method, seed_rngs(seed))
-    opt = optimizer(config, method, epochs * train.num_batches(batch_size))
-    fitted = fit(model, Classification(NUM_CLASSES), train,
-                 eval_data=_source(config, modalities, labels, split["val"]),
-                 workdir=workdir, optimizer=opt, epochs=epochs, batch_size=batch_size,
-                 eval_batch_size=config.eval_batch_size, seed=seed, monitor="loss",
-                 mode="min", keep_checkpoints=1, progress=config.progress, tensorboard=False)
-    test = split["test"]
-    predictions = np.asarray(predict(
-        model, {m: (x[test], mask[test]) for m, (x, mask) in modalities.items()},
-        batch_size=config.eval_batch_size)).argmax(1)
-    scores = _scores(predictions, labels[test])
-    facts = harness.fit_facts(fitted, time.perf_counter() - start,
-                              eval_metrics=("loss", "accuracy"))
-    params = nnx.state(model, nnx.Param)
-    trained = zip(jax.tree.leaves(params), jax.tree.leaves(trainable_mask(params, opt)),
-                  strict=True)
-    fold = {"test_weighted_f1": scores["weighted_f1"], "test_accuracy": scores["accuracy"],
-            "test_predictions": predictions.tolist(), "val_loss": fitted.best_metrics["loss"],
-            "val_accuracy": fitted.best_metrics["accuracy"], "best_epoch": facts["best_epoch"],
-            "train_size": len(split["train"]), "history": facts["history"]}
-    return fold, facts["seconds_per_epoch"], sum(p.size for p, t in trained if t)
-
-
-def _majority_fold(labels: np.ndarray, split: dict[str, Any]) -> dict[str, Any]:
-    majority = np.bincount(labels[split["train"]], minlength=NUM_CLASSES).argmax()
-    scores = _scores(np.full(len(split["test"]), majority), labels[split["test"]])
-    return {"test_weighted_f1": scores["weighted_f1"], "test_accuracy": scores["accuracy"],
-            "val_accuracy": float(np.mean(labels[split["val"]] == majority))}
-
-
 _LABELS = {
     "majority": "majority class (train part)",
     "frozen_head": "(a) frozen MiniLM embedding + MLP head",
@@ -373,6 +73,7 @@ class MUStARD(harness.Experiment):
     majority-class baseline ``majority/seed0`` (trains nothing)."""
 
     name, script = "mustard", "experiments/mustard.py"
+    config_class, quick_config = MUStARDConfig, staticmethod(quick_config)
     #: config fields with a flag of their own (``parse_args`` adds exactly these).
     flags = (("folds", "--folds"), ("head_epochs", "--head-epochs"),
              ("finetune_epochs", "--finetune-epochs"), ("freeze_layers", "--freeze-layers"),
@@ -380,9 +81,6 @@ class MUStARD(harness.Experiment):
 
     def methods(self) -> list[str]:
         return resolve_methods(self.config)
-
-    def default_config(self) -> MUStARDConfig:
-        return quick_config() if self.config.quick else MUStARDConfig()
 
     def keys(self) -> list[RunKey]:
         """``majority/seed0``, then every (method, seed)."""
@@ -415,7 +113,7 @@ class MUStARD(harness.Experiment):
         for f in config.folds:
             split = fold_split(labels, *inputs["folds"][f], f, config.val_fraction)
             if method == "majority":
-                folds[str(f)] = _majority_fold(labels, split)
+                folds[str(f)] = majority_fold(labels, split)
                 continue
             if method == "finetune" and config.finetune_max_train is not None:
                 split["train"] = split["train"][:config.finetune_max_train]
@@ -478,19 +176,12 @@ class MUStARD(harness.Experiment):
 
 def parse_args(argv: list[str] | None = None) -> tuple[MUStARDConfig, argparse.Namespace]:
     """Command line -> ``(MUStARDConfig, the parsed arguments)``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=None, help=f"'all' or comma-separated: "
-                        f"{', '.join(METHODS)} (or majority: the baseline alone)")
-    harness.add_arguments(parser, quick="2 folds, short training")
-    harness.add_flags(parser, MUStARD, MUStARDConfig)
+    parser = harness.make_parser(
+        MUStARD, doc=__doc__, quick="2 folds, short training",
+        methods=f"'all' or comma-separated: {', '.join(METHODS)} (or majority: the "
+                "baseline alone)")
     args = parser.parse_args(argv)
-    overrides = {**harness.base_overrides(parser, args, "mustard"),
-                 **harness.config_file(parser, args, MUStARDConfig),
-                 **harness.flag_overrides(args, MUStARD)}
-    if args.methods is not None:
-        overrides["methods"] = tuple(m for m in args.methods.split(",") if m)
-    return harness.make_config(parser, quick_config if args.quick else MUStARDConfig,
-                               overrides), args
+    return harness.config_from_args(MUStARD, parser, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,7 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from lepton_mm.training import tune_glibc_malloc
-
-    tune_glibc_malloc()  # reuse freed step buffers (faster steps); docs/performance.md
-    sys.exit(main())
+    harness.run_script(main)

@@ -44,9 +44,11 @@ def test_weighted_f1_reference_matches_hand_values(mustard):
     assert weighted_f1_reference([0, 1, 1, 0], [0, 0, 1, 1]) == pytest.approx(0.5)
     # Class 0 never predicted: F1 0 (support 1); class 1: tp 2, fp 1 -> 4/5 (support 2).
     assert weighted_f1_reference([1, 1, 1], [0, 1, 1]) == pytest.approx(1.6 / 3)
-    assert mustard._scores(np.array([1, 1, 1]), np.array([0, 1, 1]))["weighted_f1"] == \
+    from lepton_mm.recipes.mustard import fold_scores
+
+    assert fold_scores(np.array([1, 1, 1]), np.array([0, 1, 1]))["weighted_f1"] == \
         pytest.approx(1.6 / 3, abs=1e-6)
-    scores = mustard._scores(np.array([1, 1, 1, 0, 1]), np.array([1, 1, 0, 0, 0]))
+    scores = fold_scores(np.array([1, 1, 1, 0, 1]), np.array([1, 1, 0, 0, 0]))
     # class 1: tp 2, fp 2, fn 0 -> 2/3 (support 2); class 0: tp 1, fp 0, fn 2 -> 1/2 (3).
     assert scores["weighted_f1"] == pytest.approx((2 * 2 / 3 + 3 * 0.5) / 5, abs=1e-6)
     assert scores["accuracy"] == pytest.approx(0.6)
