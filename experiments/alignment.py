@@ -174,14 +174,12 @@ class Alignment(harness.Experiment):
         """Per part, from its records: trained and untrained metrics (mean, std over
         seeds, per seed), chance, the validation accuracy and the training record
         (epochs, best epoch, seconds per epoch, parameters)."""
-        from lepton_mm.experiment import seed_stats
-
         def nested_stats(rs, field):  # seed_stats of every leaf of metrics[field]
             def walk(getter, template):
                 if isinstance(template, dict):
                     return {k: walk(lambda r, k=k: getter(r)[k], v)
                             for k, v in template.items()}
-                return seed_stats({str(r["seed"]): getter(r) for r in rs})
+                return harness.seed_stats_of(rs, getter)
             return walk(lambda r: r["metrics"][field], rs[0]["metrics"][field])
 
         summary: dict[str, Any] = {}
@@ -190,8 +188,7 @@ class Alignment(harness.Experiment):
             summary[part] = {
                 "trained": nested_stats(rs, "trained"),
                 "untrained": nested_stats(rs, "untrained"),
-                "val_accuracy": seed_stats({str(r["seed"]): r["metrics"]["val_accuracy"]
-                                            for r in rs}),
+                "val_accuracy": harness.seed_stats_of(rs, lambda r: r["metrics"]["val_accuracy"]),
                 "chance": metrics["chance"], "test_size": metrics["test_size"],
                 "epochs": metrics["epochs"], **harness.run_costs(rs)}
             if part == "prompt_classifier":  # records store keys sorted: restore columns

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from lepton_mm import harness
-from lepton_mm.experiment import RunKey, format_mean_std, seed_stats
+from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.recipes.avmnist import (
     BALANCE,
     MDROP_SUFFIX,
@@ -208,10 +208,7 @@ class AVMNIST(harness.Experiment):
         ``REFERENCE_METHOD``, min-max normalised over the methods summarised)."""
         from lepton_mm.robustness import summarize_sweeps
 
-        def stats(rs, get):
-            values = {str(r["seed"]): get(r) for r in rs}
-            return None if None in values.values() else seed_stats(values)
-
+        stats = harness.seed_stats_of
         summary: dict[str, Any] = {}
         for method, rs in runs.items():
             summary[method] = {

@@ -67,6 +67,7 @@ __all__ = [
     "run_costs",
     "run_main",
     "run_script",
+    "seed_stats_of",
     "update_docs",
 ]
 
@@ -133,6 +134,21 @@ def run_costs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "epoch_time_s": float(np.mean(times)) if times else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "best_epoch": {str(r["seed"]): r["metrics"]["best_epoch"] for r in runs}}
+
+
+def seed_stats_of(runs: Sequence[Mapping[str, Any]],
+                  get: Callable[[Mapping[str, Any]], float | None]) -> dict[str, Any] | None:
+    """``seed_stats`` of one number of each of a method's records, for a summary.
+
+    Args:
+      runs: the method's records (non-empty), each with ``seed``.
+      get: the number, from a record (None where the record has none).
+
+    Returns:
+      ``seed_stats`` of ``{str(seed): get(record)}``, or None if a record has none.
+    """
+    values = {str(r["seed"]): get(r) for r in runs}
+    return None if None in values.values() else ledger.seed_stats(values)
 
 
 def _flag_value(value: Any) -> str:

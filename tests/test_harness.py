@@ -308,6 +308,13 @@ def test_fit_facts_and_all_finite():
     assert harness.parse_floats("-15,2.5") == (-15.0, 2.5)
 
 
+def test_seed_stats_of_a_methods_records():
+    runs = [{"seed": 1, "m": 0.5}, {"seed": 0, "m": 0.75}]
+    assert harness.seed_stats_of(runs, lambda r: r["m"]) == ledger.seed_stats(
+        {"0": 0.75, "1": 0.5})
+    assert harness.seed_stats_of(runs, lambda r: r["m"] if r["seed"] else None) is None
+
+
 def _quick_toy(**overrides):
     return ToyConfig(**{"rate": 0.1, "quick": True, **overrides})
 
