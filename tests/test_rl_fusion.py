@@ -1,17 +1,30 @@
-"""experiments/rl_fusion.py: PPO pieces against hand-computed values, presence masks in
-the agent, clear errors for bad arguments, and one tiny run end to end through the
-ledger (it learns: its test return clears the uniform policy's by a wide margin).
+"""lepton_mm.rl and experiments/rl_fusion.py: PPO pieces against hand-computed values,
+presence masks in the agent, clear errors for bad arguments (the rl extra named when it
+is missing), and one tiny run end to end through the ledger (it learns: its test return
+clears the uniform policy's by a wide margin).
 
 Cost: one training program and one test program are compiled (the run), the rest is
-eager or compiles nothing; about 15 s on a 2-core CPU."""
+eager or compiles nothing; about 20 s on a 2-core CPU."""
 
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from lepton_mm.rl import (
+    PPOConfig,
+    advantages,
+    make_agent,
+    make_env,
+    ppo_loss,
+    steps_to_return,
+)
+from lepton_mm.rl._extra import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,21 +49,21 @@ def gae_reference(rewards, terminated, values, last_value, gamma, lam):
     return adv
 
 
-def test_advantages_match_the_backward_recursion(rl):
+def test_advantages_match_the_backward_recursion():
     rng = np.random.default_rng(0)
     rewards = rng.normal(size=(6, 3)).astype(np.float32)
     terminated = rng.random((6, 3)) < 0.3
     values = rng.normal(size=(6, 3)).astype(np.float32)
     last = rng.normal(size=3).astype(np.float32)
-    adv, targets = rl.advantages(jnp.asarray(rewards), jnp.asarray(terminated),
-                                 jnp.asarray(values), jnp.asarray(last), gamma=0.9,
-                                 gae_lambda=0.8)
+    adv, targets = advantages(jnp.asarray(rewards), jnp.asarray(terminated),
+                              jnp.asarray(values), jnp.asarray(last), gamma=0.9,
+                              gae_lambda=0.8)
     expected = gae_reference(rewards, terminated, values, last, 0.9, 0.8)
     np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(targets, expected + values, rtol=1e-5, atol=1e-6)
 
 
-def test_ppo_loss_matches_hand_computed_terms(rl):
+def test_ppo_loss_matches_hand_computed_terms():
     logits = np.array([[0.2, -0.1, 0.5], [1.0, 0.0, -1.0], [0.0, 0.3, 0.1],
                        [-0.4, 0.2, 0.9]], np.float32)
     actions = np.array([2, 0, 1, 1], np.int32)
@@ -69,8 +82,8 @@ def test_ppo_loss_matches_hand_computed_terms(rl):
     value = 0.5 * np.mean(np.maximum((values - targets) ** 2, (clipped - targets) ** 2))
     entropy = -np.mean((np.exp(log_softmax) * log_softmax).sum(1))
 
-    loss, terms = jax.jit(lambda *x: rl.ppo_loss(*x, clip_epsilon=eps, value_coef=vc,
-                                                  entropy_coef=ec))(
+    loss, terms = jax.jit(lambda *x: ppo_loss(*x, clip_epsilon=eps, value_coef=vc,
+                                               entropy_coef=ec))(
         logits, values, actions, old_log_probs, old_values, adv, targets)
     np.testing.assert_allclose(terms.policy, policy, rtol=1e-5)
     np.testing.assert_allclose(terms.value, value, rtol=1e-5)
@@ -79,14 +92,15 @@ def test_ppo_loss_matches_hand_computed_terms(rl):
     assert ratio.min() < 1 - eps and ratio.max() > 1 + eps  # both clips are exercised
 
 
-def test_an_absent_modality_cannot_move_the_policy(rl):
+def test_an_absent_modality_cannot_move_the_policy():
     from flax import nnx
 
     from lepton_mm.functional import functional
 
-    spec = rl.make_env("catch")
-    agent = rl.make_agent(spec, "gated", rl.MODALITIES, dim=8, hidden=8, cnn_widths=(4,),
-                          rngs=nnx.Rngs(0))
+    spec = make_env("catch")
+    assert spec.modalities == ("pixels", "state")
+    agent = make_agent(spec, "gated", spec.modalities, dim=8, hidden=8, cnn_widths=(4,),
+                       rngs=nnx.Rngs(0))
     apply, variables = functional(agent)
     state = spec.env.reset(jax.random.key(0), spec.params)[1]
     obs = jax.tree.map(lambda x: jnp.stack([x] * 4), spec.observe(state))
@@ -106,18 +120,54 @@ def test_unknown_environment_fusion_or_modality_is_a_clear_error(rl):
     with pytest.raises(ValueError, match="env: unknown environment 'pong'"):
         rl.RLFusionConfig(env="pong")
     with pytest.raises(ValueError, match="env: unknown environment 'pong'"):
-        rl.make_env("pong")
+        make_env("pong")
     with pytest.raises(ValueError, match="methods: unknown method 'nope'"):
         rl.RLFusion(rl.RLFusionConfig(methods=("concat", "nope"))).methods()
     with pytest.raises(ValueError, match="unknown modality 'audio'"):
         rl.parse_method("audio_only")
-    spec = rl.make_env("catch")
+    spec = make_env("catch")
     with pytest.raises(ValueError, match="fusion: unknown fusion 'nope'"):
-        rl.make_agent(spec, "nope", rl.MODALITIES, dim=8, hidden=8, rngs=nnx.Rngs(0))
+        make_agent(spec, "nope", spec.modalities, dim=8, hidden=8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="modalities: unknown modality 'audio'"):
-        rl.make_agent(spec, None, ("audio",), dim=8, hidden=8, rngs=nnx.Rngs(0))
+        make_agent(spec, None, ("audio",), dim=8, hidden=8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="fusion: 'concat' with modalities"):
-        rl.make_agent(spec, "concat", ("state",), dim=8, hidden=8, rngs=nnx.Rngs(0))
+        make_agent(spec, "concat", ("state",), dim=8, hidden=8, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"total_steps": 100}, "total_steps: expected at least num_envs \\* rollout_steps = 512"),
+    ({"minibatches": 3}, "minibatches: must divide num_envs \\* rollout_steps = 512"),
+    ({"num_envs": 0}, "num_envs: expected a positive integer"),
+    ({"gamma": 1.5}, "gamma: expected a number in \\[0, 1\\]"),
+    ({"modality_dropout": 1.0}, "modality_dropout: expected a rate in \\(0, 1\\)"),
+    ({"cnn_widths": (8, 0)}, "cnn_widths\\[1\\]: expected a positive integer"),
+])
+def test_bad_settings_are_refused_by_the_experiment_config(rl, overrides, match):
+    # RLFusionConfig hands its PPO and agent settings to lepton_mm.rl's configs to check.
+    with pytest.raises(ValueError, match=match):
+        rl.RLFusionConfig(**overrides)
+    if "cnn_widths" not in overrides:
+        with pytest.raises(ValueError, match=match):
+            PPOConfig(**overrides)
+
+
+def test_steps_to_return_is_the_first_window_to_reach_the_threshold():
+    curve = {"env_steps": [10, 20, 30, 40, 50], "return": [0.5, 0.9, 0.6, None, 0.9]}
+    assert steps_to_return(curve, 0.72, window=2) == 30  # (0.9 + 0.6) / 2
+    assert steps_to_return(curve, 0.8, window=2) == 50  # the None update is left out
+    assert steps_to_return(curve, 0.85, window=1) == 20
+    assert steps_to_return(curve, 0.95, window=1) is None
+
+
+def test_the_rl_extra_is_imported_on_first_use_and_named_when_missing():
+    probe = ("import sys, lepton_mm, lepton_mm.rl\n"
+             "print(sorted({'gymnax', 'rlax'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+    with pytest.raises(ImportError, match=r"lepton_mm\.rl needs nope_not_a_package .*"
+                                          r"'rl' extra: pip install 'lepton_mm\[rl\]'"):
+        require("nope_not_a_package")
 
 
 def test_command_line_rejects_bad_arguments_before_training(rl, tmp_path, capsys):
