@@ -107,7 +107,8 @@ class RLFusionConfig:
       clip_epsilon: PPO's ratio clip (also clips the value update).
       entropy_coef, value_coef: weights of the entropy bonus and the value loss.
       max_grad_norm: global gradient-norm clip.
-      dim: each encoder's output size; hidden: the fused (or single) feature size.
+      dim: each encoder's output size.
+      hidden: the fused (or single) feature size.
       cnn_widths: the pixel encoder's convolution widths (3 x 3, no pooling).
       modality_dropout: the rate at which ``+mdrop`` methods hide each modality per
         environment and step while training (``lepton_mm.fusion.modality_dropout``; one
