@@ -38,6 +38,8 @@ Public API at a glance:
   - ``lepton_mm.export``: save / load a model as serialised StableHLO.
   - ``lepton_mm.experiment``: the run ledger: committed JSON records, stale detection,
     shards, seed statistics.
+  - ``lepton_mm.rl``: PPO with fused observations (gymnax environments seen as several
+    modalities, any fusion layer); needs the ``rl`` extra, imported on first use.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ __version__ = "0.1.0.dev0"
 _SUBPACKAGES = (
     "adversarial", "alignment", "attribution", "augment", "balance", "data", "encoders",
     "experiment", "export", "features", "functional", "fusion", "metrics", "models",
-    "pretrained", "prune", "quantize", "robustness", "training",
+    "pretrained", "prune", "quantize", "rl", "robustness", "training",
 )
 
 __all__ = ["EncoderOutput", "masked_mean", *_SUBPACKAGES]
