@@ -1,6 +1,8 @@
-"""fit(augment=..., adversary=...): hooks inside the compiled train step, seeded by
-(seed, step), checked before compilation, stored for exact resume."""
+"""fit(augment=..., adversary=..., strategy=...): hooks inside the compiled train step,
+seeded by (seed, step), checked before compilation, stored for exact resume; a stateful
+strategy's state carried through the steps and checkpoints."""
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -14,7 +16,13 @@ from test_training_loop import BATCH, make_data, make_model, params_of
 from lepton_mm.adversarial import model_loss, pgd
 from lepton_mm.augment import Augmenter, ImageAugment
 from lepton_mm.models import Classification
-from lepton_mm.training import Checkpointer, CheckpointMismatchError, OptimizerConfig, fit
+from lepton_mm.training import (
+    Checkpointer,
+    CheckpointMismatchError,
+    OptimizerConfig,
+    fit,
+    read_log,
+)
 from lepton_mm.training.loop import _hook_name
 
 OPT = OptimizerConfig(learning_rate=0.02)
@@ -135,3 +143,77 @@ def test_hooks_see_valid_and_their_lookup_errors_are_named(tmp_path):
     assert len(seen) >= 2 and all(len(s) == 1 for s in seen)  # the check, then the step
     with pytest.raises(TypeError, match=r"augment: raised KeyError\('depth'\)"):
         _fit(tmp_path / "bad", augment=lambda b, k: {**b, "image": b["depth"]})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Counting:
+    """A stateful strategy that changes nothing: its state counts the applied steps and
+    sums their losses (loss hook), then doubles the count (modulate hook)."""
+
+    double: bool = False
+
+    def init_state(self, model, task, batch):
+        del model, task, batch
+        return {"steps": jnp.zeros((), jnp.float32), "loss_sum": jnp.zeros((), jnp.float32)}
+
+    def loss(self, forward, task, batch, outputs, loss, key, step, state):
+        new = {"steps": state["steps"] + 1, "loss_sum": state["loss_sum"] + loss}
+        return loss, {"count": new["steps"]}, new
+
+    def modulate(self, model, batch, grads, key, step, state):
+        if not self.double:
+            return grads, {}, state
+        return grads, {}, {**state, "steps": 2 * state["steps"]}
+
+
+def test_a_stateful_strategy_is_carried_through_the_steps_and_resumes_exactly(tmp_path):
+    plain, _ = _fit(tmp_path / "plain")
+    counted, result = _fit(tmp_path / "counted", strategy=_Counting())
+    for a, b in zip(params_of(plain), params_of(counted), strict=True):
+        np.testing.assert_array_equal(a, b)  # the state leaves the training alone
+    losses = [r["loss"] for r in read_log(tmp_path / "counted" / "log.jsonl")
+              if r["kind"] == "step"]
+    assert float(result.strategy_state["steps"]) == result.step == len(losses) == 6
+    assert float(result.strategy_state["loss_sum"]) == pytest.approx(sum(losses), rel=1e-6)
+    _fit(tmp_path / "resumed", epochs=1, strategy=_Counting())
+    _, again = _fit(tmp_path / "resumed", epochs=2, strategy=_Counting())
+    assert again.resumed_from == 3
+    for a, b in zip(jax.tree.leaves(result.strategy_state),
+                    jax.tree.leaves(again.strategy_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # loss's new state goes to modulate: x -> 2 (x + 1) six times from 0.
+    _, doubled = _fit(tmp_path / "doubled", strategy=_Counting(double=True))
+    assert float(doubled.strategy_state["steps"]) == 2 ** 7 - 2
+    # A skipped (non-finite) step leaves the state as it was: one NaN example spoils
+    # each batch it is in (in padding too).
+    data = make_data()
+    data["image"][0] = np.nan
+    _, skipping = _fit(tmp_path / "nan", data=data, nan_policy="skip", strategy=_Counting())
+    skipped = sum(h["skipped_steps"] for h in skipping.history)
+    assert 2 <= skipped < 6 and float(skipping.strategy_state["steps"]) == 6 - skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forgetful(_Counting):
+    """Returns no state from loss (a stateless signature on a stateful strategy)."""
+
+    def loss(self, forward, task, batch, outputs, loss, key, step, state):
+        return loss, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reshaping(_Counting):
+    """Returns a state of another shape from loss."""
+
+    def loss(self, forward, task, batch, outputs, loss, key, step, state):
+        return loss, {}, {**state, "steps": jnp.zeros((2,), jnp.float32)}
+
+
+def test_bad_stateful_strategies_fail_before_compute(tmp_path):
+    with pytest.raises(TypeError, match=r"strategy: loss must return \(scalar objective, "
+                                        r"\{name: scalar\}, state\)"):
+        _fit(tmp_path / "a", strategy=_Forgetful())
+    with pytest.raises(TypeError, match="strategy: loss must return a state with "
+                                        "init_state's structure, shapes and dtypes"):
+        _fit(tmp_path / "b", strategy=_Reshaping())
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "ab")

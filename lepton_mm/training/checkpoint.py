@@ -6,7 +6,10 @@ Layout of ``workdir/checkpoints/<step>/`` (one Orbax ``CheckpointManager`` step)
              dict with str keys: parameters, batch statistics, RNG stream keys (as raw
              ``key_data``) and counters
     train/   StandardSave: {"opt_state": {"000000": leaf, ...}} the optimiser state's
-             leaves in ``jax.tree.leaves`` order (its structure comes from ``tx.init``)
+             leaves in ``jax.tree.leaves`` order (its structure comes from ``tx.init``),
+             and for a run with a stateful training strategy (``fit(strategy=...)``
+             with ``init_state``) {"strategy_state": {"000000": leaf, ...}} likewise
+             (its structure comes from the strategy's ``init_state``)
     meta/    JsonSave: step, data-iterator position (epoch, batch_index), loop state
              (best metric and step, patience counter, history, epoch accumulators), the
              run config, and the model fingerprint
@@ -397,7 +400,7 @@ class Checkpointer:
         self._best.steps = set() if step is None else {int(step)}
 
     def save(self, step: int, *, model_state: nnx.State, opt_state: Any,
-             meta: Mapping[str, Any]) -> Path:
+             meta: Mapping[str, Any], strategy_state: Any = None) -> Path:
         """Writes checkpoint ``step`` (synchronously, atomically).
 
         Args:
@@ -405,6 +408,8 @@ class Checkpointer:
           model_state: the full model state (``nnx.state(model)``, Variables or arrays).
           opt_state: the optax state.
           meta: JSON-serialisable metadata (``step`` is added).
+          strategy_state: a training strategy's state (a pytree of arrays), or ``None``
+            (nothing is written for it: the checkpoint is as without the argument).
 
         Returns:
           The checkpoint directory.
@@ -419,7 +424,11 @@ class Checkpointer:
         model_tree = state_to_tree(model_state)
         leaves = jax.tree.leaves(opt_state)
         train = {"opt_state": {f"{i:06d}": x for i, x in enumerate(leaves)}}
-        for what, tree in (("model", model_tree), ("optimiser", train)):
+        if jax.tree.leaves(strategy_state):
+            train["strategy_state"] = {f"{i:06d}": x for i, x in
+                                       enumerate(jax.tree.leaves(strategy_state))}
+        for what, tree in (("model", model_tree), ("optimiser", train["opt_state"]),
+                           ("strategy", train.get("strategy_state"))):
             if not all_finite(tree):
                 raise FloatingPointError(
                     f"refusing to write checkpoint step {step} to {self.directory}: the "
@@ -465,8 +474,8 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
     def restore(self, step: int | None, *, model_state: nnx.State,
-                opt_state: Any | None = None,
-                sharding: Any = None) -> tuple[nnx.State, Any, dict[str, Any]]:
+                opt_state: Any | None = None, strategy_state: Any | None = None,
+                sharding: Any = None) -> tuple[Any, ...]:
         """Restores checkpoint ``step`` (default: latest) into the given structures.
 
         Args:
@@ -474,13 +483,16 @@ class Checkpointer:
           model_state: a state shaped like the saved one (concrete or abstract from
             ``nnx.eval_shape``); its leaves' shardings are the targets.
           opt_state: an (abstract) optax state to restore into, or ``None`` to skip it.
+          strategy_state: an (abstract) training strategy state to restore into (one
+            saved with ``save(strategy_state=...)``), or ``None`` to skip it.
           sharding: target sharding of every array (e.g. replicated over a mesh);
             default: each leaf's own sharding, or the first local device for abstract
             leaves that carry none.
 
         Returns:
           ``(model_state, opt_state, meta)``: a pure ``nnx.State`` of arrays, the optax
-          state (or ``None``) and the metadata dict.
+          state (or ``None``) and the metadata dict; with ``strategy_state`` given,
+          ``(model_state, opt_state, meta, strategy_state)``.
 
         Raises:
           FileNotFoundError: no such checkpoint.
@@ -490,24 +502,33 @@ class Checkpointer:
         step = self._resolve(step)
         target = _abstract_tree(model_state, lambda x: _target_sharding(x, sharding))
         args = {"model": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
-        if opt_state is not None:
-            leaves, treedef = jax.tree.flatten(opt_state)
-            train_target = {"opt_state": {
-                f"{i:06d}": jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                 sharding=_target_sharding(x, sharding))
-                for i, x in enumerate(leaves)}}
+        train_target = {}
+        for name, like in (("opt_state", opt_state), ("strategy_state", strategy_state)):
+            if like is not None and (name == "opt_state" or jax.tree.leaves(like)):
+                train_target[name] = {
+                    f"{i:06d}": jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                     sharding=_target_sharding(x, sharding))
+                    for i, x in enumerate(jax.tree.leaves(like))}
+        if train_target:
             args["train"] = ocp.args.StandardRestore(train_target)
         restored = self._read(step, ocp.args.Composite(**args))
         meta, integrity = self._verified_meta(step, restored["meta"])
         self._verify_arrays(step, "model", restored["model"], integrity)
-        if opt_state is not None:
+        if train_target:
             self._verify_arrays(step, "train", restored["train"], integrity)
         state = tree_to_state(restored["model"], model_state)
-        opt = None
-        if opt_state is not None:
-            saved = restored["train"]["opt_state"]
-            opt = jax.tree.unflatten(treedef, [saved[f"{i:06d}"] for i in range(len(leaves))])
-        return state, opt, meta
+
+        def unflatten(name, like):
+            if like is None or name not in train_target:
+                return like if name == "strategy_state" else None
+            saved = restored["train"][name]
+            leaves, treedef = jax.tree.flatten(like)
+            return jax.tree.unflatten(treedef, [saved[f"{i:06d}"] for i in range(len(leaves))])
+
+        opt = unflatten("opt_state", opt_state)
+        if strategy_state is None:
+            return state, opt, meta
+        return state, opt, meta, unflatten("strategy_state", strategy_state)
 
     def close(self) -> None:
         self._manager.close()

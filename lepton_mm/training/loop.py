@@ -133,17 +133,23 @@ class _TraceCount:
 
 
 class TrainState(NamedTuple):
-    """What the train step updates: pure ``nnx.State``s and the optax state.
+    """What the train step updates: pure ``nnx.State``s, the optax state and a training
+    strategy's state.
 
     Attributes:
       params: ``nnx.State`` of the ``nnx.Param`` arrays.
       rest: ``nnx.State`` of the other variables (batch stats, RNG keys and counts).
       opt_state: the optax state.
+      strategy: the state of a stateful training strategy (a pytree of arrays from its
+        ``init_state``, e.g. ``lepton_mm.balance.PMR``'s prototypes), or ``None``
+        (no strategy, or a stateless one: no leaves, so the step's program is the same
+        as without the field).
     """
 
     params: Any  # nnx.State of arrays: the nnx.Param variables
     rest: Any  # nnx.State of arrays: batch stats, RNG stream keys and counts, ...
     opt_state: Any
+    strategy: Any = None  # pytree of arrays from strategy.init_state, or None
 
 
 def _call_model(model: Any, batch: Mapping[str, Any], rate: float, key: Array | None) -> Any:
@@ -202,6 +208,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, task: Any, 
         metrics)`` (e.g. ``OGMGE``) acts on the gradient before the optimiser, with the
         model at the step's parameters; key as above with ``2``. ``stats["loss"]`` stays
         the task's loss; ``stats["strategy"]`` holds the metrics (float32 scalars).
+        A stateful strategy (one with ``init_state``) takes its state as a last
+        argument of each method and returns the new state as a third element; the
+        step carries it in ``state.strategy`` (skipped steps leave it unchanged).
 
     Returns:
       The jitted step function; its ``traces.count`` counts the compilations.
@@ -237,6 +246,7 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
     low = None if compute_dtype is None else jnp.dtype(compute_dtype)
     strategy_loss = getattr(strategy, "loss", None)
     strategy_modulate = getattr(strategy, "modulate", None)
+    stateful = _is_stateful(strategy)
 
     def step_fn(state: TrainState, batch: Mapping[str, Any], step: Array, alive: Array,
                 md_key_data: Array, aug_key_data: Array):
@@ -259,7 +269,7 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
                 model = nnx.merge(graphdef, _cast_floats(params, low), state.rest)
                 outputs = _cast_floats(_call_model(model, _cast_inputs(batch, low),
                                                    modality_dropout, key), jnp.float32)
-                forward = lambda b: _cast_floats(model(_cast_inputs(b, low)), jnp.float32)
+                forward = _LowPrecisionForward(model, low)
             loss = task.loss(outputs, batch, batch["valid"])
             # The state after the step's own forward pass: a strategy's extra passes
             # below (other presence masks) neither move batch statistics nor RNG counts.
@@ -268,26 +278,33 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
             if low is not None:  # stored at the state's own precision
                 new_rest = jax.tree.map(lambda n, o: n.astype(o.dtype), new_rest,
                                         state.rest)
-            objective, extra = loss, {}
+            objective, extra, carried = loss, {}, state.strategy
             if strategy_loss is not None:  # e.g. Gradient Blending (lepton_mm.balance)
-                objective, extra = strategy_loss(forward, task, batch, outputs, loss,
-                                                 jax.random.fold_in(aug_key, 3), step)
-            return objective, (loss, new_rest, extra)
+                args = (forward, task, batch, outputs, loss, jax.random.fold_in(aug_key, 3),
+                        step)
+                if stateful:  # e.g. PMR's prototypes
+                    objective, extra, carried = strategy_loss(*args, carried)
+                else:
+                    objective, extra = strategy_loss(*args)
+            return objective, (loss, new_rest, extra, carried)
 
-        (objective, (loss, new_rest, extra)), grads = jax.value_and_grad(
+        (objective, (loss, new_rest, extra, carried)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         extra = dict(extra)
         if strategy_modulate is not None:  # e.g. gradient modulation (lepton_mm.balance)
-            grads, more = strategy_modulate(
-                nnx.merge(graphdef, state.params, state.rest), batch, grads,
-                jax.random.fold_in(aug_key, 2), step)
+            args = (nnx.merge(graphdef, state.params, state.rest), batch, grads,
+                    jax.random.fold_in(aug_key, 2), step)
+            if stateful:
+                grads, more, carried = strategy_modulate(*args, carried)
+            else:
+                grads, more = strategy_modulate(*args)
             extra.update(more)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
         apply = finite & alive
-        new_state = TrainState(new_params, new_rest, new_opt)
+        new_state = TrainState(new_params, new_rest, new_opt, carried)
         new_state = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_state, state)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                            "alive": apply,
@@ -302,6 +319,28 @@ def _train_step_fn(graphdef: Any, tx: optax.GradientTransformation, task: Any,
     return traced.wrap(jax.jit(step_fn, donate_argnums=0,
                                in_shardings=(rep, data, rep, rep, rep, rep),
                                out_shardings=(rep, rep)))
+
+
+class _LowPrecisionForward:
+    """A strategy's ``forward`` under mixed precision: the model on low-precision inputs,
+    float32 outputs; ``encode`` likewise, where the model has one (a classifier's
+    ``{modality: EncoderOutput}``, e.g. for ``lepton_mm.balance.PMR``'s features)."""
+
+    def __init__(self, model: Any, low: Any):
+        self.model, self.low = model, low
+        if hasattr(model, "encoders"):
+            self.encoders = model.encoders
+
+    def __call__(self, batch: Mapping[str, Any]) -> Any:
+        return _cast_floats(self.model(_cast_inputs(batch, self.low)), jnp.float32)
+
+    def encode(self, batch: Mapping[str, Any]) -> Any:
+        return _cast_floats(self.model.encode(_cast_inputs(batch, self.low)), jnp.float32)
+
+
+def _is_stateful(strategy: Any) -> bool:
+    """Whether a training strategy carries state through the steps (has ``init_state``)."""
+    return callable(getattr(strategy, "init_state", None))
 
 
 def _dtype_name(compute_dtype: Any) -> str | None:
@@ -539,6 +578,8 @@ class FitResult:
       resumed_from: the checkpoint step this call resumed from, or None.
       num_params: number of trainable scalars (``nnx.Param``).
       num_compilations: how many times each step was compiled by this call.
+      strategy_state: a stateful strategy's state after the last step (numpy arrays in
+        the structure of its ``init_state``, e.g. ``PMR``'s prototypes), else ``None``.
     """
 
     history: tuple[dict[str, Any], ...]
@@ -550,6 +591,7 @@ class FitResult:
     resumed_from: int | None
     num_params: int
     num_compilations: dict[str, int]
+    strategy_state: Any = None
 
 
 def _task_config(task: Any) -> dict[str, Any]:
@@ -762,20 +804,35 @@ def _check_strategy(model: nnx.Module, task: Any, sample: Mapping[str, Any], key
                          "give the strategy the task fit trains.")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    stateful = _is_stateful(strategy)
+    state = (_traced_hook("strategy", lambda: _init_strategy_state(
+        strategy, graphdef, params, rest, task, sample, abstract=True)) if stateful else None)
+    extra = (state,) if stateful else ()
+    returns = "(scalar objective, {name: scalar}" + (", state)" if stateful else ")")
     if callable(getattr(strategy, "loss", None)):
-        def objective(p, r, b, k):
+        def objective(p, r, b, k, *s):
             forward = nnx.merge(graphdef, p, r)
             outputs = forward(b)
             return strategy.loss(forward, task, b, outputs, task.loss(outputs, b, b["valid"]),
-                                 k, jnp.int32(0))
-        value, metrics = _traced_hook("strategy", lambda: jax.eval_shape(
-            objective, params, rest, sample, key))
+                                 k, jnp.int32(0), *s)
+        out = _traced_hook("strategy", lambda: jax.eval_shape(
+            objective, params, rest, sample, key, *extra))
+        if not isinstance(out, tuple) or len(out) != 2 + stateful:
+            raise TypeError(f"strategy: loss must return {returns}.")
+        value, metrics = out[:2]
         if getattr(value, "shape", None) != () or not _scalar_dict(metrics):
-            raise TypeError("strategy: loss must return (scalar objective, {name: scalar}).")
+            raise TypeError(f"strategy: loss must return {returns}.")
+        if stateful:
+            _check_strategy_state("loss", state, out[2])
     if callable(getattr(strategy, "modulate", None)):
-        grads, metrics = _traced_hook("strategy", lambda: jax.eval_shape(
-            lambda p, r, b, k: strategy.modulate(nnx.merge(graphdef, p, r), b, p, k,
-                                                 jnp.int32(0)), params, rest, sample, key))
+        out = _traced_hook("strategy", lambda: jax.eval_shape(
+            lambda p, r, b, k, *s: strategy.modulate(nnx.merge(graphdef, p, r), b, p, k,
+                                                     jnp.int32(0), *s),
+            params, rest, sample, key, *extra))
+        returns = returns.replace("scalar objective", "grads")
+        if not isinstance(out, tuple) or len(out) != 2 + stateful:
+            raise TypeError(f"strategy: modulate must return {returns}.")
+        grads, metrics = out[:2]
         if jax.tree.structure(grads) != jax.tree.structure(params) or any(
                 g.shape != p.shape or g.dtype != p.dtype
                 for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params),
@@ -783,7 +840,44 @@ def _check_strategy(model: nnx.Module, task: Any, sample: Mapping[str, Any], key
             raise TypeError("strategy: modulate must return gradients shaped like the "
                             "model's parameters.")
         if not _scalar_dict(metrics):
-            raise TypeError("strategy: modulate must return (grads, {name: scalar}).")
+            raise TypeError(f"strategy: modulate must return {returns}.")
+        if stateful:
+            _check_strategy_state("modulate", state, out[2])
+
+
+def _init_strategy_state(strategy: Any, graphdef: Any, params: Any, rest: Any, task: Any,
+                         sample: Mapping[str, Any], *, abstract: bool) -> Any:
+    """A stateful strategy's initial state: ``strategy.init_state(model, task, sample)``
+    traced on a copy of the model (merged from ``params``, ``rest``: the caller's model
+    and its RNG counts are untouched), abstractly (shapes only) or computed.
+
+    Raises:
+      TypeError: the state is not a pytree of arrays.
+    """
+    def init(p, r, b):
+        return strategy.init_state(nnx.merge(graphdef, p, r), task, b)
+
+    if abstract:
+        state = jax.eval_shape(init, params, rest, sample)
+    else:
+        state = jax.jit(init)(params, rest, sample)
+    if any(not hasattr(x, "shape") or not hasattr(x, "dtype") for x in jax.tree.leaves(state)):
+        raise TypeError(f"strategy: init_state must return a pytree of arrays, got "
+                        f"{jax.tree.map(type, state)!r}.")
+    return state
+
+
+def _check_strategy_state(method: str, before: Any, after: Any) -> None:
+    """A stateful strategy's method must return a state like ``init_state``'s."""
+    spec = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+    try:
+        same = (jax.tree.structure(before) == jax.tree.structure(after)
+                and spec(before) == spec(after))
+    except (AttributeError, TypeError):
+        same = False
+    if not same:
+        raise TypeError(f"strategy: {method} must return a state with init_state's "
+                        f"structure, shapes and dtypes: {spec(before)!r} from init_state.")
 
 
 def _scalar_dict(metrics: Any) -> bool:
@@ -985,10 +1079,14 @@ def fit(
       nan_policy: ``"raise"``: stop at a non-finite loss or gradient with
         ``FloatingPointError`` naming the step and the last good checkpoint;
         ``"skip"``: skip that update and go on (counted in ``skipped_steps``).
-      strategy: a training strategy applied to each step's gradient, e.g.
+      strategy: a training strategy applied to each step's loss or gradient, e.g.
         ``lepton_mm.balance.OGMGE(alpha=0.5)`` (balanced multimodal learning); its
         per-step metrics go into the step records of ``log.jsonl``. Part of the run: a
-        resume with another strategy is refused.
+        resume with another strategy is refused. A stateful strategy (with
+        ``init_state``, e.g. ``lepton_mm.balance.PMR``) has its state initialised from
+        the model, the task and the first training examples, carried through the
+        compiled steps, checkpointed and restored (resuming stays exact); the final
+        state is ``FitResult.strategy_state``.
       compute_dtype: ``None`` (float32) or ``jnp.bfloat16``: mixed-precision training.
         The train step runs the model on bfloat16 copies of the parameters and float
         inputs (batch statistics and normalisation stay float32) and updates float32
@@ -1073,18 +1171,24 @@ def fit(
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     graphdef_eval, _, _ = _split_eval(model)
     opt_state = jax.eval_shape(tx.init, params) if meta else jax.jit(tx.init)(params)
-    state = TrainState(params, rest, opt_state)
+    strategy_state = None
+    if _is_stateful(strategy):  # e.g. PMR's prototypes: carried by the step, checkpointed
+        sample = _first_rows(train_data)
+        sample["valid"] = np.ones(len(jax.tree.leaves(sample)[0]), bool)
+        strategy_state = _init_strategy_state(strategy, graphdef, params, rest, task,
+                                              sample, abstract=meta is not None)
+    state = TrainState(params, rest, opt_state, strategy_state)
     loop = {"epoch": 0, "batch_index": 0, "best_value": None, "best_step": None,
             "bad_epochs": 0, "stopped_early": False, "loss_sum": 0.0, "loss_count": 0,
             "skipped": 0, "history": []}
     step = 0
     if meta is not None:
         target_sharding = sharding_lib.replicated(mesh) if mesh is not None else None
-        model_state, opt_state, meta = ckpt.restore(
+        model_state, opt_state, meta, *restored = ckpt.restore(
             latest, model_state=nnx.merge_state(params, rest), opt_state=opt_state,
-            sharding=target_sharding)
+            strategy_state=strategy_state, sharding=target_sharding)
         params, rest = _split_like(model_state, params, rest)
-        state = TrainState(params, rest, opt_state)
+        state = TrainState(params, rest, opt_state, *restored)
         loop.update(meta["loop"])
         step = int(meta["step"])
         ckpt.set_best(loop["best_step"])
@@ -1126,7 +1230,8 @@ def fit(
             "metrics": metrics,
         }
         full = nnx.merge_state(state.params, state.rest)
-        ckpt.save(step, model_state=full, opt_state=state.opt_state, meta=meta_out)
+        ckpt.save(step, model_state=full, opt_state=state.opt_state, meta=meta_out,
+                  strategy_state=state.strategy)
 
     # Steps are queued without reading their statistics back (a host sync per step
     # costs ~10 % at batch 40 on 2 CPU cores); ``drain`` reads the queue every
@@ -1219,7 +1324,7 @@ def fit(
                 best_step, model_state=nnx.merge_state(state.params, state.rest),
                 sharding=sharding_lib.replicated(mesh) if mesh is not None else None)
             params, rest = _split_like(model_state, state.params, state.rest)
-            state = TrainState(params, rest, state.opt_state)
+            state = TrainState(params, rest, state.opt_state, state.strategy)
         history = tuple(loop["history"])
         best_record = next((r for r in history if r["step"] == best_step), None)
         if best_record is not None and "eval" in best_record:
@@ -1242,7 +1347,8 @@ def fit(
         num_compilations={
             "train_step": train_step.traces.count - traces_before[0],
             "eval_step": (0 if evaluator is None
-                          else evaluator.predict.traces.count - traces_before[1])})
+                          else evaluator.predict.traces.count - traces_before[1])},
+        strategy_state=jax.device_get(state.strategy))
 
 
 def _is_primary() -> bool:
