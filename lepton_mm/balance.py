@@ -26,14 +26,22 @@ train step and go to ``fit(..., strategy=...)``:
   the fixed-rate form: each modality encoder's gradient times a fixed factor (a true
   per-modality learning rate with SGD only; see the class for Adam).
 
+* ``PMR``: Prototypical Modal Rebalance (Fan et al., "PMR: Prototypical Modal Rebalance
+  for Multimodal Learning", CVPR 2023): class prototypes in each encoder's feature
+  space give a classifier per modality; the slower modality's encoder gets that
+  classifier's cross-entropy, the dominant one an entropy regulariser. A stateful
+  strategy: the prototypes (``PMRState``) are carried by ``fit`` through the steps and
+  checkpointed.
+
 Pure functions do the arithmetic and can be used in any train step:
 ``label_scores`` (each modality's confidence in the true label with the others marked
 absent), ``ogm_ge_coefficients`` (OGM-GE's Eq. 9-10), ``unimodal_losses``,
-``gradient_blending_weights`` (G-Blend's Proposition 1 with Eq. 6-7's estimates) and
-``pareto_combine`` (MMPareto's combination of two gradients). To measure imbalance after
-training: ``head_losses`` (each modality's own loss) and ``linear_probe`` (how much label
-information one encoder of a fused model carries, by a logistic-regression probe on its
-pooled features).
+``gradient_blending_weights`` (G-Blend's Proposition 1 with Eq. 6-7's estimates),
+``pareto_combine`` (MMPareto's combination of two gradients) and PMR's
+``prototype_logits``, ``class_means``, ``update_prototypes`` and ``pmr_coefficients``.
+To measure imbalance after training: ``head_losses`` (each modality's own loss) and
+``linear_probe`` (how much label information one encoder of a fused model carries, by
+a logistic-regression probe on its pooled features).
 
 A strategy is any object with either or both of two methods, called inside the
 compiled step. ``loss(forward, task, batch, outputs, loss, key, step) -> (objective,
@@ -44,7 +52,10 @@ metrics)`` acts after the gradient and before the optimiser: ``model`` at the st
 parameters, ``grads`` an ``nnx.State`` of float32 arrays like the model's ``nnx.Param``
 state. ``metrics`` are dicts of float32 scalars that ``fit`` logs with each step. A
 strategy must be hashable with a stable ``repr`` (a frozen dataclass): ``fit`` stores
-the ``repr`` to resume the same run.
+the ``repr`` to resume the same run. A stateful strategy also has ``init_state(model,
+task, batch) -> state`` (a pytree of arrays); its ``loss`` and ``modulate`` then take
+the state as a last argument and return the new state as a third element, and ``fit``
+carries it through the compiled steps and its checkpoints (``PMR``).
 """
 
 from __future__ import annotations
@@ -55,7 +66,7 @@ import numbers
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +77,10 @@ from lepton_mm.types import RESERVED_KEYS
 
 Array = jax.Array
 
-__all__ = ["FUSED", "MSLR", "OGMGE", "GradientBlending", "MMPareto",
-           "gradient_blending_weights", "head_losses", "label_scores", "linear_probe",
-           "ogm_ge_coefficients", "pareto_combine", "unimodal_losses"]
+__all__ = ["FUSED", "MSLR", "OGMGE", "PMR", "GradientBlending", "MMPareto", "PMRState",
+           "class_means", "gradient_blending_weights", "head_losses", "label_scores",
+           "linear_probe", "ogm_ge_coefficients", "pareto_combine", "pmr_coefficients",
+           "prototype_logits", "unimodal_losses", "update_prototypes"]
 
 FUSED = "fused"
 """The name of the fused model's own head in Gradient Blending's weights and losses."""
@@ -181,15 +193,7 @@ class OGMGE:
     def __post_init__(self):
         _positive("alpha", self.alpha)
         object.__setattr__(self, "modalities", _modality_names(self.modalities, least=2))
-        for name in ("start_step", "end_step"):
-            value = getattr(self, name)
-            if value is None and name == "end_step":
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {value!r}.")
-        if self.end_step is not None and self.end_step <= self.start_step:
-            raise ValueError(f"end_step: expected > start_step ({self.start_step}), got "
-                             f"{self.end_step}.")
+        _check_steps(self, ("start_step", "end_step"))
 
     def check(self, model: Any) -> None:
         """Errors before any compilation: the model must have the balanced encoders."""
@@ -697,6 +701,374 @@ class MSLR:
         return jax.tree_util.tree_map_with_path(scale, grads), {}
 
 
+def prototype_logits(features: Array, prototypes: Array) -> Array:
+    """The prototype classifier's logits: minus each example's Euclidean distance to
+    each class prototype.
+
+    PMR's non-parametric classifier (Fan et al. 2023, Sec. 3): ``p(y = k | z_i) =
+    softmax_k(-d(z_i, c_k))`` with ``d`` the Euclidean distance (not squared, as the
+    authors' code computes it). The distance is computed from the differences (no
+    ``||z||^2 - 2 z.c + ||c||^2`` cancellation), and its gradient at zero distance is 0
+    rather than NaN.
+
+    Args:
+      features: float ``[batch, dim]``: a modality encoder's features ``z_i``.
+      prototypes: float ``[classes, dim]``: the class prototypes ``c_k``.
+
+    Returns:
+      float32 ``[batch, classes]``: ``-||z_i - c_k||_2``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> logits = prototype_logits(jnp.array([[3.0, 4.0]]),
+      ...                           jnp.array([[0.0, 0.0], [3.0, 2.0]]))
+      >>> logits.tolist()
+      [[-5.0, -2.0]]
+    """
+    z = jnp.asarray(features, jnp.float32)
+    c = jnp.asarray(prototypes, jnp.float32)
+    if z.ndim != 2 or c.ndim != 2 or z.shape[-1] != c.shape[-1]:
+        raise ValueError(f"features, prototypes: expected [batch, dim] and [classes, dim], "
+                         f"got {z.shape} and {c.shape}.")
+    squared = jnp.sum(jnp.square(z[:, None, :] - c[None, :, :]), axis=-1)
+    positive = squared > 0
+    return -jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def class_means(features: Array, labels: Array, rows: Array, *,
+                num_classes: int) -> tuple[Array, Array]:
+    """Each class's mean feature vector over the selected rows of a batch.
+
+    PMR's prototype (Fan et al. 2023, Sec. 3): ``c_k = (1 / N_k) sum_{i: y_i = k}
+    z_i``, here over one batch's rows where ``rows`` is True.
+
+    Args:
+      features: float ``[batch, dim]``.
+      labels: int ``[batch]`` in ``[0, num_classes)``.
+      rows: bool ``[batch]``: the rows to average (e.g. valid and modality present);
+        the features of other rows are never read (NaN there does not leak).
+      num_classes: the number of classes.
+
+    Returns:
+      ``(means, counts)``: float32 ``[classes, dim]`` (zeros for a class without rows)
+      and float32 ``[classes]`` (the number of rows of each class).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> means, counts = class_means(jnp.array([[1.0], [3.0], [5.0], [9.0]]),
+      ...                             jnp.array([0, 0, 1, 1]),
+      ...                             jnp.array([True, True, True, False]), num_classes=3)
+      >>> means[:, 0].tolist(), counts.tolist()
+      ([2.0, 5.0, 0.0], [2.0, 1.0, 0.0])
+    """
+    z = jnp.asarray(features, jnp.float32)
+    rows = jnp.asarray(rows, bool)
+    onehot = (jnp.asarray(labels)[:, None] == jnp.arange(num_classes)[None, :]) & rows[:, None]
+    onehot = onehot.astype(jnp.float32)
+    counts = jnp.sum(onehot, axis=0)
+    sums = onehot.T @ jnp.where(rows[:, None], z, 0.0)
+    return sums / jnp.maximum(counts, 1.0)[:, None], counts
+
+
+def update_prototypes(prototypes: Array, seen: Array, features: Array, labels: Array,
+                      rows: Array, *, momentum: float) -> tuple[Array, Array]:
+    """One step of PMR's prototypes as a per-step exponential moving average.
+
+    For each class ``k`` with rows in the batch (``class_means``: mean ``m_k``): ``c_k <-
+    momentum * c_k + (1 - momentum) * m_k`` if ``k`` was seen before, else ``c_k <-
+    m_k``; classes without rows keep ``c_k``. (The paper recomputes the class means over
+    part of the training set once per epoch and blends them with the previous epoch's
+    by a momentum; see ``PMR`` for why a per-step average is used here.)
+
+    Args:
+      prototypes: float32 ``[classes, dim]``.
+      seen: bool ``[classes]``: which classes have a prototype yet.
+      features: float ``[batch, dim]`` (treated as constants: no gradient is wanted).
+      labels: int ``[batch]``.
+      rows: bool ``[batch]``: the rows that count.
+      momentum: the old prototype's weight, in ``[0, 1)``.
+
+    Returns:
+      ``(prototypes, seen)`` after the step.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> c, seen = jnp.array([[0.0], [10.0]]), jnp.array([False, True])
+      >>> c, seen = update_prototypes(c, seen, jnp.array([[2.0], [4.0]]),
+      ...                             jnp.array([0, 1]), jnp.array([True, True]),
+      ...                             momentum=0.75)
+      >>> c[:, 0].tolist(), seen.tolist()  # class 0 first seen; 0.75 * 10 + 0.25 * 4
+      ([2.0, 8.5], [True, True])
+    """
+    momentum = _momentum(momentum)
+    c = jnp.asarray(prototypes, jnp.float32)
+    means, counts = class_means(jax.lax.stop_gradient(features), labels, rows,
+                                num_classes=c.shape[0])
+    has = counts > 0
+    blended = momentum * c + (1.0 - momentum) * means
+    new = jnp.where(has[:, None], jnp.where(jnp.asarray(seen)[:, None], blended, means), c)
+    return new, jnp.asarray(seen) | has
+
+
+def pmr_coefficients(scores: Mapping[str, Array], *, alpha: float, mu: float,
+                     rows: Mapping[str, Array] | None = None) -> tuple[
+                         dict[str, Array], dict[str, Array], dict[str, Array]]:
+    """PMR's imbalance ratios and the coefficients of its two loss terms.
+
+    With ``S^u`` the mean of ``s_i^u`` (the prototype classifier's probability of the
+    true label) over the batch's rows, the imbalance ratio is ``rho^u = S^u / S^v``
+    (Fan et al. 2023, Sec. 3: a ratio of sums over the batch, the same thing when every
+    example has every modality; with missing modalities each mean runs over the rows
+    where that modality is present, so an absent modality does not count as a wrong
+    answer). With more than two modalities ``S^v`` is the mean of the others' means.
+    The slower modality (``rho^u < 1``)
+    gets the prototypical cross-entropy with ``beta^u = alpha * clip(1 / rho^u - 1, 0,
+    1)``; the dominant one (``rho^u > 1``) gets the entropy regulariser with ``gamma^u =
+    mu * clip(rho^u - 1, 0, 1)``. With two modalities ``beta`` of the slower one and
+    ``gamma`` of the dominant one are both driven by ``clip(rho - 1, 0, 1)`` of the
+    dominant one, the form of BalanceMM's PMR (GeWu-Lab/BalanceBenchmark
+    ``PMR_trainer.py``); the authors' released code instead switches the slower
+    modality's weight between 0 and ``alpha``.
+
+    Args:
+      scores: ``{u: float [batch]}``, each in ``[0, 1]`` (two or more modalities).
+      alpha: the prototypical cross-entropy's scale (> 0).
+      mu: the entropy regulariser's scale (>= 0; 0 turns it off).
+      rows: optional ``{u: bool [batch]}``: the rows of each modality's mean (e.g. valid
+        and present); default: every row.
+
+    Returns:
+      ``(betas, gammas, ratios)``: ``{u: float32 scalar}`` each.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> beta, gamma, rho = pmr_coefficients({"a": jnp.array([0.6, 0.6]),
+      ...                                      "v": jnp.array([0.4, 0.4])},
+      ...                                     alpha=1.0, mu=0.1)
+      >>> [round(float(x), 4) for x in (rho["a"], beta["v"], gamma["a"], beta["a"],
+      ...                                gamma["v"])]
+      [1.5, 0.5, 0.05, 0.0, 0.0]
+    """
+    names = sorted(scores)
+    if len(names) < 2:
+        raise ValueError(f"scores: expected two or more modalities, got {names}.")
+    alpha = _positive("alpha", alpha)
+    mu = _non_negative("mu", mu)
+    sums = {}
+    for u in names:
+        s = jnp.asarray(scores[u], jnp.float32)
+        r = jnp.ones(s.shape, bool) if rows is None else jnp.asarray(rows[u], bool)
+        sums[u] = jnp.sum(jnp.where(r, s, 0.0)) / jnp.maximum(jnp.sum(r), 1).astype(
+            jnp.float32)
+    tiny = jnp.finfo(jnp.float32).tiny
+    betas, gammas, ratios = {}, {}, {}
+    for u in names:
+        others = sum(sums[v] for v in names if v != u) / (len(names) - 1)
+        ratios[u] = sums[u] / jnp.maximum(others, tiny)
+        betas[u] = alpha * jnp.clip((others - sums[u]) / jnp.maximum(sums[u], tiny), 0, 1)
+        gammas[u] = mu * jnp.clip((sums[u] - others) / jnp.maximum(others, tiny), 0, 1)
+    return betas, gammas, ratios
+
+
+class PMRState(NamedTuple):
+    """``PMR``'s state, carried by ``fit`` through the steps and checkpointed.
+
+    Attributes:
+      prototypes: ``{modality: float32 [classes, dim]}``: each class's prototype in that
+        modality encoder's feature space.
+      seen: ``{modality: bool [classes]}``: which classes have a prototype yet.
+    """
+
+    prototypes: dict[str, Array]  # {u: float32 [classes, dim_u]}
+    seen: dict[str, Array]  # {u: bool [classes]}
+
+
+@dataclasses.dataclass(frozen=True)
+class PMR:
+    """Prototypical Modal Rebalance (Fan et al., "PMR: Prototypical Modal Rebalance for
+    Multimodal Learning", CVPR 2023).
+
+    Each balanced modality ``u`` has class prototypes ``c_k^u`` in its encoder's feature
+    space (``z_i^u``: ``model.encoders[u]``'s pooled features, as the classifier computes
+    them) and with them a non-parametric classifier ``p^u(k | z_i) = softmax_k(-d(z_i^u,
+    c_k^u))`` (``prototype_logits``), which measures how far that modality alone has
+    learned, free of the fusion layer and of the other modalities. Each step:
+
+    * the prototypical cross-entropy ``L_PCE^u = -(1/N) sum_i log p^u(y_i | z_i)``;
+    * the prototypical entropy ``H^u = -(1/N) sum_i sum_k p^u(k | z_i) log p^u(k | z_i)``;
+    * the imbalance ratio ``rho^u = sum_i p^u(y_i | z_i) / sum_i p^v(y_i | z_i)`` (with
+      missing modalities: of the means over the rows where each is present) and the
+      coefficients ``beta^u``, ``gamma^u`` (``pmr_coefficients``);
+    * the objective ``L_fused + sum_u beta^u L_PCE^u - sum_u gamma^u H^u``: the slower
+      modality's encoder is pulled towards its prototypes (its features cluster by
+      class faster) and the dominant one's prototype distribution is kept from
+      converging early (its entropy is raised), the paper's PER, which it applies only
+      in the early epochs (``entropy_end_step``).
+
+    The sums run over the batch's valid rows where the modality is present. Gradients
+    reach only the encoders (the prototypes are constants, as are the coefficients).
+    The formulas follow the paper's Sec. 3 as summarised above (its equation numbers
+    could not be checked here, so they are written out in full); the coefficient form
+    follows BalanceMM's implementation (see ``pmr_coefficients``).
+
+    Deviations, and why:
+
+    * Prototypes: the paper recomputes the class means once per epoch over part of the
+      training set (the authors' code: a tenth of it, in eval mode, blended with the
+      previous epoch's prototypes by a momentum). Here ``fit`` has no pass over the data
+      outside the train step, so the prototypes are an exponential moving average of
+      each batch's class means (``update_prototypes``, weight ``momentum`` on the old
+      value), updated inside the compiled step from the step's own train-mode features
+      (at the parameters before the update; the step's losses use the prototypes from
+      before it). The state is then a function of the steps taken, which keeps
+      resuming exact; ``momentum`` near 1 averages over about ``1 / (1 - momentum)``
+      batches, as an epoch's mean would over many.
+    * Until every class has a prototype in every balanced modality (``pmr/ready``), the
+      two terms are off: a zero prototype is no class mean.
+    * More than two modalities: ``rho^u`` against the mean of the others (the paper has
+      two).
+    * The features come from an extra pass of the encoders (``forward.encode``), not
+      from the fused pass; with dropout they see other masks, and modality dropout
+      (``fit(modality_dropout=...)``) does not apply to them.
+
+    Logged per step: ``pmr/ratio_<u>``, ``pmr/beta_<u>`` and ``pmr/gamma_<u>`` (the
+    applied coefficients: 0 when off), ``pmr/pce_<u>``, ``pmr/entropy_<u>`` and
+    ``pmr/ready``. Cost: one extra encoder pass per step (its backward included).
+
+    Attributes:
+      alpha: the prototypical cross-entropy's scale (> 0).
+      mu: the entropy regulariser's scale (>= 0; 0, the default, leaves it out).
+      momentum: the old prototype's weight in each step's average, in ``[0, 1)``.
+      modalities: the modalities to balance (default: every encoder; two or more).
+      start_step, end_step: apply the two terms only at steps ``start_step <= step <
+        end_step`` (``end_step`` None: to the end); the prototypes are updated at every
+        step.
+      entropy_end_step: apply the entropy term only before this step (None: whenever
+        the cross-entropy term applies); the paper keeps it to the first epochs.
+    """
+
+    alpha: float
+    mu: float = 0.0
+    momentum: float = 0.9
+    modalities: tuple[str, ...] | None = None
+    start_step: int = 0
+    end_step: int | None = None
+    entropy_end_step: int | None = None
+
+    def __post_init__(self):
+        _positive("alpha", self.alpha)
+        _non_negative("mu", self.mu)
+        _momentum(self.momentum)
+        object.__setattr__(self, "modalities", _modality_names(self.modalities, least=2))
+        _check_steps(self, ("start_step", "end_step", "entropy_end_step"))
+
+    def check(self, model: Any) -> None:
+        """Errors before any compilation: the model must have the balanced encoders and
+        an ``encode`` method (``MultimodalClassifier``)."""
+        _check_encoders(model, "PMR", "modalities", self.modalities or ())
+        names = self._names(model)
+        if len(names) < 2:
+            raise ValueError(f"strategy: PMR needs two or more modalities, the model has "
+                             f"{names}.")
+        if not callable(getattr(model, "encode", None)):
+            raise TypeError(f"strategy: PMR needs a model with an encode(batch) method "
+                            f"(MultimodalClassifier), got {type(model).__name__}.")
+
+    def _names(self, model: Any) -> list[str]:
+        return sorted(self.modalities or model.encoders)
+
+    def init_state(self, model: Any, task: Any, batch: Mapping[str, Any]) -> PMRState:
+        """Zero prototypes, none seen: ``[classes, dim]`` per balanced modality.
+
+        Args:
+          model: the model (``fit`` passes a copy, traced: only shapes are read).
+          task: the task; a classification task with ``num_classes``.
+          batch: a sample batch (the first training examples).
+
+        Returns:
+          The initial ``PMRState``.
+        """
+        classes = getattr(task, "num_classes", None)
+        if isinstance(classes, bool) or not isinstance(classes, numbers.Integral):
+            raise TypeError(f"strategy: PMR needs a classification task with num_classes "
+                            f"(lepton_mm.models.Classification), got {task!r}.")
+        labels = batch.get("label")
+        if labels is None or jnp.ndim(labels) != 1 or not jnp.issubdtype(
+                jnp.asarray(labels).dtype, jnp.integer):
+            raise TypeError("strategy: PMR needs integer class labels batch['label'] "
+                            "[batch].")
+        encoded = model.encode(batch)
+        names = self._names(model)
+        return PMRState(
+            prototypes={u: jnp.zeros((int(classes), encoded[u].pooled.shape[-1]),
+                                     jnp.float32) for u in names},
+            seen={u: jnp.zeros((int(classes),), bool) for u in names})
+
+    def loss(self, forward: Any, task: Any, batch: Mapping[str, Any], outputs: Any,
+             loss: Array, key: Array, step: Array,
+             state: PMRState) -> tuple[Array, dict[str, Array], PMRState]:
+        """``(objective, metrics, new state)`` for one step (see the class docstring).
+
+        Args:
+          forward: the model at the parameters differentiated, with ``encode(batch) ->
+            {modality: EncoderOutput}``.
+          task: the task (unused: ``loss`` is its loss of the fused outputs).
+          batch: the step's batch (with ``"valid"`` and ``"label"``).
+          outputs: the step's fused outputs (unused).
+          loss: float32 scalar, the task's loss of the fused outputs.
+          key: a PRNG key (unused: PMR is deterministic).
+          step: int32 scalar, the number of steps taken before this one.
+          state: the ``PMRState`` before this step.
+
+        Returns:
+          The objective, ``{"pmr/...": scalar}`` and the ``PMRState`` after this step.
+        """
+        del task, outputs, key
+        names = sorted(state.prototypes)
+        encoded = forward.encode(batch)
+        labels = jnp.asarray(batch["label"]).astype(jnp.int32)
+        size = labels.shape[0]
+        valid = jnp.asarray(batch["valid"], bool) if batch.get("valid") is not None \
+            else jnp.ones((size,), bool)
+        present = batch.get("present") or {}
+        pce, entropy, scores, rows, features = {}, {}, {}, {}, {}
+        for u in names:
+            z = jnp.asarray(encoded[u].pooled, jnp.float32)
+            own = present.get(u)
+            r = valid if own is None else valid & jnp.asarray(own, bool)
+            logp = jax.nn.log_softmax(prototype_logits(z, state.prototypes[u]), axis=-1)
+            true = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+            n = jnp.maximum(jnp.sum(r), 1).astype(jnp.float32)
+            pce[u] = -jnp.sum(jnp.where(r, true, 0.0)) / n
+            entropy[u] = -jnp.sum(jnp.where(r, jnp.sum(jnp.exp(logp) * logp, -1), 0.0)) / n
+            scores[u] = jnp.where(r, jnp.exp(true), 0.0)
+            rows[u], features[u] = r, z
+        betas, gammas, ratios = pmr_coefficients(jax.lax.stop_gradient(scores),
+                                                 alpha=self.alpha, mu=self.mu, rows=rows)
+        ready = jnp.all(jnp.stack([jnp.all(state.seen[u]) for u in names]))
+        active = ready & (step >= self.start_step)
+        if self.end_step is not None:
+            active = active & (step < self.end_step)
+        entropy_on = active
+        if self.entropy_end_step is not None:
+            entropy_on = entropy_on & (step < self.entropy_end_step)
+        betas = {u: jnp.where(active, b, 0.0) for u, b in betas.items()}
+        gammas = {u: jnp.where(entropy_on, g, 0.0) for u, g in gammas.items()}
+        objective = jnp.asarray(loss, jnp.float32) + sum(
+            betas[u] * pce[u] - gammas[u] * entropy[u] for u in names)
+        prototypes, seen = {}, {}
+        for u in names:
+            prototypes[u], seen[u] = update_prototypes(
+                state.prototypes[u], state.seen[u], features[u], labels, rows[u],
+                momentum=self.momentum)
+        metrics = {"pmr/ready": ready.astype(jnp.float32)}
+        for u in names:
+            metrics.update({f"pmr/ratio_{u}": ratios[u], f"pmr/beta_{u}": betas[u],
+                            f"pmr/gamma_{u}": gammas[u], f"pmr/pce_{u}": pce[u],
+                            f"pmr/entropy_{u}": entropy[u]})
+        return objective, metrics, PMRState(prototypes, seen)
+
+
 def linear_probe(model: Any, train: Mapping[str, Any], test: Mapping[str, Any], *,
                  modality: str, num_classes: int, steps: int = 200, l2: float = 1e-3,
                  batch_size: int = 256) -> dict[str, float | int]:
@@ -914,6 +1286,34 @@ def _param_key(path: Sequence[Any]) -> tuple[str, ...]:
     names = tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p))))
                   for p in path)
     return names[:-1] if names and names[-1] == "value" else names
+
+
+def _check_steps(strategy: Any, names: Sequence[str]) -> None:
+    """A strategy's step fields checked: ``start_step`` an int >= 0, the others None or
+    an int >= 0, and ``end_step`` (if given) > ``start_step``."""
+    for name in names:
+        value = getattr(strategy, name)
+        if value is None and name != "start_step":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {value!r}.")
+    end, start = getattr(strategy, "end_step", None), strategy.start_step
+    if end is not None and end <= start:
+        raise ValueError(f"end_step: expected > start_step ({start}), got {end}.")
+
+
+def _non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+            value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _momentum(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            0 <= value < 1):
+        raise ValueError(f"momentum: expected a number in [0, 1), got {value!r}.")
+    return float(value)
 
 
 def _positive(name: str, value: Any) -> float:
