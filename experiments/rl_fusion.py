@@ -13,6 +13,8 @@ modality, and what an agent trained on both does when one is missing at test tim
 (``batch["present"]``, the library's presence masks). A policy that ignores the ball
 catches it with probability exactly 1/5 (return -0.6), whatever it does.
 
+``lepton_mm.recipes.rl_fusion`` holds the config, the method names and what a record
+keeps of a run; this script turns them into ledger records, tables and a figure.
 Methods: a fusion name in ``lepton_mm.fusion.FUSIONS`` (both modalities; the table uses
 ``concat``, ``gated`` and ``attention``), ``pixels_only`` / ``state_only``, or a fusion
 name with ``+mdrop``, trained with modality dropout (``lepton_mm.fusion.modality_dropout``
@@ -50,11 +52,9 @@ References:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,215 +62,20 @@ from flax import nnx
 
 from lepton_mm import harness
 from lepton_mm.experiment import RunKey, format_mean_std
-from lepton_mm.fusion import FUSIONS
-from lepton_mm.harness import seed_stats_of
-from lepton_mm.rl import (
-    ENVIRONMENTS,
-    AgentConfig,
-    PPOConfig,
-    Trial,
-    steps_to_return,
-    train_and_test,
+from lepton_mm.recipes.rl_fusion import (
+    BLIND_RETURN,
+    CONDITIONS,
+    MDROP_SUFFIX,
+    METHODS,
+    SINGLE_SUFFIX,
+    RLFusionConfig,
+    catch_rate,  # noqa: F401  (notebooks/05_rl_fusion.ipynb reads it from here)
+    parse_method,
+    quick_config,
+    record_metrics,
+    resolve_methods,
 )
-
-#: The modalities every environment here offers (``EnvSpec.modalities``).
-MODALITIES = ("pixels", "state")
-#: The table's fusion methods; any name in ``lepton_mm.fusion.FUSIONS`` is a method too.
-FUSION_METHODS = ("concat", "gated", "attention")
-#: Single-modality methods: ``<modality>_only``.
-SINGLE_SUFFIX = "_only"
-#: ``<fusion>+mdrop``: the fusion method trained with modality dropout.
-MDROP_SUFFIX = "+mdrop"
-METHODS = (*FUSION_METHODS, f"concat{MDROP_SUFFIX}",
-           *(f"{m}{SINGLE_SUFFIX}" for m in MODALITIES))
-#: Test conditions: name → the modalities marked absent.
-CONDITIONS = {"all": (), "no_pixels": ("pixels",), "no_state": ("state",)}
-#: The exact return of any policy that ignores the ball (module docstring).
-BLIND_RETURN = -0.6
-
-
-@dataclasses.dataclass(frozen=True)
-class RLFusionConfig:
-    """Everything the experiment needs (``quick_config()`` for the fast variant).
-
-    Attributes:
-      methods: fusion names and/or ``pixels_only``, ``state_only``; empty: ``METHODS``.
-      seeds: one run per method and seed (initialisation, environments, sampling).
-      workdir: scratch folder (the JAX compilation cache); results: the ledger's root.
-      env: a key of ``lepton_mm.rl.ENVIRONMENTS``.
-      total_steps: environment steps per run (all environments together).
-      num_envs: environments stepped in parallel (``jax.vmap``).
-      rollout_steps: steps per environment between two updates.
-      update_epochs, minibatches: PPO passes over each rollout, and minibatches per pass.
-      learning_rate: Adam's rate, annealed linearly to 0 over the run.
-      gamma, gae_lambda: discount and GAE mixing.
-      clip_epsilon: PPO's ratio clip (also clips the value update).
-      entropy_coef, value_coef: weights of the entropy bonus and the value loss.
-      max_grad_norm: global gradient-norm clip.
-      dim: each encoder's output size.
-      hidden: the fused (or single) feature size.
-      cnn_widths: the pixel encoder's convolution widths (3 x 3, no pooling).
-      modality_dropout: the rate at which ``+mdrop`` methods hide each modality per
-        environment and step while training (``lepton_mm.fusion.modality_dropout``; one
-        modality is always kept).
-      eval_envs, eval_steps: test episodes run ``eval_envs`` environments for
-        ``eval_steps`` steps (Catch: 9 steps an episode).
-      progress: unused (the run is one compiled call); quick: set by ``quick_config``.
-    """
-
-    methods: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = (0,)
-    workdir: str = "runs/rl_fusion"
-    results: str = "results"
-    env: str = "catch"
-    total_steps: int = 81_920
-    num_envs: int = 16
-    rollout_steps: int = 32
-    update_epochs: int = 4
-    minibatches: int = 4
-    learning_rate: float = 1e-3
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_epsilon: float = 0.2
-    entropy_coef: float = 0.01
-    value_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    dim: int = 32
-    hidden: int = 32
-    cnn_widths: tuple[int, ...] = (16, 16)
-    modality_dropout: float = 0.3
-    eval_envs: int = 256
-    eval_steps: int = 90
-    progress: bool | None = None
-    quick: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("methods", "seeds", "cnn_widths"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: expected distinct seeds, got {list(self.seeds)}.")
-        if self.env not in ENVIRONMENTS:
-            raise ValueError(f"env: unknown environment {self.env!r}. Known: "
-                             f"{sorted(ENVIRONMENTS)}.")
-        self.agent(METHODS[0])  # the library configs' own checks, the dropout rate's too
-        self.ppo(f"concat{MDROP_SUFFIX}")
-
-    def agent(self, method: str) -> AgentConfig:
-        """The actor-critic of ``method`` (``parse_method``)."""
-        fusion, modalities, _ = parse_method(method)
-        return AgentConfig(fusion, modalities, self.dim, self.hidden, self.cnn_widths)
-
-    def ppo(self, method: str) -> PPOConfig:
-        """PPO's settings for ``method``: modality dropout only for ``+mdrop`` methods."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(PPOConfig)}
-        dropout = self.modality_dropout if parse_method(method).modality_dropout else None
-        return PPOConfig(**{**fields, "modality_dropout": dropout})
-
-
-def quick_config(**overrides: Any) -> RLFusionConfig:
-    """``--quick``: ``concat`` and ``state_only``, one seed, 16 384 steps; records under
-    ``WORKDIR/results``, never in the committed ledger."""
-    base = dict(methods=("concat", "state_only"), seeds=(0,), total_steps=16_384,
-                quick=True, workdir="runs/rl_fusion_quick")
-    merged = {**base, **overrides}
-    merged.setdefault("results", str(Path(merged["workdir"]) / "results"))
-    return RLFusionConfig(**merged)
-
-
-# -------------------------------------------------------------------------- methods
-
-
-class Method(NamedTuple):
-    """What a method name means (``parse_method``).
-
-    Attributes:
-      fusion: a name in ``lepton_mm.fusion.FUSIONS``, or None for one modality.
-      modalities: the modalities the agent observes, sorted.
-      modality_dropout: trained with modality dropout (``+mdrop``).
-    """
-
-    fusion: str | None
-    modalities: tuple[str, ...]
-    modality_dropout: bool
-
-
-def parse_method(method: str) -> Method:
-    """What a method name means.
-
-    Args:
-      method: a name in ``lepton_mm.fusion.FUSIONS`` (both modalities), that name
-        followed by ``+mdrop`` (trained with modality dropout), or ``<modality>_only``.
-
-    Returns:
-      ``Method("concat", ("pixels", "state"), False)``, ``Method(None, ("state",),
-      False)``, ...
-
-    Raises:
-      ValueError: an unknown fusion or modality (the message names ``methods``).
-    """
-    if method.endswith(SINGLE_SUFFIX):
-        modality = method[:-len(SINGLE_SUFFIX)]
-        if modality not in MODALITIES:
-            raise ValueError(f"methods: {method!r} names an unknown modality {modality!r}. "
-                             f"Known: {list(MODALITIES)}.")
-        return Method(None, (modality,), False)
-    fusion = method.removesuffix(MDROP_SUFFIX)
-    if fusion not in FUSIONS:
-        raise ValueError(f"methods: unknown method {method!r}: neither a fusion "
-                         f"({sorted(FUSIONS)}, optionally with {MDROP_SUFFIX!r}) nor "
-                         f"<modality>{SINGLE_SUFFIX} "
-                         f"({[m + SINGLE_SUFFIX for m in MODALITIES]}).")
-    return Method(fusion, MODALITIES, fusion != method)
-
-
-def resolve_methods(config: RLFusionConfig) -> list[str]:
-    """The methods to run, validated before any computation."""
-    methods = list(dict.fromkeys(config.methods)) or list(METHODS)
-    for m in methods:
-        parse_method(m)
-    return methods
-
-
-# -------------------------------------------------------------------------- one run
-
-
-#: The training return ``steps_to_return`` waits for in the table (0.8: 90 % catches).
-THRESHOLD = 0.8
-
-
-def catch_rate(episode_return: float) -> float:
-    """Catch's fraction of balls caught from the mean return (+1 caught, -1 missed)."""
-    return (episode_return + 1.0) / 2.0
-
-
-def record_metrics(trial: Trial) -> dict[str, Any]:
-    """A trial as a record's metrics (JSON; returns rounded to 4 digits).
-
-    Args:
-      trial: one run's ``lepton_mm.rl.train_and_test``.
-
-    Returns:
-      ``{"test_accuracy", "val_accuracy"`` (catch rates of ``test_return["all"]`` and
-      ``final_return``), ``"test_return"``, ``"test_episodes"`` (``{condition:
-      value}``), ``"random_return"``, ``"final_return"``, ``"curve"`` (lists, one entry
-      per update: ``env_steps``, ``return`` (None where no episode ended), ``episodes``,
-      ``loss``, ``entropy``) and ``"steps_to_return_0.8"``}``.
-    """
-    c, final = trial.curve, round(trial.final_return, 4)
-    curve = {"env_steps": c["env_steps"].tolist(),
-             "return": [round(float(r), 4) if e else None
-                        for r, e in zip(c["return"], c["episodes"], strict=True)],
-             "episodes": c["episodes"].astype(int).tolist(),
-             "loss": np.round(c["loss"], 5).tolist(),
-             "entropy": np.round(c["entropy"], 5).tolist()}
-    tested = {k: round(v, 4) for k, v in trial.test_return.items()}
-    return {"test_accuracy": catch_rate(tested["all"]), "val_accuracy": catch_rate(final),
-            "test_return": tested, "test_episodes": trial.test_episodes,
-            "random_return": round(trial.random_return, 4), "final_return": final,
-            "curve": curve, "steps_to_return_0.8": steps_to_return(curve, THRESHOLD)}
-
-
-# --------------------------------------------------------------------------- ledger
+from lepton_mm.rl import train_and_test
 
 
 class RLFusion(harness.Experiment):
@@ -278,6 +83,7 @@ class RLFusion(harness.Experiment):
     every modality present and with each one absent."""
 
     name, script = "rl_fusion", "experiments/rl_fusion.py"
+    config_class, quick_config = RLFusionConfig, staticmethod(quick_config)
     figures = ("curves.png",)
     flags = tuple((field, "--" + field.replace("_", "-")) for field in (
         "env", "total_steps", "num_envs", "rollout_steps", "update_epochs", "minibatches",
@@ -287,9 +93,6 @@ class RLFusion(harness.Experiment):
 
     def methods(self) -> list[str]:
         return resolve_methods(self.config)
-
-    def default_config(self) -> RLFusionConfig:
-        return quick_config() if self.config.quick else RLFusionConfig()
 
     def run_config(self, method: str) -> dict[str, Any]:
         """The settings ``method``'s result depends on (``modality_dropout`` only for
@@ -324,25 +127,22 @@ class RLFusion(harness.Experiment):
         and the steps to a training return of ``THRESHOLD`` (``seed_stats``); the
         learning curve's mean and sample std over seeds at each update; parameters,
         seconds of training and of compiling."""
+        stats = harness.seed_stats_of
         out = {}
         for method, rs in runs.items():
-            curves = np.array([[np.nan if v is None else v
-                                for v in r["metrics"]["curve"]["return"]] for r in rs], float)
             out[method] = {
                 "seeds": [r["seed"] for r in rs],
                 "modalities": list(parse_method(method).modalities),
                 "test_return": {
-                    c: seed_stats_of(rs, lambda r, c=c: r["metrics"]["test_return"][c])
+                    c: stats(rs, lambda r, c=c: r["metrics"]["test_return"][c])
                     for c in CONDITIONS},
-                "random_return": seed_stats_of(rs, lambda r: r["metrics"]["random_return"]),
-                "final_return": seed_stats_of(rs, lambda r: r["metrics"]["final_return"]),
+                "random_return": stats(rs, lambda r: r["metrics"]["random_return"]),
+                "final_return": stats(rs, lambda r: r["metrics"]["final_return"]),
                 "steps_to_return_0.8": {
                     "per_seed": {str(r["seed"]): r["metrics"]["steps_to_return_0.8"] for r in rs},
-                    "stats": seed_stats_of(rs, lambda r: r["metrics"]["steps_to_return_0.8"])},
+                    "stats": stats(rs, lambda r: r["metrics"]["steps_to_return_0.8"])},
                 "curve": {"env_steps": rs[0]["metrics"]["curve"]["env_steps"],
-                          "mean": np.round(np.nanmean(curves, 0), 4).tolist(),
-                          "std": (np.round(np.nanstd(curves, 0, ddof=1), 4).tolist()
-                                  if len(rs) > 1 else None)},
+                          **harness.curve_stats(rs, lambda r: r["metrics"]["curve"]["return"])},
                 "params": rs[0]["params"],
                 "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
                 "compile_seconds": float(np.mean([r["compile_seconds"] for r in rs])),
@@ -354,24 +154,20 @@ class RLFusion(harness.Experiment):
         def cell(stats: Mapping[str, Any] | None) -> str:
             return format_mean_std(stats, percent=False, digits=2)
 
-        lines = ["| method | modalities | params | env steps to training return 0.8 | "
-                 "final training return | test return, all present | without pixels | "
-                 "without state | seeds |", "|---|---|---|---|---|---|---|---|---|"]
-        for method, s in summary.items():
-            reached = s["steps_to_return_0.8"]
+        def steps(reached: Mapping[str, Any]) -> str:
             if reached["stats"] is not None:
-                steps = format_mean_std(
-                    {**reached["stats"], "mean": reached["stats"]["mean"] / 1000,
-                     "std": None if reached["stats"]["std"] is None
-                     else reached["stats"]["std"] / 1000}, percent=False, digits=1) + " k"
-            else:
-                never = sum(v is None for v in reached["per_seed"].values())
-                steps = f"not reached ({never} of {len(reached['per_seed'])} seeds)"
-            t = s["test_return"]
-            lines.append(
-                f"| {method} | {' + '.join(s['modalities'])} | {s['params']:,} | {steps} | "
-                f"{cell(s['final_return'])} | {cell(t['all'])} | {cell(t['no_pixels'])} | "
-                f"{cell(t['no_state'])} | {len(s['seeds'])} |")
+                return format_mean_std(reached["stats"], digits=1, scale=1e-3) + " k"
+            never = sum(v is None for v in reached["per_seed"].values())
+            return f"not reached ({never} of {len(reached['per_seed'])} seeds)"
+
+        lines = harness.markdown_table(
+            ["method", "modalities", "params", "env steps to training return 0.8",
+             "final training return", "test return, all present", "without pixels",
+             "without state", "seeds"],
+            ([method, " + ".join(s["modalities"]), f"{s['params']:,}",
+              steps(s["steps_to_return_0.8"]), cell(s["final_return"]),
+              *(cell(s["test_return"][c]) for c in CONDITIONS), len(s["seeds"])]
+             for method, s in summary.items()))
         any_method = next(iter(summary.values()))
         lines += ["", f"Uniformly random actions: test return "
                       f"{cell(any_method['random_return'])} (exact: {BLIND_RETURN}). "
@@ -389,49 +185,30 @@ class RLFusion(harness.Experiment):
 
     def plot(self, summary: dict[str, Any], out: Path) -> list[Path]:
         """``curves.png``: training return against environment steps, a line per method
-        (mean over seeds) with a band of ± one sample std."""
-        from matplotlib.figure import Figure  # not pyplot: leaves the backend alone
-
-        fig = Figure(figsize=(6.4, 3.6), dpi=100)
-        ax = fig.subplots()
-        for method, s in summary.items():
-            x = np.asarray(s["curve"]["env_steps"]) / 1000
-            mean = np.asarray(s["curve"]["mean"], float)
-            style = ("--" if method.endswith(SINGLE_SUFFIX) else
-                     ":" if method.endswith(MDROP_SUFFIX) else "-")
-            (line,) = ax.plot(x, mean, style, lw=1.4, label=f"{method} ({len(s['seeds'])})")
-            if s["curve"]["std"] is not None:
-                std = np.asarray(s["curve"]["std"], float)
-                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15,
-                                lw=0)
-        ax.axhline(BLIND_RETURN, color="grey", lw=0.8, ls=":")
-        ax.text(0.25 * self.config.total_steps / 1000, BLIND_RETURN + 0.03,
-                "a policy that ignores the ball", color="grey", fontsize=8)
-        ax.set(xlabel="environment steps (thousands)", ylabel="training episode return",
-               title="PPO on Catch (gymnax): fusion vs single modality", ylim=(-1.05, 1.05))
-        ax.legend(fontsize=8, loc="lower right", title="method (seeds)", title_fontsize=8)
-        fig.tight_layout()
-        path = out / "curves.png"
-        fig.savefig(path)
-        return [path]
+        (mean over seeds; single modalities dashed, ``+mdrop`` dotted) with a band of
+        ± one sample std."""
+        labels = {m: f"{m} ({len(s['seeds'])})" for m, s in summary.items()}
+        curves = {labels[m]: {"x": np.asarray(s["curve"]["env_steps"]) / 1000,
+                              "mean": s["curve"]["mean"], "std": s["curve"]["std"]}
+                  for m, s in summary.items()}
+        styles = {labels[m]: "--" if m.endswith(SINGLE_SUFFIX) else
+                  ":" if m.endswith(MDROP_SUFFIX) else "-" for m in summary}
+        return [harness.plot_curves(
+            curves, out / "curves.png", xlabel="environment steps (thousands)",
+            ylabel="training episode return", styles=styles, ylim=(-1.05, 1.05),
+            title="PPO on Catch (gymnax): fusion vs single modality",
+            hline=(BLIND_RETURN, "a policy that ignores the ball"),
+            legend_title="method (seeds)")]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RLFusionConfig, argparse.Namespace]:
     """Command line → ``(RLFusionConfig, the parsed arguments)``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=None,
-                        help=f"comma-separated: fusion names or <modality>_only (default: "
-                             f"{','.join(METHODS)}; --quick: concat,state_only)")
-    harness.add_arguments(parser, quick="concat and state_only, one seed, 16 384 steps")
-    harness.add_flags(parser, RLFusion, RLFusionConfig)
+    parser = harness.make_parser(
+        RLFusion, doc=__doc__, quick="concat and state_only, one seed, 16 384 steps",
+        methods=f"comma-separated: fusion names or <modality>_only (default: "
+                f"{','.join(METHODS)}; --quick: concat,state_only)")
     args = parser.parse_args(argv)
-    overrides = {**harness.base_overrides(parser, args, "rl_fusion"),
-                 **harness.config_file(parser, args, RLFusionConfig),
-                 **harness.flag_overrides(args, RLFusion)}
-    if args.methods is not None:
-        overrides["methods"] = tuple(m for m in args.methods.split(",") if m)
-    return harness.make_config(parser, quick_config if args.quick else RLFusionConfig,
-                               overrides), args
+    return harness.config_from_args(RLFusion, parser, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_script(main)

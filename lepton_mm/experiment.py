@@ -814,21 +814,30 @@ def seed_stats(values: Mapping[str, float]) -> dict[str, Any]:
 
 
 def format_mean_std(stats: Mapping[str, Any] | None, *, percent: bool = True,
-                    digits: int = 1) -> str:
+                    digits: int = 1, scale: float | None = None) -> str:
     """``"81.9 ± 0.4"`` for a results table.
 
     Args:
       stats: from ``seed_stats``, or None.
       percent: multiply by 100.
       digits: decimals.
+      scale: multiply by this instead (e.g. ``1e-3`` for thousands; None: 100 with
+        ``percent``, else 1).
 
     Returns:
       ``"mean ± std"``; just ``"mean"`` when std is None; ``"—"`` when ``stats`` or its
       mean is None.
+
+    Examples:
+      >>> format_mean_std({"mean": 0.8192, "std": 0.0041})
+      '81.9 ± 0.4'
+      >>> format_mean_std({"mean": 20480.0, "std": None}, digits=1, scale=1e-3)
+      '20.5'
     """
     if stats is None or stats.get("mean") is None:
         return "—"
-    scale = 100.0 if percent else 1.0
+    if scale is None:
+        scale = 100.0 if percent else 1.0
     text = f"{stats['mean'] * scale:.{digits}f}"
     if stats.get("std") is not None:
         text += f" ± {stats['std'] * scale:.{digits}f}"

@@ -40,7 +40,7 @@ import dataclasses
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,14 +56,17 @@ __all__ = [
     "base_overrides",
     "config_file",
     "config_from_args",
+    "curve_stats",
     "enable_compilation_cache",
     "fit_facts",
     "flag_overrides",
     "int_at_least",
     "make_config",
     "make_parser",
+    "markdown_table",
     "parse_floats",
     "parse_ints",
+    "plot_curves",
     "run_costs",
     "run_main",
     "run_script",
@@ -149,6 +152,91 @@ def seed_stats_of(runs: Sequence[Mapping[str, Any]],
     """
     values = {str(r["seed"]): get(r) for r in runs}
     return None if None in values.values() else ledger.seed_stats(values)
+
+
+def curve_stats(runs: Sequence[Mapping[str, Any]],
+                get: Callable[[Mapping[str, Any]], Sequence[float | None]], *,
+                digits: int = 4) -> dict[str, Any]:
+    """Mean and sample std over a method's records of a curve, point by point.
+
+    Args:
+      runs: the method's records (non-empty), whose curves have one length.
+      get: the curve of a record (None where it has no value at a point: left out of
+        that point's statistics).
+      digits: decimals kept.
+
+    Returns:
+      ``{"mean": [...], "std": [...]}`` per point; ``std`` is None for one record.
+    """
+    curves = np.array([[np.nan if v is None else v for v in get(r)] for r in runs], float)
+    return {"mean": np.round(np.nanmean(curves, 0), digits).tolist(),
+            "std": (np.round(np.nanstd(curves, 0, ddof=1), digits).tolist()
+                    if len(runs) > 1 else None)}
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A markdown table's lines, for ``Experiment.tables``.
+
+    Args:
+      header: the column titles.
+      rows: the cells of each row (written with ``str``).
+
+    Returns:
+      The header line, the ``|---|...`` line and one line per row.
+
+    Examples:
+      >>> markdown_table(["method", "accuracy"], [["concat", "81.9 ± 0.4"]])
+      ['| method | accuracy |', '|---|---|', '| concat | 81.9 ± 0.4 |']
+    """
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Path, *, xlabel: str,
+                ylabel: str, title: str, styles: Mapping[str, str] | None = None,
+                hline: tuple[float, str] | None = None,
+                ylim: tuple[float, float] | None = None,
+                legend_title: str | None = None) -> Path:
+    """Curves over seeds as a PNG, for ``Experiment.plot``: a line per entry (the mean)
+    in a band of ± one sample std.
+
+    Args:
+      curves: legend label -> ``{"x", "mean", "std"}`` (lists of one length; ``std``
+        None: no band), e.g. from ``curve_stats``.
+      path: the PNG to write.
+      xlabel: the x-axis label.
+      ylabel: the y-axis label.
+      title: the figure's title.
+      styles: legend label -> line style (``"--"``, ``":"``; default ``"-"``).
+      hline: ``(y, text)``: a dotted grey line at ``y``, the text above it.
+      ylim: the y-axis range (default: matplotlib's).
+      legend_title: the legend's title.
+
+    Returns:
+      ``path`` as a ``pathlib.Path``.
+    """
+    from matplotlib.figure import Figure  # not pyplot: leaves the backend alone
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    ax = fig.subplots()
+    for label, curve in curves.items():
+        x, mean = np.asarray(curve["x"], float), np.asarray(curve["mean"], float)
+        (line,) = ax.plot(x, mean, (styles or {}).get(label, "-"), lw=1.4, label=label)
+        if curve["std"] is not None:
+            std = np.asarray(curve["std"], float)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15,
+                            lw=0)
+    if hline is not None:
+        ax.axhline(hline[0], color="grey", lw=0.8, ls=":")
+        right = max(float(np.max(c["x"])) for c in curves.values())
+        ax.text(0.25 * right, hline[0] + 0.03, hline[1], color="grey", fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=8, loc="lower right", title=legend_title, title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
 
 
 def _flag_value(value: Any) -> str:

@@ -315,6 +315,22 @@ def test_seed_stats_of_a_methods_records():
     assert harness.seed_stats_of(runs, lambda r: r["m"] if r["seed"] else None) is None
 
 
+def test_curve_stats_table_and_curve_figure(tmp_path):
+    runs = [{"c": [0.0, None, 1.0]}, {"c": [1.0, 0.5, 0.0]}, {"c": [0.5, 1.5, 0.5]}]
+    stats = harness.curve_stats(runs, lambda r: r["c"])  # None: left out of its point
+    assert stats == {"mean": [0.5, 1.0, 0.5], "std": [0.5, 0.7071, 0.5]}
+    assert harness.curve_stats(runs[1:2], lambda r: r["c"]) == {"mean": [1.0, 0.5, 0.0],
+                                                                "std": None}
+    assert harness.markdown_table(["a", "b"], [[1, "x"], ["y", 2.5]]) == [
+        "| a | b |", "|---|---|", "| 1 | x |", "| y | 2.5 |"]
+    path = harness.plot_curves(
+        {"m (2)": {"x": [1, 2, 3], **stats}, "one": {"x": [1, 2, 3], "mean": [0, 1, 0],
+                                                      "std": None}},
+        tmp_path / "c.png", xlabel="x", ylabel="y", title="t", styles={"one": "--"},
+        hline=(0.1, "chance"), ylim=(-1, 2), legend_title="method")
+    assert path == tmp_path / "c.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
 def _quick_toy(**overrides):
     return ToyConfig(**{"rate": 0.1, "quick": True, **overrides})
 

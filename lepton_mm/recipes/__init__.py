@@ -12,6 +12,8 @@ keys and hashes, the report's tables and the command line (``lepton_mm.harness``
   classifier on AV-MNIST (``experiments/alignment.py``).
 - ``lepton_mm.recipes.mustard``: sarcasm detection on MUStARD's official folds with
   all-MiniLM-L6-v2 (``experiments/mustard.py``).
+- ``lepton_mm.recipes.rl_fusion``: fusion inside a PPO agent on Catch, seen as pixels
+  and as a state vector (``experiments/rl_fusion.py``; needs the ``rl`` extra).
 - ``lepton_mm.recipes.smoke``: a synthetic image + text + audio task for end-to-end checks
   (``experiments/smoke.py``).
 
