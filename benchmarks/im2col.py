@@ -16,22 +16,9 @@ docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _avmnist():
-    spec = importlib.util.spec_from_file_location("_avmnist", ROOT / "experiments" /
-                                                  "avmnist.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_avmnist"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _gather_paths(conv):
@@ -70,10 +57,10 @@ def main(argv=None) -> int:
     import lepton_mm.encoders._conv as conv
     from lepton_mm.experiment import machine_info
     from lepton_mm.models import Classification
+    from lepton_mm.recipes import avmnist
     from lepton_mm.training import ArrayDataset, OptimizerConfig, make_optimizer, seed_rngs
     from lepton_mm.training.loop import TrainState, make_train_step
 
-    avmnist = _avmnist()
     library = (conv._conv_phase_ordered, conv._conv_single_channel)
     paths = {"slices": library, "gather": _gather_paths(conv)}
     sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -781,7 +781,7 @@ def bench_sentence_encoder(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_script(path: Path, name: str) -> Any:
-    """A script imported from its path (``experiments/avmnist.py``, the peers)."""
+    """A script imported from its path (the peers)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
@@ -875,7 +875,7 @@ def bench_epoch_avmnist(config: dict[str, Any], *, skip: str | None = None
             for bs in config["epoch_batch_sizes"]}
     if skip is not None:
         return {key: {"skipped": skip, "ratio": None} for key in keys.values()}
-    avmnist = _load_script(ROOT / "experiments" / "avmnist.py", "_bench_avmnist_experiment")
+    from lepton_mm.recipes import avmnist
     cfg = avmnist.AVMNISTConfig(methods=("concat",), seeds=(0,),
                                 num_train=config["epoch_num_train"],
                                 num_val=config["epoch_num_val"], num_test=1,

@@ -41,11 +41,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import avmnist  # experiments/avmnist.py: the trained runs' config, model and data
+import avmnist  # experiments/avmnist.py: where its runs' checkpoints are (AVMNIST.workdir)
 import numpy as np
 
 from lepton_mm import harness
 from lepton_mm.experiment import RunKey
+from lepton_mm.recipes.avmnist import (
+    NUM_CLASSES,
+    AVMNISTConfig,
+    build_model,
+    make_data,
+    split_method,
+)
 
 #: Global magnitude sparsity levels (fractions of the kernels) of the default sweep.
 SPARSITY = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -64,8 +71,8 @@ def load_trained(config: Any, method: str, seed: int) -> Any:
         raise FileNotFoundError(f"{workdir}: no checkpoints; train it with "
                                 f"python experiments/avmnist.py --fusion {method} "
                                 f"--seeds {seed}")
-    base = avmnist.split_method(method)[0]
-    model = load_model(workdir, lambda: avmnist.build_model(config, base, nnx.Rngs(0)))
+    base = split_method(method)[0]
+    model = load_model(workdir, lambda: build_model(config, base, nnx.Rngs(0)))
     model.eval()
     return model
 
@@ -95,7 +102,7 @@ def finetune(model: Any, config: Any, train: dict[str, Any], *, steps: int, seed
               for k, v in train.items()}
     model = nnx.clone(model)
     with tempfile.TemporaryDirectory() as tmp:
-        fit(model, Classification(avmnist.NUM_CLASSES), subset, workdir=tmp, optimizer=tx,
+        fit(model, Classification(NUM_CLASSES), subset, workdir=tmp, optimizer=tx,
             optimizer_name=name, epochs=1, batch_size=config.batch_size, seed=seed,
             progress=False, tensorboard=False)
     return model
@@ -153,7 +160,7 @@ def measure(model: Any, test: dict[str, Any], batch: dict[str, Any], *,
     from lepton_mm.prune import weight_sparsity
     from lepton_mm.training import evaluate
 
-    accuracy = evaluate(model, Classification(avmnist.NUM_CLASSES), test,
+    accuracy = evaluate(model, Classification(NUM_CLASSES), test,
                         batch_size=eval_batch_size)["accuracy"]
     with tempfile.TemporaryDirectory() as tmp:
         path = export.save(model, (batch,), Path(tmp) / "model")
@@ -171,7 +178,7 @@ def run(config: Any, methods: list[str], seeds: tuple[int, ...], args: argparse.
     # The runs are found with the training config (its hash names their workdirs); the
     # data may be a prefix of the test split (the audio is standardised with the whole
     # training split's statistics either way, as in training).
-    data = avmnist.make_data(dataclasses.replace(config, num_test=args.num_test))
+    data = make_data(dataclasses.replace(config, num_test=args.num_test))
     test = data["test"]
     batch = {k: (tuple(x[:args.batch] for x in v) if isinstance(v, tuple)
                  else v[:args.batch]) for k, v in test.items() if k != "label"}
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    results = run(avmnist.AVMNISTConfig(workdir=args.workdir), methods, args.seeds, args)
+    results = run(AVMNISTConfig(workdir=args.workdir), methods, args.seeds, args)
     report = {"command": shlex.join(["python", "experiments/avmnist_compress.py",
                                      *(argv if argv is not None else sys.argv[1:])]),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,

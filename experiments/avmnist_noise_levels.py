@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import sys
 
-import avmnist
+import avmnist  # experiments/avmnist.py: the runs' workdirs and the command line
 import numpy as np
+
+from lepton_mm.recipes.avmnist import AVMNISTConfig, build_model, make_data, split_method
 
 #: Extra levels printed between and beyond the sweep's.
 NOISE_PROBE = (0.05, 0.15, 0.4, 0.6, 1.5)
 _VAL_NOISE_TAG = 2000
 
 
-def validate_image_noise(config: avmnist.AVMNISTConfig) -> dict[str, dict[float, float]]:
+def validate_image_noise(config: AVMNISTConfig) -> dict[str, dict[float, float]]:
     """``{"<method>/seed<k>": {sigma: validation accuracy}}`` (also printed) of every
     image-bearing run of ``config`` with a checkpoint (others are reported skipped)."""
     import jax
@@ -29,7 +31,7 @@ def validate_image_noise(config: avmnist.AVMNISTConfig) -> dict[str, dict[float,
     from lepton_mm.robustness import ConditionEvaluator, add_gaussian_noise
     from lepton_mm.training import load_model, seed_rngs
 
-    experiment, val = avmnist.AVMNIST(config), avmnist.make_data(config)["val"]
+    experiment, val = avmnist.AVMNIST(config), make_data(config)["val"]
     key = jax.random.fold_in(jax.random.key(config.data_seed), _VAL_NOISE_TAG)
     index = np.arange(len(val["label"]))
     out = {}
@@ -38,8 +40,8 @@ def validate_image_noise(config: avmnist.AVMNISTConfig) -> dict[str, dict[float,
         if k.method == "audio_only" or not workdir.exists():
             print(f"{k.label()}: skipped (audio only, or no checkpoint in {workdir})")
             continue
-        base = avmnist.split_method(k.method)[0]
-        model = load_model(workdir, lambda b=base, s=k.seed: avmnist.build_model(
+        base = split_method(k.method)[0]
+        model = load_model(workdir, lambda b=base, s=k.seed: build_model(
             config, b, seed_rngs(s)))
         evaluator = ConditionEvaluator(model, config.eval_batch_size or config.batch_size)
         curve = {}
