@@ -21,6 +21,7 @@ from flax import nnx
 from lepton_mm.data import load_fsdd, load_mnist, load_mustard
 from lepton_mm.encoders import AudioSpectrogramCNN, ImageCNN
 from lepton_mm.features import frame_mask, log_mel_spectrogram
+from lepton_mm.harness import int_at_least
 from lepton_mm.pretrained import SentenceEncoder
 
 CLIP_SAMPLES = 8000  # one second at FSDD's 8 kHz
@@ -54,24 +55,10 @@ def _row(name: str, shape_desc: str, first: float, steady: float, n: int) -> str
     return f"{name:<22}{shape_desc:<44}{first:>9.2f} s{n / steady:>12.0f} /s"
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {minimum}"
-    return parse
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-examples", type=_int_at_least(1), default=256)
-    parser.add_argument("--seed", type=_int_at_least(0), default=0)
+    parser.add_argument("--num-examples", type=int_at_least(1), default=256)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     args = parser.parse_args(argv)
     n = args.num_examples
     rngs = nnx.Rngs(args.seed)
