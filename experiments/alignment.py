@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton_mm import harness
+from lepton_mm import cli, harness
 from lepton_mm.experiment import RunKey
 from lepton_mm.recipes.alignment import (
     ENSEMBLE,
@@ -82,7 +82,7 @@ class Alignment(harness.Experiment):
     methods_field = "parts"
     not_recorded = ("parts", "seeds", "workdir", "results", "progress", "checkpoint_every",
                     "quick")
-    flags = tuple((f, "--" + f.replace("_", "-")) for f in (
+    flags = cli.config_flags(AlignmentConfig, (
         "data_seed", "snr_db", "epochs", "batch_size", "learning_rate", "num_train",
         "num_val", "num_test", "embed_dim", "image_channels", "audio_channels"))
 
@@ -273,17 +273,17 @@ def _prompt_table(s: dict[str, Any]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[AlignmentConfig, argparse.Namespace]:
     """Command line → ``(AlignmentConfig, the parsed arguments)``."""
-    parser = harness.make_parser(
+    parser = cli.make_parser(
         Alignment, doc=__doc__, quick="subset, 1 seed, 1 epoch",
         methods=f"'all' or comma-separated: {', '.join(PARTS)} (default: all)")
     args = parser.parse_args(argv)
-    return harness.config_from_args(Alignment, parser, args), args
+    return cli.config_from_args(Alignment, parser, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
-    return harness.run_main(Alignment(config), args)
+    return cli.run_main(Alignment(config), args)
 
 
 if __name__ == "__main__":
-    harness.run_script(main)
+    cli.run_script(main)

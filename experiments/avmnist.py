@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton_mm import harness
+from lepton_mm import cli, harness
 from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.recipes.avmnist import (
     BALANCE,
@@ -109,15 +109,14 @@ class AVMNIST(harness.Experiment):
                     "checkpoint_every", "modality_dropout", "robustness", "snr_sweep",
                     "image_noise_sweep", "balance", "ogm_alpha", "gblend_pilot",
                     "gblend_train_examples")
-    flags = (("data_seed", "--data-seed"), ("snr_db", "--snr-db"), ("epochs", "--epochs"),
-             ("batch_size", "--batch-size"),
-             ("learning_rate", "--learning-rate"), ("num_train", "--num-train"),
-             ("num_val", "--num-val"), ("num_test", "--num-test"),
-             ("robustness", "--robustness"), ("snr_sweep", "--snr-sweep"),
-             ("image_noise_sweep", "--image-noise"))
-    # --modality-dropout, --balance and the strategies' settings, from method_args
+    # --modality-dropout, --balance and the strategies' settings: written by method_args
     method_fields = ("modality_dropout", "balance", "ogm_alpha", "gblend_pilot",
                      "gblend_train_examples")
+    flags = cli.config_flags(
+        AVMNISTConfig, ("data_seed", "snr_db", "epochs", "batch_size", "learning_rate",
+                        "num_train", "num_val", "num_test", "robustness", "snr_sweep",
+                        "image_noise_sweep", *method_fields),
+        names={"image_noise_sweep": "--image-noise"})
     figures = tuple(f"{sweep}_sweep.png" for sweep in SWEEPS)
 
     def methods(self) -> list[str]:
@@ -292,40 +291,21 @@ class AVMNIST(harness.Experiment):
                     if snr else None, group=split_method))
         return written
 
+
 def parse_args(argv: list[str] | None = None) -> tuple[AVMNISTConfig, argparse.Namespace]:
     """Command line → ``(AVMNISTConfig, the parsed arguments)``."""
-    parser = harness.make_parser(
+    parser = cli.make_parser(
         AVMNIST, doc=__doc__, quick="smoke check: subset, 1 seed, 5 methods",
         methods="'all' or comma-separated methods: image_only, audio_only, fusion names "
                 "(default: all; --quick: a representative five)")
-    parser.add_argument("--modality-dropout", type=float, default=None, metavar="P",
-                        help="also train every fusion method with modality dropout at "
-                             "rate P, as <method>+mdrop")
-    parser.add_argument("--balance", default=None, metavar="NAMES",
-                        help="also train every fusion method with each balanced-learning "
-                             f"strategy ({', '.join(BALANCE)}), as <method>+<name>")
-    parser.add_argument("--ogm-alpha", type=float, default=None, metavar="A",
-                        help="OGM-GE's alpha for +ogm_ge runs (default 0.5)")
-    parser.add_argument("--gblend-pilot", default=None, metavar="N,M",
-                        help="epochs after which a +gblend run's pilot measures the heads' "
-                             "losses (default 1,2)")
-    parser.add_argument("--gblend-train-examples", type=int, default=None, metavar="K",
-                        help="training examples the pilot's training losses use "
-                             "(default 5000)")
     args = parser.parse_args(argv)
-    return harness.config_from_args(
-        AVMNIST, parser, args, modality_dropout=args.modality_dropout,
-        ogm_alpha=args.ogm_alpha, gblend_train_examples=args.gblend_train_examples,
-        balance=None if args.balance is None else tuple(
-            b for b in args.balance.split(",") if b),
-        gblend_pilot=None if args.gblend_pilot is None else tuple(
-            int(e) for e in args.gblend_pilot.split(","))), args
+    return cli.config_from_args(AVMNIST, parser, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
-    return harness.run_main(AVMNIST(config), args)
+    return cli.run_main(AVMNIST(config), args)
 
 
 if __name__ == "__main__":
-    harness.run_script(main)
+    cli.run_script(main)

@@ -30,7 +30,6 @@ go to ``--out`` as JSON, and a markdown table to stdout.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import json
@@ -44,7 +43,7 @@ from typing import Any
 import avmnist  # experiments/avmnist.py: where its runs' checkpoints are (AVMNIST.workdir)
 import numpy as np
 
-from lepton_mm import harness
+from lepton_mm import cli
 from lepton_mm.experiment import RunKey
 from lepton_mm.recipes.avmnist import (
     NUM_CLASSES,
@@ -58,6 +57,54 @@ from lepton_mm.recipes.avmnist import (
 SPARSITY = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: Fractions of the CNN encoders' channels removed per block (all blocks but the last).
 CHANNEL_SPARSITY = (0.25, 0.5, 0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """Which trained runs to compress, and how to measure the variants.
+
+    Attributes:
+      methods: methods of ``experiments/avmnist.py`` (the flag is ``--fusion``).
+      seeds: their seeds.
+      workdir: where ``experiments/avmnist.py`` trained (read only).
+      num_test: score on the first N test examples (None: all 10 000).
+      sparsity: global magnitude sparsity levels, fractions of the kernels (``sparse<p>``).
+      channel_sparsity: fractions of the CNN encoders' channels removed (``channels<p>``).
+      finetune_steps: also fine-tune each pruned model this many SGD steps (0: none).
+      skip_int8: pruning variants only.
+      batch: batch size of the latency measurement (the recipe's).
+      rounds: latency: rounds in which the variants take turns.
+      calls: latency: calls per turn.
+      eval_batch_size: batch size of the accuracy evaluation.
+      out: write the results here as JSON (None: the table on stdout only).
+    """
+
+    methods: tuple[str, ...] = ("concat",)
+    seeds: tuple[int, ...] = (0,)
+    workdir: str = "runs/avmnist"
+    num_test: int | None = None
+    sparsity: tuple[float, ...] = SPARSITY
+    channel_sparsity: tuple[float, ...] = CHANNEL_SPARSITY
+    finetune_steps: int = 0
+    skip_int8: bool = False
+    batch: int = 40
+    rounds: int = 10
+    calls: int = 5
+    eval_batch_size: int = 500
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "rounds", "calls", "eval_batch_size", "num_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got "
+                                 f"{getattr(self, name)}.")
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps: expected an integer >= 0, got "
+                             f"{self.finetune_steps}.")
+        for name in ("sparsity", "channel_sparsity"):
+            if not all(0.0 <= s < 1.0 for s in getattr(self, name)):
+                raise ValueError(f"{name}: expected fractions in [0, 1), got "
+                                 f"{list(getattr(self, name))}.")
 
 
 def load_trained(config: Any, method: str, seed: int) -> Any:
@@ -108,23 +155,23 @@ def finetune(model: Any, config: Any, train: dict[str, Any], *, steps: int, seed
     return model
 
 
-def variants(model: Any, batch: dict[str, Any], args: argparse.Namespace, *,
+def variants(model: Any, batch: dict[str, Any], settings: CompressConfig, *,
              config: Any, train: dict[str, Any], seed: int) -> dict[str, Any]:
     """``{name: () -> compressed model}`` for every variant of the module docstring."""
     from lepton_mm.prune import prune_channels, prune_magnitude
     from lepton_mm.quantize import quantize
 
-    steps = args.finetune_steps
+    steps = settings.finetune_steps
     tune = lambda m, **kw: finetune(m, config, train, steps=steps, seed=seed, **kw)
     out = {"float32": lambda: model}
-    if not args.skip_int8:
+    if not settings.skip_int8:
         out["int8"] = lambda: quantize(model, batch)
         out["int8+act"] = lambda: quantize(model, batch, activations=True)
-    for s in args.sparsity:
+    for s in settings.sparsity:
         out[f"sparse{round(100 * s)}"] = lambda s=s: prune_magnitude(model, s)
         if steps and s > 0:
             out[f"sparse{round(100 * s)}+ft"] = lambda s=s: tune(model, sparsity=s)
-    for s in args.channel_sparsity:
+    for s in settings.channel_sparsity:
         out[f"channels{round(100 * s)}"] = lambda s=s: prune_channels(model, s)
         if steps:
             out[f"channels{round(100 * s)}+ft"] = lambda s=s: tune(prune_channels(model, s))
@@ -173,37 +220,38 @@ def measure(model: Any, test: dict[str, Any], batch: dict[str, Any], *,
             "kernel_sparsity": weight_sparsity(model)}, loaded
 
 
-def run(config: Any, methods: list[str], seeds: tuple[int, ...], args: argparse.Namespace
-        ) -> dict[str, Any]:
+def run(settings: CompressConfig) -> dict[str, Any]:
+    """``{"<method>/seed<k>": {variant: measurements}}`` of every run with a checkpoint."""
     # The runs are found with the training config (its hash names their workdirs); the
     # data may be a prefix of the test split (the audio is standardised with the whole
     # training split's statistics either way, as in training).
-    data = make_data(dataclasses.replace(config, num_test=args.num_test))
-    test = data["test"]
-    batch = {k: (tuple(x[:args.batch] for x in v) if isinstance(v, tuple)
-                 else v[:args.batch]) for k, v in test.items() if k != "label"}
+    config = AVMNISTConfig(workdir=settings.workdir)
+    data = make_data(dataclasses.replace(config, num_test=settings.num_test))
+    test, size = data["test"], settings.batch
+    batch = {k: (tuple(x[:size] for x in v) if isinstance(v, tuple) else v[:size])
+             for k, v in test.items() if k != "label"}
     results: dict[str, Any] = {}
-    for method in methods:
-        for seed in seeds:
+    for method in settings.methods:
+        for seed in settings.seeds:
             try:
                 model = load_trained(config, method, seed)
             except FileNotFoundError as e:
                 print(f"skipped {method}/seed{seed}: {e}", file=sys.stderr)
                 continue
             rows, exported = {}, {}
-            for name, make in variants(model, batch, args, config=config,
+            for name, make in variants(model, batch, settings, config=config,
                                        train=data["train"], seed=seed).items():
                 start = time.perf_counter()
                 try:
                     rows[name], exported[name] = measure(
-                        make(), test, batch, eval_batch_size=args.eval_batch_size)
+                        make(), test, batch, eval_batch_size=settings.eval_batch_size)
                 except Exception as e:  # a variant qwix or pruning cannot make
                     rows[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 rows[name]["seconds"] = round(time.perf_counter() - start, 1)
                 print(f"{method}/seed{seed} {name}: {rows[name]}", file=sys.stderr,
                       flush=True)
-            for name, ms in latency_ms(exported, batch, rounds=args.rounds,
-                                       calls=args.calls).items():
+            for name, ms in latency_ms(exported, batch, rounds=settings.rounds,
+                                       calls=settings.calls).items():
                 rows[name]["latency_ms"] = ms
             results[f"{method}/seed{seed}"] = rows
     return results
@@ -227,41 +275,28 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_args(argv: list[str] | None = None) -> CompressConfig:
+    """Command line → ``CompressConfig`` (a bad flag or value: one line, exit status 2)."""
+    parser = cli.script_parser(__doc__)
+    flags = cli.config_flags(CompressConfig, names={"methods": "--fusion"})
+    cli.add_flags(parser, CompressConfig, flags)
+    return cli.make_config(parser, CompressConfig,
+                           cli.flag_overrides(parser.parse_args(argv), flags))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fusion", default="concat",
-                        help="comma-separated methods of experiments/avmnist.py")
-    parser.add_argument("--seeds", type=harness.parse_ints, default=(0,))
-    parser.add_argument("--workdir", default="runs/avmnist",
-                        help="where experiments/avmnist.py trained (read only)")
-    parser.add_argument("--num-test", type=int, default=None,
-                        help="score on the first N test examples (default: all 10 000)")
-    parser.add_argument("--sparsity", type=harness.parse_floats, default=SPARSITY)
-    parser.add_argument("--channel-sparsity", type=harness.parse_floats,
-                        default=CHANNEL_SPARSITY)
-    parser.add_argument("--finetune-steps", type=int, default=0,
-                        help="also fine-tune each pruned model this many SGD steps")
-    parser.add_argument("--skip-int8", action="store_true", help="pruning variants only")
-    parser.add_argument("--batch", type=int, default=40,
-                        help="batch size of the latency measurement (the recipe's)")
-    parser.add_argument("--rounds", type=int, default=10,
-                        help="latency: rounds in which the variants take turns")
-    parser.add_argument("--calls", type=int, default=5, help="latency: calls per turn")
-    parser.add_argument("--eval-batch-size", type=int, default=500)
-    parser.add_argument("--out", default=None, help="write the results here as JSON")
-    args = parser.parse_args(argv)
-    methods = [m for m in args.fusion.split(",") if m]
+    settings = parse_args(argv)
 
     import jax
 
-    results = run(AVMNISTConfig(workdir=args.workdir), methods, args.seeds, args)
+    results = run(settings)
     report = {"command": shlex.join(["python", "experiments/avmnist_compress.py",
                                      *(argv if argv is not None else sys.argv[1:])]),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "results": results}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if settings.out:
+        Path(settings.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(settings.out).write_text(json.dumps(report, indent=1) + "\n")
     print(table(results))
     return 0
 

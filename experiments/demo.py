@@ -10,7 +10,7 @@ prints the ``EncoderOutput`` shapes, compile time and throughput.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import time
 
 import jax
@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lepton_mm import cli
 from lepton_mm.data import load_fsdd, load_mnist, load_mustard
 from lepton_mm.encoders import AudioSpectrogramCNN, ImageCNN
 from lepton_mm.features import frame_mask, log_mel_spectrogram
-from lepton_mm.harness import int_at_least
 from lepton_mm.pretrained import SentenceEncoder
 
 CLIP_SAMPLES = 8000  # one second at FSDD's 8 kHz
@@ -55,13 +55,38 @@ def _row(name: str, shape_desc: str, first: float, steady: float, n: int) -> str
     return f"{name:<22}{shape_desc:<44}{first:>9.2f} s{n / steady:>12.0f} /s"
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What the demo encodes.
+
+    Attributes:
+      num_examples: examples per modality (at least 1).
+      seed: initialises the randomly initialised encoders (at least 0).
+    """
+
+    num_examples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("num_examples", 1), ("seed", 0)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name}: expected an integer >= {minimum}, got "
+                                 f"{getattr(self, name)}.")
+
+
+def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    """Command line → ``DemoConfig`` (a bad flag or value: one line, exit status 2)."""
+    parser = cli.script_parser(__doc__)
+    flags = cli.config_flags(DemoConfig)
+    cli.add_flags(parser, DemoConfig, flags)
+    return cli.make_config(parser, DemoConfig,
+                           cli.flag_overrides(parser.parse_args(argv), flags))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-examples", type=int_at_least(1), default=256)
-    parser.add_argument("--seed", type=int_at_least(0), default=0)
-    args = parser.parse_args(argv)
-    n = args.num_examples
-    rngs = nnx.Rngs(args.seed)
+    config = parse_args(argv)
+    n = config.num_examples
+    rngs = nnx.Rngs(config.seed)
 
     print(f"lepton_mm demo on {jax.devices()[0].platform.upper()} "
           f"({jax.device_count()} device(s)), {n} examples per modality\n")

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton_mm import harness
+from lepton_mm import cli, harness
 from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.recipes.mustard import (
     METHODS,
@@ -74,10 +74,9 @@ class MUStARD(harness.Experiment):
 
     name, script = "mustard", "experiments/mustard.py"
     config_class, quick_config = MUStARDConfig, staticmethod(quick_config)
-    #: config fields with a flag of their own (``parse_args`` adds exactly these).
-    flags = (("folds", "--folds"), ("head_epochs", "--head-epochs"),
-             ("finetune_epochs", "--finetune-epochs"), ("freeze_layers", "--freeze-layers"),
-             ("max_tokens", "--max-tokens"), ("context_fusion", "--context-fusion"))
+    #: config fields with a flag of their own (the others: ``--config FILE``).
+    flags = cli.config_flags(MUStARDConfig, ("folds", "head_epochs", "finetune_epochs",
+                                             "freeze_layers", "max_tokens", "context_fusion"))
 
     def methods(self) -> list[str]:
         return resolve_methods(self.config)
@@ -176,18 +175,18 @@ class MUStARD(harness.Experiment):
 
 def parse_args(argv: list[str] | None = None) -> tuple[MUStARDConfig, argparse.Namespace]:
     """Command line -> ``(MUStARDConfig, the parsed arguments)``."""
-    parser = harness.make_parser(
+    parser = cli.make_parser(
         MUStARD, doc=__doc__, quick="2 folds, short training",
         methods=f"'all' or comma-separated: {', '.join(METHODS)} (or majority: the "
                 "baseline alone)")
     args = parser.parse_args(argv)
-    return harness.config_from_args(MUStARD, parser, args), args
+    return cli.config_from_args(MUStARD, parser, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
-    return harness.run_main(MUStARD(config), args)
+    return cli.run_main(MUStARD(config), args)
 
 
 if __name__ == "__main__":
-    harness.run_script(main)
+    cli.run_script(main)

@@ -60,7 +60,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lepton_mm import harness
+from lepton_mm import cli, harness
 from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.recipes.rl_fusion import (
     BLIND_RETURN,
@@ -85,7 +85,7 @@ class RLFusion(harness.Experiment):
     name, script = "rl_fusion", "experiments/rl_fusion.py"
     config_class, quick_config = RLFusionConfig, staticmethod(quick_config)
     figures = ("curves.png",)
-    flags = tuple((field, "--" + field.replace("_", "-")) for field in (
+    flags = cli.config_flags(RLFusionConfig, (
         "env", "total_steps", "num_envs", "rollout_steps", "update_epochs", "minibatches",
         "learning_rate", "gamma", "gae_lambda", "clip_epsilon", "entropy_coef",
         "value_coef", "max_grad_norm", "dim", "hidden", "cnn_widths", "modality_dropout",
@@ -203,18 +203,18 @@ class RLFusion(harness.Experiment):
 
 def parse_args(argv: list[str] | None = None) -> tuple[RLFusionConfig, argparse.Namespace]:
     """Command line → ``(RLFusionConfig, the parsed arguments)``."""
-    parser = harness.make_parser(
+    parser = cli.make_parser(
         RLFusion, doc=__doc__, quick="concat and state_only, one seed, 16 384 steps",
         methods=f"comma-separated: fusion names or <modality>_only (default: "
                 f"{','.join(METHODS)}; --quick: concat,state_only)")
     args = parser.parse_args(argv)
-    return harness.config_from_args(RLFusion, parser, args), args
+    return cli.config_from_args(RLFusion, parser, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
-    return harness.run_main(RLFusion(config), args)
+    return cli.run_main(RLFusion(config), args)
 
 
 if __name__ == "__main__":
-    harness.run_script(main)
+    cli.run_script(main)

@@ -19,7 +19,6 @@ results go to ``WORKDIR/results.json`` (per fusion in ``WORKDIR/<fusion>/`` with
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton_mm import harness
+from lepton_mm import cli
 from lepton_mm.recipes.smoke import (
     ConfigError,
     SmokeConfig,
@@ -190,55 +189,67 @@ def compare_step_impls(config: SmokeConfig, *, steps: int = 30) -> dict[str, Any
 # ------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[SmokeConfig, argparse.Namespace]:
-    """Command line → (``SmokeConfig``, the raw namespace).
+#: ``SmokeConfig``'s fields with a flag (``--mesh none`` or ``auto``).
+FLAGS = cli.config_flags(SmokeConfig, ("fusion", "modalities", "quick", "seed", "workdir",
+                                       "epochs", "batch_size", "num_train", "num_eval",
+                                       "checkpoint_every", "mesh"))
 
-    Malformed flags exit through ``argparse`` (status 2, usage on stderr); settings that
-    parse but are invalid raise ``ConfigError``.
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process runs (none of it enters a result).
+
+    Attributes:
+      compare_steps: time nnx.jit vs jax.jit train steps and exit.
+      distributed: call ``jax.distributed.initialize`` (multi-host); implies
+        ``--mesh auto``.
+      coordinator_address: process 0's ``host:port`` (None: from the environment,
+        ``lepton_mm.training.initialize_distributed``).
+      num_processes: how many processes take part (None: from the environment).
+      process_id: this process's index (None: from the environment).
     """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fusion", default="concat",
-                        help="registry name, 'pooled' (one modality) or 'all'")
-    parser.add_argument("--modalities", default="audio,image,text")
-    parser.add_argument("--quick", action="store_true", help="small and fast")
-    positive = harness.int_at_least(1)
-    parser.add_argument("--seed", type=harness.int_at_least(0), default=0)
-    parser.add_argument("--workdir", default="runs/smoke")
-    parser.add_argument("--epochs", type=positive, default=None)
-    parser.add_argument("--batch-size", type=positive, default=None)
-    parser.add_argument("--num-train", type=positive, default=None)
-    parser.add_argument("--num-eval", type=positive, default=None)
-    parser.add_argument("--checkpoint-every", type=positive, default=None)
-    parser.add_argument("--mesh", choices=("none", "auto"), default="none")
-    parser.add_argument("--compare-steps", action="store_true",
-                        help="time nnx.jit vs jax.jit train steps and exit")
-    parser.add_argument("--distributed", action="store_true",
-                        help="jax.distributed.initialize (multi-host); implies --mesh auto")
-    parser.add_argument("--coordinator-address", default=None)
-    parser.add_argument("--num-processes", type=positive, default=None)
-    parser.add_argument("--process-id", type=harness.int_at_least(0), default=None)
+
+    compare_steps: bool = False
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("num_processes", 1), ("process_id", 0)):
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"{name}: expected an int >= {minimum}, got {value!r}.")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[SmokeConfig, Launch]:
+    """Command line → ``(SmokeConfig, Launch)``.
+
+    A malformed or unknown flag, or a setting either rejects, is one line on stderr and
+    exit status 2 (``lepton_mm.cli``).
+    """
+    parser = cli.script_parser(__doc__)
+    cli.add_flags(parser, SmokeConfig, FLAGS)
+    launch_flags = cli.config_flags(Launch)
+    cli.add_flags(parser, Launch, launch_flags)
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {
-        "fusion": args.fusion, "seed": args.seed, "workdir": args.workdir,
-        "modalities": tuple(m for m in args.modalities.split(",") if m),
-        "mesh": "auto" if args.distributed or args.mesh == "auto" else None,
-    }
-    for name in ("epochs", "batch_size", "num_train", "num_eval", "checkpoint_every"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    config = quick_config(**overrides) if args.quick else SmokeConfig(**overrides)
-    return config, args
+    launch = cli.make_config(parser, Launch, cli.flag_overrides(args, launch_flags))
+    overrides = cli.flag_overrides(args, FLAGS)
+    if launch.distributed:
+        overrides["mesh"] = "auto"
+    factory = quick_config if overrides.pop("quick", False) else SmokeConfig
+    return cli.make_config(parser, factory, overrides), launch
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, args = parse_args(argv)
-    if args.distributed:
+    config, launch = parse_args(argv)
+    if launch.distributed:
         from lepton_mm.training import initialize_distributed
 
-        initialize_distributed(args.coordinator_address, args.num_processes,
-                               args.process_id)
+        initialize_distributed(launch.coordinator_address, launch.num_processes,
+                               launch.process_id)
     check_config(config)
-    if args.compare_steps:
+    if launch.compare_steps:
         print(json.dumps(compare_step_impls(config), indent=2))
         return 0
     results = run(config)

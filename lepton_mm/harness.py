@@ -5,28 +5,32 @@ the data, how one run trains, how the records read as tables) and gets the rest 
 here: the run keys and the to-do list from the ledger (``lepton_mm.experiment``),
 sharding, a checkpoint workdir per run that a changed config never resumes, records
 with the command that reproduces them, the report (``results.json``, ``results.md``,
-figures) and its copy into a docs page, and the shared command line (``--seeds``,
-``--shard``, ``--force``, ``--report``, ``--out``, ``--docs``, ...)::
+figures; ``seed_stats_of``, ``curve_stats``, ``markdown_table`` and ``plot_curves``
+help write it) and its copy into a docs page. Its command line comes from
+``lepton_mm.cli``, generated from the config dataclass (``--seeds``, ``--shard``,
+``--force``, ``--report``, ``--out``, ``--docs``, ``--config FILE``, a flag per field
+of ``flags``)::
 
     class MyExperiment(Experiment):
         name, script = "mine", "experiments/mine.py"
         config_class, quick_config = MyConfig, staticmethod(my_quick_config)
+        flags = cli.config_flags(MyConfig, ["epochs", "learning_rate"])
         def methods(self): return ["a", "b"]
         def train(self, key, data, workdir): ...   # -> make_record's fields
         def summarize(self, runs): ...             # -> per-method summary
         def tables(self, summary): ...             # -> markdown
 
     def parse_args(argv=None):
-        parser = make_parser(MyExperiment, doc=__doc__, methods="a, b", quick="fast")
+        parser = cli.make_parser(MyExperiment, doc=__doc__, methods="a, b", quick="fast")
         args = parser.parse_args(argv)
-        return config_from_args(MyExperiment, parser, args), args
+        return cli.config_from_args(MyExperiment, parser, args), args
 
     def main(argv=None):
         config, args = parse_args(argv)
-        return run_main(MyExperiment(config), args)
+        return cli.run_main(MyExperiment(config), args)
 
     if __name__ == "__main__":
-        run_script(main)
+        cli.run_script(main)
 
 Nothing here imports JAX at module level; ``Experiment.run`` imports it to record
 the device kind.
@@ -35,11 +39,8 @@ the device kind.
 from __future__ import annotations
 
 import abc
-import argparse
 import dataclasses
 import shutil
-import sys
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,75 +52,16 @@ from lepton_mm.experiment import NUMERICS, RunKey
 
 __all__ = [
     "Experiment",
-    "add_arguments",
-    "add_flags",
-    "base_overrides",
-    "config_file",
-    "config_from_args",
     "curve_stats",
     "enable_compilation_cache",
     "fit_facts",
-    "flag_overrides",
-    "int_at_least",
-    "make_config",
-    "make_parser",
+    "flag_text",
     "markdown_table",
-    "parse_floats",
-    "parse_ints",
     "plot_curves",
     "run_costs",
-    "run_main",
-    "run_script",
     "seed_stats_of",
     "update_docs",
 ]
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    """Comma-separated ints, for argparse ``type=``.
-
-    Args:
-      text: e.g. ``"0,1,2"`` (blank items are skipped).
-
-    Returns:
-      ``(0, 1, 2)``.
-    """
-    return tuple(int(s) for s in text.split(",") if s.strip())
-
-
-def parse_floats(text: str) -> tuple[float, ...]:
-    """Comma-separated floats, for argparse ``type=``.
-
-    Args:
-      text: e.g. ``"20,-5.5"`` (blank items are skipped).
-
-    Returns:
-      ``(20.0, -5.5)``.
-    """
-    return tuple(float(s) for s in text.split(",") if s.strip())
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type=`` for ints ``>= minimum``, with a one-line error otherwise.
-
-    Args:
-      minimum: the smallest value accepted.
-
-    Returns:
-      The parser: ``"3"`` -> ``3``; ``"two"`` or a value below ``minimum`` raises
-      ``argparse.ArgumentTypeError`` (``expected an integer >= 1, got 0``).
-    """
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {minimum}"
-    return parse
 
 
 def run_costs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -239,22 +181,28 @@ def plot_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Path, *, xl
     return Path(path)
 
 
-def _flag_value(value: Any) -> str:
-    """A config value as command-line text that parses back to exactly ``value``."""
+def flag_text(value: Any) -> str:
+    """A config value as command-line text that parses back to exactly ``value``.
+
+    Args:
+      value: a bool, int, float, str, None or a tuple of them.
+
+    Returns:
+      Comma-separated items for a tuple; a float as short as it reads back exactly
+      (``"0.001"``, ``"-15"``), else every digit; ``"none"`` for None.
+
+    Examples:
+      >>> flag_text((20.0, -5.5)), flag_text(1e-3), flag_text(0.1 + 0.2), flag_text(None)
+      ('20,-5.5', '0.001', '0.30000000000000004', 'none')
+    """
+    if value is None:
+        return "none"
     if isinstance(value, (tuple, list)):
-        return ",".join(_flag_value(v) for v in value)
+        return ",".join(flag_text(v) for v in value)
     if isinstance(value, float):
         short = f"{value:g}"  # "0.001", "-15": what a person types
         return short if float(short) == value else repr(value)  # else every digit
     return str(value)
-
-
-def _parse_strs(text: str) -> tuple[str, ...]:
-    """Comma-separated words, for argparse ``type=``."""
-    words = tuple(w.strip() for w in text.split(","))
-    if not all(words):
-        raise argparse.ArgumentTypeError(f"expected comma-separated words, got {text!r}")
-    return words
 
 
 def fit_facts(fitted: Any, seconds: float, *,
@@ -297,7 +245,8 @@ class Experiment(abc.ABC):
     Attributes:
       name: the ledger's experiment name (records at ``<results>/<name>/...``).
       script: the script that trains a run, for the records' commands.
-      config_class: the config dataclass (``make_parser``, ``config_from_args``).
+      config_class: the config dataclass (``lepton_mm.cli.make_parser``,
+        ``config_from_args``).
       quick_config: the function that makes the ``--quick`` config from overrides (set
         it as ``staticmethod(quick_config)``; None: ``--quick`` only sets ``quick``).
       method_flag: the script's flag that picks methods (``--fusion``, ``--parts``).
@@ -306,10 +255,12 @@ class Experiment(abc.ABC):
       extra_methods: rows the experiment does not train (a peer library's), reported
         when their records carry the current numerics.
       not_recorded: config fields no run's result depends on (never hashed).
-      flags: ``(config field, command-line flag)`` pairs, for ``command`` (written
-        for fields whose value differs from the default config's).
-      method_fields: config fields ``method_args`` writes on the command line
-        (e.g. a rate that is part of the method's name).
+      flags: ``(config field, command-line flag)`` pairs: the script's flags
+        (``lepton_mm.cli.add_flags``; ``cli.config_flags`` names them) and, for fields
+        whose value differs from the default config's, words of ``command``.
+      method_fields: config fields ``method_args`` writes on the command line instead
+        (e.g. a rate that is part of the method's name; their flags, if any, are in
+        ``flags`` too).
       figures: file names of the figures ``plot`` writes (copied by ``--docs``).
     """
 
@@ -437,7 +388,7 @@ class Experiment(abc.ABC):
         if key.data_seed != getattr(defaults, "data_seed", 0):
             words.append(f"--data-seed {key.data_seed}")
         for field, flag in self.flags:
-            if field == "data_seed":  # from the key, above
+            if field == "data_seed" or field in self.method_fields:  # written above
                 continue
             value, default = getattr(self.config, field), getattr(defaults, field)
             if value == default:
@@ -445,7 +396,7 @@ class Experiment(abc.ABC):
             if isinstance(value, bool):
                 words.append(flag if value else f"--no-{flag[2:]}")
             else:
-                words.append(f"{flag}={_flag_value(value)}")
+                words.append(f"{flag}={flag_text(value)}")
         return " ".join([*words, "--force"])
 
     def todo(self, *, force: bool = False, shard: str | None = None) -> list[RunKey]:
@@ -574,228 +525,6 @@ def update_docs(experiment: Experiment, report_dir: str | Path, doc: str | Path)
                             doc.parent / "figures" / f"{experiment.name}_{name}")
 
 
-# ------------------------------------------------------------------ the command line
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, quick: str) -> None:
-    """Adds the flags every experiment shares.
-
-    Args:
-      parser: the script's parser.
-      quick: the help text of ``--quick``.
-
-    ``--seeds``/``--seed``, ``--workdir``, ``--results``, ``--quick``, ``--progress``,
-    ``--shard``, ``--force``, ``--report``, ``--out`` and ``--docs``.
-    """
-    parser.add_argument("--config", default=None, metavar="TOML",
-                        help="settings from a TOML file of config fields (e.g. "
-                             "experiments/configs/*.toml); flags given too override it")
-    parser.add_argument("--seeds", type=parse_ints, default=None, help="e.g. 0,1,2")
-    parser.add_argument("--seed", type=int, default=None, help="a single seed")
-    parser.add_argument("--workdir", default=None, help="checkpoints (not committed)")
-    parser.add_argument("--results", default=None,
-                        help="ledger root (default: results; --quick: WORKDIR/results)")
-    parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--shard", default=None, metavar="I/N",
-                        help="take every N-th run of the whole list from I (0-based; a fixed "
-                             "split) and train those still to do")
-    parser.add_argument("--force", action="store_true",
-                        help="retrain (from scratch) runs whose record is current too")
-    parser.add_argument("--report", action="store_true",
-                        help="train nothing: write the report of the ledger to --out")
-    parser.add_argument("--out", default=None, help="report directory (default: workdir)")
-    parser.add_argument("--docs", default=None, metavar="MARKDOWN",
-                        help="with --report: also put the report between this page's "
-                             "<name>-report markers and copy its figures beside it")
-
-
-def _field_help(config_cls: type) -> dict[str, str]:
-    """Field name -> its description in the config class docstring's ``Attributes:``
-    (``name: text`` or ``a, b, c: text``, continuation lines indented deeper)."""
-    out: dict[str, str] = {}
-    names: list[str] = []
-    inside = False
-    for line in (config_cls.__doc__ or "").splitlines():
-        text = line.strip()
-        if text == "Attributes:":
-            inside = True
-            continue
-        if not inside:
-            continue
-        if not text or (not line.startswith(" " * 6) and text.endswith(":")):
-            if not text:
-                continue
-            break
-        head, sep, rest = text.partition(": ")
-        if sep and line.startswith(" " * 6) and not line.startswith(" " * 7) and all(
-                part.strip().isidentifier() for part in head.split(",")):
-            names = [part.strip() for part in head.split(",")]
-            for name in names:
-                out[name] = rest
-        else:
-            for name in names:
-                out[name] += " " + text
-    return out
-
-
-def add_flags(parser: argparse.ArgumentParser, experiment: type[Experiment],
-              config_cls: type) -> None:
-    """Adds a flag per ``experiment.flags`` entry, typed from ``config_cls``'s field.
-
-    ``bool`` fields get ``--x/--no-x``; ``tuple[int | float | str, ...]``
-    comma-separated lists (``--x=1,-2`` for negative values); numbers and strings their
-    type. Each flag's value lands in ``args.<field>`` (None when not given) and its help
-    is the field's description in the config docstring's ``Attributes:`` section.
-
-    Args:
-      parser: the script's parser.
-      experiment: the ``Experiment`` subclass whose ``flags`` to add.
-      config_cls: its config dataclass.
-    """
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    descriptions = _field_help(config_cls)
-    for field, flag in experiment.flags:
-        annotation = _annotation_text(fields[field].type)
-        default = fields[field].default
-        if fields[field].default_factory is not dataclasses.MISSING:
-            default = fields[field].default_factory()
-        kind: dict[str, Any]
-        if annotation.startswith("bool"):
-            kind = {"action": argparse.BooleanOptionalAction}
-        elif annotation.startswith("tuple[int"):
-            kind = {"type": parse_ints}
-        elif annotation.startswith("tuple[float"):
-            kind = {"type": parse_floats}
-        elif annotation.startswith("tuple[str"):
-            kind = {"type": _parse_strs}
-        elif annotation.startswith("tuple"):
-            raise TypeError(f"add_flags: {config_cls.__name__}.{field} is {annotation}; "
-                            "flags support tuples of int, float or str.")
-        else:
-            kind = {"type": next((t for t in (int, float) if annotation.startswith(t.__name__)),
-                                 str)}
-        shown = _flag_value(default) if default is not None else "none"
-        parser.add_argument(flag, dest=field, default=None, **kind,
-                            help=f"{descriptions.get(field, field)} (default: {shown})")
-
-
-def flag_overrides(args: argparse.Namespace, experiment: type[Experiment]) -> dict[str, Any]:
-    """The config fields given on the command line through ``add_flags``.
-
-    Args:
-      args: the parsed arguments.
-      experiment: the ``Experiment`` subclass whose ``flags`` were added.
-
-    Returns:
-      ``{field: value}`` for every flag that was given.
-    """
-    return {field: getattr(args, field) for field, _ in experiment.flags
-            if getattr(args, field) is not None}
-
-
-def base_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                   name: str) -> dict[str, Any]:
-    """Config overrides from the shared flags.
-
-    Args:
-      parser: the parser (bad combinations exit through ``parser.error``).
-      args: its parsed arguments.
-      name: the experiment's name, for the default workdir.
-
-    Returns:
-      ``seeds`` (from ``--seed``/``--seeds``), ``workdir`` (default ``runs/<name>``,
-      ``runs/<name>_quick`` with ``--quick``), ``results`` (default ``results``,
-      ``WORKDIR/results`` with ``--quick``: a smoke check never writes the committed
-      ledger) and ``progress`` when given.
-    """
-    if args.shard is not None:
-        try:
-            ledger.shard([], args.shard)
-        except ValueError as e:
-            parser.error(str(e))
-    if args.seed is not None and args.seeds is not None:
-        parser.error("give --seed or --seeds, not both")
-    if args.docs and not args.report:
-        parser.error("--docs needs --report")
-    out: dict[str, Any] = {}
-    if args.seed is not None or args.seeds is not None:
-        out["seeds"] = (args.seed,) if args.seed is not None else args.seeds
-    if args.progress is not None:
-        out["progress"] = args.progress
-    out["workdir"] = args.workdir or f"runs/{name}{'_quick' if args.quick else ''}"
-    out["results"] = args.results or (str(Path(out["workdir"]) / "results")
-                                      if args.quick else "results")
-    return out
-
-
-def config_file(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                config_cls: type) -> dict[str, Any]:
-    """The config fields set in ``--config FILE`` (TOML), minus those given as flags.
-
-    Keys are the config dataclass's field names; lists become tuples; each value must
-    have its field's type (an int is a float where a float is expected). A missing or
-    malformed file, an unknown key or a wrong type ends the program through
-    ``parser.error`` (one line naming the file and the key, exit status 2).
-
-    Args:
-      parser: the script's parser.
-      args: its parsed arguments (``args.config`` the file, or None).
-      config_cls: the experiment's config dataclass.
-
-    Returns:
-      ``{field: value}``: apply before the flags' overrides (flags win).
-    """
-    if not args.config:
-        return {}
-    import tomllib
-
-    path = Path(args.config)
-    try:
-        settings = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        parser.error(f"--config {path}: cannot read it as TOML ({e})")
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    out = {}
-    for key, value in settings.items():
-        if key not in fields:
-            parser.error(f"--config {path}: unknown setting {key!r}; known: "
-                         f"{', '.join(sorted(fields))}")
-        try:
-            out[key] = _typed(value, _annotation_text(fields[key].type))
-        except TypeError as e:
-            parser.error(f"--config {path}: {key} = {value!r}: {e}")
-    given = {"seeds": args.seeds is not None or args.seed is not None,
-             "workdir": args.workdir is not None, "results": args.results is not None,
-             "progress": args.progress is not None}
-    return {k: v for k, v in out.items() if not given.get(k, False)}
-
-
-def _annotation_text(kind: Any) -> str:
-    """A dataclass field's type as text: ``"float"``, ``"tuple[int, ...]"``, ... (it
-    already is a string under ``from __future__ import annotations``)."""
-    if isinstance(kind, str):
-        return kind
-    return kind.__name__ if isinstance(kind, type) else str(kind)
-
-
-def _typed(value: Any, annotation: str) -> Any:
-    """A TOML value as the config field's type (from its annotation text)."""
-    for kind in (part.strip() for part in annotation.split("|")):  # TOML has no null
-        if kind.startswith("tuple[") and isinstance(value, list):
-            item = kind[len("tuple["):].split(",")[0].strip()
-            return tuple(_typed(v, item) for v in value)
-        if kind == "bool" and isinstance(value, bool):
-            return value
-        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind == "str" and isinstance(value, str):
-            return value
-    raise TypeError(f"expected {annotation}")
-
-
 def enable_compilation_cache(path: str | Path) -> None:
     """Turns on JAX's persistent compilation cache: later runs (seeds, resumed
     processes) reuse compiled steps.
@@ -807,132 +536,3 @@ def enable_compilation_cache(path: str | Path) -> None:
 
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-def make_config(parser: argparse.ArgumentParser, factory: Callable[..., Any],
-                overrides: Mapping[str, Any]) -> Any:
-    """``factory(**overrides)``; a value the config rejects is one line and exit 2.
-
-    The config dataclasses validate their fields (distinct seeds, rates in range, known
-    strategy names, ...) and raise ``ValueError`` / ``TypeError`` naming the field; on the
-    command line that is a bad flag value, reported like argparse's own errors but
-    without the usage block: ``<script>: error: <message>`` on stderr, exit status 2.
-
-    Args:
-      parser: the script's parser (its ``prog`` names the script).
-      factory: the config class or a function such as ``quick_config``.
-      overrides: the fields from flags and config files.
-
-    Returns:
-      The config.
-    """
-    try:
-        return factory(**overrides)
-    except (ValueError, TypeError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-
-
-def make_parser(experiment: type[Experiment], *, doc: str, methods: str,
-                quick: str) -> argparse.ArgumentParser:
-    """An experiment script's parser: its method flag, the shared flags, its config's.
-
-    Args:
-      experiment: the ``Experiment`` subclass (``method_flag``, ``flags``,
-        ``config_class``).
-      doc: the script's docstring (its first line describes the script in ``--help``).
-      methods: the help text of ``experiment.method_flag``.
-      quick: the help text of ``--quick``.
-
-    Returns:
-      The parser, with ``experiment.method_flag`` (comma-separated names), then
-      ``add_arguments``'s flags, then ``add_flags``'s; the script may add its own.
-    """
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument(experiment.method_flag, default=None, help=methods)
-    add_arguments(parser, quick=quick)
-    add_flags(parser, experiment, experiment.config_class)
-    return parser
-
-
-def config_from_args(experiment: type[Experiment], parser: argparse.ArgumentParser,
-                     args: argparse.Namespace, **overrides: Any) -> Any:
-    """The config a ``make_parser`` command line asks for.
-
-    Later sources win: the shared flags (``base_overrides``), ``--config FILE``
-    (``config_file``), the config's flags (``flag_overrides``), ``overrides``, the
-    method flag. ``--quick`` builds it with ``experiment.quick_config``. A value the
-    config rejects ends the program as ``make_config`` says.
-
-    Args:
-      experiment: the ``Experiment`` subclass the parser was made for.
-      parser: ``make_parser``'s parser.
-      args: its parsed arguments.
-      **overrides: config fields from the script's own flags (None: not given).
-
-    Returns:
-      The config.
-    """
-    given = {**base_overrides(parser, args, experiment.name),
-             **config_file(parser, args, experiment.config_class),
-             **flag_overrides(args, experiment),
-             **{k: v for k, v in overrides.items() if v is not None}}
-    methods = getattr(args, experiment.method_flag.lstrip("-").replace("-", "_"))
-    if methods is not None:
-        given[experiment.methods_field] = tuple(m for m in methods.split(",") if m)
-    factory = experiment.quick_config if args.quick and experiment.quick_config else (
-        experiment.config_class)
-    return make_config(parser, factory, given)
-
-
-def run_main(experiment: Experiment, args: argparse.Namespace) -> int:
-    """What an experiment script's ``main`` does after parsing.
-
-    Validates the methods, then trains what is missing and reports (or, with
-    ``--report``, only reports and optionally updates ``--docs``), and prints the tables.
-    A non-finite number never reaches a report: seed statistics and the JSON writer
-    reject it with an error naming the value.
-
-    Args:
-      experiment: the experiment over the parsed config.
-      args: the parsed arguments (``report``, ``docs``, ``out``, ``shard``, ``force``).
-
-    Returns:
-      The exit status: 0, or 2 for an unknown method (one line on stderr).
-    """
-    try:
-        experiment.methods()
-    except ValueError as e:
-        print(f"{Path(experiment.script).name}: error: {e}", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    out = Path(args.out or experiment.config.workdir)
-    if args.report:
-        result = experiment.report(out)
-        if args.docs:
-            update_docs(experiment, out, args.docs)
-    else:
-        enable_compilation_cache(Path(experiment.config.workdir) / "jax_cache")
-        result = experiment.run(shard=args.shard, force=args.force)
-        if args.out:
-            result = experiment.report(out)
-    print()
-    print((out / "results.md").read_text(), end="")
-    print(f"\n{out / 'results.json'}  complete: {str(result['complete']).lower()}  "
-          f"({time.perf_counter() - start:.0f} s)")
-    return 0
-
-
-def run_script(main: Callable[[], int]) -> None:
-    """What a training script does under ``if __name__ == "__main__":``.
-
-    Tunes glibc's malloc for this process (freed step buffers are reused: faster steps;
-    ``lepton_mm.training.tune_glibc_malloc``, docs/performance.md), then exits with
-    ``main()``'s status. Tests call ``main`` itself, which leaves malloc alone.
-
-    Args:
-      main: the script's ``main`` (parses ``sys.argv``; returns the exit status).
-    """
-    from lepton_mm.training import tune_glibc_malloc
-
-    tune_glibc_malloc()
-    sys.exit(main())

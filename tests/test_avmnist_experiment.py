@@ -122,7 +122,9 @@ def test_bad_names_fail_before_compute(avmnist, tmp_path, capsys):
     # A value the config rejects, given on the command line: one line, exit 2.
     for argv, message in ((["--seeds", "1,1"], "seeds: expected distinct seeds"),
                           (["--balance", "nope"], "balance: unknown strategies ['nope']"),
-                          (["--quick", "--modality-dropout", "1.5"], "modality_dropout")):
+                          (["--quick", "--modality-dropout", "1.5"], "modality_dropout"),
+                          (["--gblend-pilot", "1,x"], "argument --gblend-pilot: expected "
+                                                      "comma-separated integers, got '1,x'")):
         with pytest.raises(SystemExit) as exit_info:
             avmnist.parse_args(argv)
         assert exit_info.value.code == 2

@@ -1,5 +1,6 @@
-"""lepton_mm.harness: to-do lists, records, reports, docs blocks and the shared CLI, on a
-toy experiment that trains nothing (each run's "accuracy" is a function of its key)."""
+"""lepton_mm.harness and lepton_mm.cli: to-do lists, records, reports, docs blocks and the
+command line generated from a config, on a toy experiment that trains nothing (each run's
+"accuracy" is a function of its key)."""
 
 import argparse
 import dataclasses
@@ -10,8 +11,8 @@ import types
 
 import pytest
 
+from lepton_mm import cli, harness
 from lepton_mm import experiment as ledger
-from lepton_mm import harness
 from lepton_mm.experiment import RunKey
 
 
@@ -194,14 +195,10 @@ def test_command_writes_only_what_differs_and_round_trips(tmp_path):
     # A recorded setting with no flag cannot be written: no unreproducible command.
     with pytest.raises(ValueError, match="unflagged=2 differs from the default"):
         Unflagged(Unflagged.Config(unflagged=2)).command(RunKey("toy", "a", 0))
-    parser = argparse.ArgumentParser()
-    harness.add_arguments(parser, quick="q")
+    parser = cli.script_parser("Toy.")
     parser.add_argument("--methods")
-    parser.add_argument("--data-seed", type=int)
-    parser.add_argument("--rate", type=float)
-    parser.add_argument("--levels", type=harness.parse_floats)
-    parser.add_argument("--noisy", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--tags", type=lambda t: tuple(t.split(",")))
+    cli.add_arguments(parser, quick="q")
+    cli.add_flags(parser, ToyConfig, (("data_seed", "--data-seed"), *Toy.flags))
     args = parser.parse_args(command.split()[2:])
     assert (args.quick, args.seeds, args.data_seed, args.rate, args.levels, args.noisy,
             args.tags, args.force) == (True, (2,), 4, 0.00123456789, (0.0, -3.0), False,
@@ -214,17 +211,27 @@ def test_command_writes_only_what_differs_and_round_trips(tmp_path):
 
 
 def test_add_flags_types_help_and_overrides(capsys):
-    parser = argparse.ArgumentParser()
-    harness.add_flags(parser, Toy, ToyConfig)
+    parser = cli.script_parser("Toy.")
+    cli.add_flags(parser, ToyConfig, Toy.flags)
     args = parser.parse_args(["--rate", "0.25", "--levels=-1,2", "--no-noisy",
                               "--tags", "a,b"])
     assert (args.rate, args.levels, args.noisy, args.tags) == (0.25, (-1.0, 2.0), False,
                                                                ("a", "b"))
-    assert harness.flag_overrides(args, Toy) == {"rate": 0.25, "levels": (-1.0, 2.0),
-                                                 "noisy": False, "tags": ("a", "b")}
-    assert harness.flag_overrides(parser.parse_args([]), Toy) == {}  # defaults: the config's
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--rate", "fast"])
+    assert cli.flag_overrides(args, Toy.flags) == {"rate": 0.25, "levels": (-1.0, 2.0),
+                                                   "noisy": False, "tags": ("a", "b")}
+    assert cli.flag_overrides(parser.parse_args([]), Toy.flags) == {}  # the config's
+    assert cli.flag_overrides(parser.parse_args(["--levels", "", "--tags", "p,,q"]),
+                              Toy.flags) == {"levels": (), "tags": ("p", "q")}
+    # A malformed value is one line naming the flag, exit status 2 (no usage block).
+    for argv, message in ((["--rate", "fast"], "argument --rate: expected a number, got "
+                                               "'fast'"),
+                          (["--levels", "1,x"], "argument --levels: expected "
+                                                "comma-separated numbers, got '1,x'"),
+                          (["--speed", "1"], "unrecognized arguments: --speed 1")):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(argv)
+        assert info.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [f"{parser.prog}: error: {message}"]
     assert "--rate RATE" in parser.format_help()
     help_text = " ".join(parser.format_help().split())
     assert ("how fast, in a description that continues on the next line. (default: 0.5)"
@@ -234,17 +241,17 @@ def test_add_flags_types_help_and_overrides(capsys):
 
 def test_base_overrides_and_bad_flag_combinations():
     parser = argparse.ArgumentParser()
-    harness.add_arguments(parser, quick="q")
+    cli.add_arguments(parser, quick="q")
     args = parser.parse_args(["--seed", "3"])
-    assert harness.base_overrides(parser, args, "toy") == {
+    assert cli.base_overrides(parser, args, "toy") == {
         "seeds": (3,), "workdir": "runs/toy", "results": "results"}
     args = parser.parse_args(["--quick", "--no-progress", "--seeds", "0,1"])
-    assert harness.base_overrides(parser, args, "toy") == {
+    assert cli.base_overrides(parser, args, "toy") == {
         "seeds": (0, 1), "progress": False, "workdir": "runs/toy_quick",
         "results": "runs/toy_quick/results"}  # a smoke check never writes results/
     for bad in (["--seed", "1", "--seeds", "1,2"], ["--shard", "2/2"], ["--docs", "x.md"]):
         with pytest.raises(SystemExit):
-            harness.base_overrides(parser, parser.parse_args(bad), "toy")
+            cli.base_overrides(parser, parser.parse_args(bad), "toy")
 
 
 def test_update_docs_replaces_only_the_marked_block_and_copies_figures(tmp_path):
@@ -275,17 +282,17 @@ def test_run_main_exit_codes(tmp_path, capsys):
                                         "shard": None, "force": False, **kw})
 
     bad = _toy(tmp_path, methods=("a", "zzz"))
-    assert harness.run_main(bad, args()) == 2
+    assert cli.run_main(bad, args()) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["toy.py: error: Unrecognized method: 'zzz'."]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
-    assert harness.run_main(_toy(tmp_path, methods=("a",)), args()) == 0
+    assert cli.run_main(_toy(tmp_path, methods=("a",)), args()) == 0
     assert "complete: true" in capsys.readouterr().out
     # A non-finite number never reaches a report.
     with pytest.raises(ValueError, match="nan"):
-        harness.run_main(_toy(tmp_path, methods=("nan",)), args())
+        cli.run_main(_toy(tmp_path, methods=("nan",)), args())
     out = tmp_path / "only-report"
-    assert harness.run_main(_toy(tmp_path, methods=("a",)), args(report=True, out=out)) == 0
+    assert cli.run_main(_toy(tmp_path, methods=("a",)), args(report=True, out=out)) == 0
     assert (out / "results.md").exists()
 
 
@@ -304,8 +311,8 @@ def test_fit_facts_and_all_finite():
                                    "val_loss": 1.0}
     restored = types.SimpleNamespace(history=history, best_step=30, resumed_from=30)
     assert harness.fit_facts(restored, 1.0)["seconds_per_epoch"] is None
-    assert harness.parse_ints("0, 1,,2") == (0, 1, 2)
-    assert harness.parse_floats("-15,2.5") == (-15.0, 2.5)
+    assert cli.parse_ints("0, 1,,2") == (0, 1, 2)
+    assert cli.parse_floats("-15,2.5") == (-15.0, 2.5)
 
 
 def test_seed_stats_of_a_methods_records():
@@ -341,20 +348,21 @@ class Scripted(Toy):
 
 
 def test_make_parser_and_config_from_args_give_a_scripts_command_line():
-    parser = harness.make_parser(Scripted, doc="Toy: trains nothing.\n\nMore.",
-                                 methods="a or b", quick="fast")
-    parser.add_argument("--bonus", type=float, default=None)  # the script's own flag
+    parser = cli.make_parser(Scripted, doc="Toy: trains nothing.\n\nMore.",
+                             methods="a or b", quick="fast")
     assert parser.description == "Toy: trains nothing."
     help_text = " ".join(parser.format_help().split())
     assert "--kinds KINDS a or b" in help_text and "--quick fast" in help_text
     assert "--rate RATE" in help_text and "--shard I/N" in help_text
+    # Every field is in --help: those without a flag in a closing list.
+    assert help_text.endswith("settings only a --config file sets (ToyConfig): "
+                              "data_seed: data_seed (default: 0)")
     args = parser.parse_args(["--kinds", "b,a,", "--seed", "2", "--rate", "0.7",
-                              "--bonus", "3"])
-    config = harness.config_from_args(Scripted, parser, args, levels=(args.bonus,),
-                                      tags=None)  # None: not given
+                              "--levels", "3"])
+    config = cli.config_from_args(Scripted, parser, args)
     assert config == ToyConfig(methods=("b", "a"), seeds=(2,), rate=0.7, levels=(3.0,))
     # --quick builds on the quick config (flags still win); `command` compares with it.
-    quick = harness.config_from_args(Scripted, parser, parser.parse_args(["--quick"]))
+    quick = cli.config_from_args(Scripted, parser, parser.parse_args(["--quick"]))
     assert quick == _quick_toy(workdir="runs/toy_quick", results="runs/toy_quick/results")
     assert Scripted(quick).default_config() == _quick_toy()
     assert Toy(quick).default_config() == ToyConfig()  # no quick_config: the defaults
@@ -362,30 +370,66 @@ def test_make_parser_and_config_from_args_give_a_scripts_command_line():
     assert Scripted(faster).command(RunKey("toy", "a", 0)) == (
         "python experiments/toy.py --quick --kinds a --seeds 0 --rate=0.2 --force")
     args = parser.parse_args(["--quick", "--rate", "0.2", "--kinds", "a", "--seeds", "0"])
-    assert harness.config_from_args(Scripted, parser, args) == dataclasses.replace(
+    assert cli.config_from_args(Scripted, parser, args) == dataclasses.replace(
         faster, methods=("a",), seeds=(0,))
 
 
-def test_int_at_least_and_run_script(monkeypatch):
-    parse = harness.int_at_least(1)
-    assert parse("3") == 3 and parse.__name__ == "int >= 1"
-    for text, match in (("0", "expected an integer >= 1, got 0"),
-                        ("two", "expected an integer, got 'two'")):
-        with pytest.raises(argparse.ArgumentTypeError, match=match):
-            parse(text)
+@dataclasses.dataclass(frozen=True)
+class _Tool:
+    """A tool's settings.
+
+    Attributes:
+      methods: what to run.
+      limit: at most this many (None: all).
+      out: where to write.
+      table: a mapping (no flag).
+    """
+
+    methods: tuple[str, ...] = ("a",)
+    limit: int | None = 5
+    out: str | None = None
+    table: dict | None = None
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: expected an integer >= 1, got {self.limit}.")
+
+
+def test_config_flags_optional_values_and_config_errors(capsys):
+    flags = cli.config_flags(_Tool, ("methods", "limit", "out"), names={"methods": "--use"})
+    assert flags == (("methods", "--use"), ("limit", "--limit"), ("out", "--out"))
+    assert cli.config_flags(_Tool)[-1] == ("table", "--table")
+    parser = cli.script_parser("A tool.\n\nMore.")
+    cli.add_flags(parser, _Tool, flags)
+    given = cli.flag_overrides(parser.parse_args(["--use", "b,c", "--limit", "none",
+                                                  "--out", "x.json"]), flags)
+    assert given == {"methods": ("b", "c"), "limit": None, "out": "x.json"}
+    assert cli.make_config(parser, _Tool, given) == _Tool(("b", "c"), None, "x.json")
+    assert "(default: 5)" in parser.format_help() and "--use METHODS" in parser.format_help()
+    # A value the config rejects: one line naming the field, exit status 2.
+    with pytest.raises(SystemExit) as info:
+        cli.make_config(parser, _Tool, {"limit": 0})
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{parser.prog}: error: limit: expected an integer >= 1, got 0."]
+    with pytest.raises(TypeError, match=r"_Tool\.table is dict \| None; flags support"):
+        cli.add_flags(cli.script_parser("A tool."), _Tool, (("table", "--table"),))
+
+
+def test_run_script(monkeypatch):
     import lepton_mm.training
 
     tuned = []
     monkeypatch.setattr(lepton_mm.training, "tune_glibc_malloc", lambda: tuned.append(1))
     with pytest.raises(SystemExit) as info:
-        harness.run_script(lambda: 3)
+        cli.run_script(lambda: 3)
     assert info.value.code == 3 and tuned == [1]
 
 
 def _config_parser():
     parser = argparse.ArgumentParser(prog="toy.py")
-    harness.add_arguments(parser, quick="q")
-    harness.add_flags(parser, Toy, ToyConfig)
+    cli.add_arguments(parser, quick="q")
+    cli.add_flags(parser, ToyConfig, Toy.flags)
     return parser
 
 
@@ -394,9 +438,9 @@ def _from_file(tmp_path, text, argv=()):
     path.write_text(text)
     parser = _config_parser()
     args = parser.parse_args(["--config", str(path), *argv])
-    return {**harness.base_overrides(parser, args, "toy"),
-            **harness.config_file(parser, args, ToyConfig),
-            **harness.flag_overrides(args, Toy)}
+    return {**cli.base_overrides(parser, args, "toy"),
+            **cli.config_file(parser, args, ToyConfig),
+            **cli.flag_overrides(args, Toy.flags)}
 
 
 def test_config_files_set_typed_fields_and_flags_override_them(tmp_path):
