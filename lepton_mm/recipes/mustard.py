@@ -76,6 +76,7 @@ class MUStARDConfig:
       text_learning_rate, finetune_head_learning_rate: peak rates of the text tower and
         of the head while fine-tuning (cosine decay after a linear warmup over
         ``warmup_fraction`` of the steps; gradients clipped to global norm 1).
+      warmup_fraction: the share of the fine-tuning steps the rates warm up over.
       freeze_embeddings: keep the word/position/segment tables fixed.
       freeze_layers: also freeze the lowest this many transformer blocks.
       max_tokens: utterances are truncated to this many word pieces and bucketed by

@@ -74,7 +74,8 @@ class SmokeConfig:
       early_stopping_patience: epochs without improvement before stopping.
       checkpoint_every: extra checkpoints every this many steps.
       mesh: None (one device) or "auto" (data parallel over all devices).
-      quick: smaller transformers in the fusion layers.
+      quick: set by ``quick_config`` (a few seconds per fusion); smaller transformers in
+        the fusion layers.
     """
 
     fusion: str = "concat"
