@@ -760,15 +760,23 @@ def _qualified_name(fn: Any) -> str:
         fn, "__qualname__", type(fn).__qualname__)
 
 
+def _tree_spec(tree: Any) -> Any:
+    """``tree`` with every leaf replaced by its ``(shape, dtype name)``."""
+    return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+
+
+def _same_spec(before: Any, after: Any) -> bool:
+    """Whether two pytrees have the same structure and leaf shapes and dtypes."""
+    try:
+        return (jax.tree.structure(before) == jax.tree.structure(after)
+                and _tree_spec(before) == _tree_spec(after))
+    except (AttributeError, TypeError):
+        return False
+
+
 def _check_hook_output(name: str, before: Any, after: Any) -> None:
     """A hook must return a batch of the same structure, shapes and dtypes."""
-    spec = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
-    try:
-        same = (jax.tree.structure(before) == jax.tree.structure(after)
-                and spec(before) == spec(after))
-    except (AttributeError, TypeError):
-        same = False
-    if not same:
+    if not _same_spec(before, after):
         raise TypeError(f"{name}: must return a batch with the input's keys, shapes and "
                         "dtypes (an augmented copy of it).")
 
@@ -869,15 +877,10 @@ def _init_strategy_state(strategy: Any, graphdef: Any, params: Any, rest: Any, t
 
 def _check_strategy_state(method: str, before: Any, after: Any) -> None:
     """A stateful strategy's method must return a state like ``init_state``'s."""
-    spec = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
-    try:
-        same = (jax.tree.structure(before) == jax.tree.structure(after)
-                and spec(before) == spec(after))
-    except (AttributeError, TypeError):
-        same = False
-    if not same:
+    if not _same_spec(before, after):
         raise TypeError(f"strategy: {method} must return a state with init_state's "
-                        f"structure, shapes and dtypes: {spec(before)!r} from init_state.")
+                        f"structure, shapes and dtypes: {_tree_spec(before)!r} from "
+                        "init_state.")
 
 
 def _scalar_dict(metrics: Any) -> bool:
