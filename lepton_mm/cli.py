@@ -34,12 +34,12 @@ value) and ``tyro.conf.arg(name=...)`` for the renamed flags (``--fusion``,
 flags (``--quick`` picks the quick config, ``--results`` is ``WORKDIR/results`` under
 ``--quick``, a ``--config`` file sits under the flags, ``--seed`` or ``--seeds``), so
 ``--help`` would print ``(default: None)``; and it reads no ``a, b: text`` docstring
-entries (eight of ``RLFusionConfig``'s fields had no help). What it cannot give is the
+entries (ten of ``RLFusionConfig``'s 25 fields got no help). What it cannot give is the
 one-line error: each parse error is a 5- to 13-line box on stderr, in both of its
 backends, with no public way to get the message (``console_outputs=False`` drops it);
 keeping one line would mean scraping its rendered box. ml_collections' config flags
 (``--config.seeds``) would change the recorded commands. So the typed flags stay
-generated here (``add_flags``, ~60 lines), on the standard library.
+generated here (``add_flags`` and its helpers, about 60 lines of code), on argparse.
 """
 
 from __future__ import annotations
