@@ -88,6 +88,10 @@ VARIANTS = {
     "mmpareto": Variant(
         flags=lambda c: "--balance mmpareto",
         recorded=lambda c: {"strategy": {"name": "mmpareto", "gamma": 1.0}}),
+    "pmr": Variant(  # untuned: alpha 1, no entropy term, prototypes averaged over ~10 steps
+        flags=lambda c: "--balance pmr",
+        recorded=lambda c: {"strategy": {"name": "pmr", "alpha": 1.0, "mu": 0.0,
+                                         "momentum": 0.9}}),
     "gblend": Variant(
         flags=lambda c: (f"--balance gblend --gblend-pilot "
                          f"{','.join(map(str, c.gblend_pilot))} "
@@ -177,7 +181,7 @@ class AVMNIST(harness.Experiment):
                  workdir: Path | None) -> tuple[Any, dict[str, Any]]:
         """``fit``'s ``strategy`` for ``key``'s run (None unless ``--balance``) and what
         its record keeps about it (``+gblend``: the pilot's weights and losses)."""
-        from lepton_mm.balance import OGMGE, GradientBlending, MMPareto
+        from lepton_mm.balance import OGMGE, PMR, GradientBlending, MMPareto
         from lepton_mm.models import Classification
 
         variant = split_method(key.method)[1]
@@ -185,6 +189,8 @@ class AVMNIST(harness.Experiment):
             return OGMGE(alpha=self.config.ogm_alpha), {}
         if variant == "mmpareto":
             return MMPareto(Classification(NUM_CLASSES)), {}
+        if variant == "pmr":
+            return PMR(alpha=1.0, mu=0.0, momentum=0.9), {}
         if variant == "gblend":
             weights, losses = gradient_blending_pilot(
                 self.config, split_method(key.method)[0], data, workdir / "gblend_pilot",

@@ -7,7 +7,7 @@ L2 decay, batch 40, the epoch with the best validation accuracy kept) and
 ``robustness_results`` (the test split scored once, also with a modality absent and
 under an audio SNR sweep and an image-noise sweep; ``docs/results.md``). A method
 ``<fusion>+<variant>`` trains the same model with modality dropout (``+mdrop``) or a
-balanced-learning strategy (``+ogm_ge``, ``+gblend``, ``+mmpareto``;
+balanced-learning strategy (``+ogm_ge``, ``+gblend``, ``+mmpareto``, ``+pmr``;
 ``gradient_blending_pilot`` gives Gradient Blending its weights).
 
 The follow-up experiments (``avmnist_compress.py``, ``avmnist_noise_levels.py``), the
@@ -64,7 +64,8 @@ MDROP_SUFFIX = "+mdrop"
 #: trained with one is ``<method>+<name>`` (``concat+ogm_ge``).
 BALANCE = {"ogm_ge": "OGM-GE (Peng et al. 2022)",
            "gblend": "offline Gradient Blending (Wang et al. 2020)",
-           "mmpareto": "MMPareto (Wei & Hu 2024)"}
+           "mmpareto": "MMPareto (Wei & Hu 2024)",
+           "pmr": "PMR (Fan et al. 2023)"}
 #: Audio SNR sweep (dB), least noisy first; the benchmark trains and tests at -15.
 SNR_SWEEP = (20.0, 10.0, 0.0, -5.0, -10.0, -15.0, -20.0)
 #: Image noise sweep: standard deviations of white Gaussian noise added to each pixel
