@@ -104,8 +104,14 @@ def test_balance_strategies_are_runs_of_their_own(avmnist):
     assert ogm.alpha == 0.3 and ogm.noise
     pareto, _ = experiment.strategy(RunKey("avmnist", "concat+mmpareto", 0), None, None)
     assert pareto.task.num_classes == 10 and pareto.gamma == 1.0
-    with pytest.raises(ValueError, match=r"balance: unknown strategies \['pmr'\]"):
-        avmnist.AVMNISTConfig(balance=("pmr",))
+    pmr_config, _ = avmnist.parse_args(["--fusion", "concat", "--balance", "pmr"])
+    pmr_run = avmnist.AVMNIST(pmr_config)
+    assert pmr_run.run_config("concat+pmr")["strategy"] == {
+        "name": "pmr", "alpha": 1.0, "mu": 0.0, "momentum": 0.9}
+    pmr, _ = pmr_run.strategy(RunKey("avmnist", "concat+pmr", 0), None, None)
+    assert (pmr.alpha, pmr.mu, pmr.momentum) == (1.0, 0.0, 0.9)
+    with pytest.raises(ValueError, match=r"balance: unknown strategies \['agm'\]"):
+        avmnist.AVMNISTConfig(balance=("agm",))
     with pytest.raises(ValueError, match="ogm_alpha"):
         avmnist.AVMNISTConfig(ogm_alpha=0.0)
     with pytest.raises(ValueError, match="gblend_pilot"):
