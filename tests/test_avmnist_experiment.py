@@ -114,6 +114,9 @@ def test_balance_strategies_are_runs_of_their_own(avmnist):
         avmnist.AVMNISTConfig(balance=("agm",))
     with pytest.raises(ValueError, match="ogm_alpha"):
         avmnist.AVMNISTConfig(ogm_alpha=0.0)
+    for bad in ({"learning_rate": -1.0}, {"momentum": 1.0}, {"weight_decay": -1e-4}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            avmnist.AVMNISTConfig(**bad)
     with pytest.raises(ValueError, match="gblend_pilot"):
         avmnist.AVMNISTConfig(gblend_pilot=(2, 2))
 

@@ -174,6 +174,12 @@ class AVMNISTConfig:
         if unknown:
             raise ValueError(f"balance: unknown strategies {unknown}; known: {list(BALANCE)}.")
         object.__setattr__(self, "balance", balance)
+        for name, ok, expected in (("learning_rate", lambda v: v > 0, "a number > 0"),
+                                   ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                                   ("weight_decay", lambda v: v >= 0, "a number >= 0")):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}.")
         if not (math.isfinite(float(self.ogm_alpha)) and float(self.ogm_alpha) > 0):
             raise ValueError(f"ogm_alpha: expected a number > 0, got {self.ogm_alpha!r}.")
         pilot = tuple(int(e) for e in self.gblend_pilot)
