@@ -1,11 +1,15 @@
-"""The AV-MNIST train step with the two im2col strategies of the CNN encoders, A/B.
+"""The AV-MNIST train step with the CNN encoders' conv path against a previous one, A/B.
 
     python benchmarks/im2col.py [--methods concat,audio_only,image_only] [--batch-sizes 40,128]
+    python benchmarks/im2col.py --against first-layer-conv-grad --methods concat,audio_only
 
 ``slices`` is the library's path (``lepton_mm.encoders._conv``: patches from shifted
-slices, the first layer as direct multiply-adds with XLA's convolution gradient);
-``gather`` is the previous one (one gather in pooling-phase order, ``conv_patches``,
-whose gradient is a scatter-add), patched in for the comparison. Each variant is the
+slices, the first layer as direct multiply-adds whose kernel gradient is one matmul per
+pooling phase). ``--against`` picks the previous path patched in for the comparison:
+``gather`` (default: one gather in pooling-phase order, ``conv_patches``, whose gradient
+is a scatter-add) or ``first-layer-conv-grad`` (the library's path with the first
+layer's kernel gradient from XLA's convolution gradient on the ``[batch, h, w, 1]``
+layout, as before 2026-12-07). Each variant is the
 ``experiments/avmnist.py`` model and SGD recipe under ``make_train_step`` (the step
 ``fit`` runs), on 20 real batches; the variants alternate A B B A over 4 rounds after
 compilation and the best round's mean step time is printed with the compile time and
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -40,11 +45,57 @@ def _gather_paths(conv):
     return phase_ordered, single_channel
 
 
+def _conv_grad_first_layer(conv):
+    """The library's path with the previous first-layer backward (XLA's conv gradient)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def single_channel(x, kernel, kernel_size, pool):
+        return conv._single_channel_direct(conv._pad_single(x, kernel_size, pool), kernel,
+                                           kernel_size, pool,
+                                           conv._phase_grid(x.shape[0], x.shape[1], pool))
+
+    def fwd(x, kernel, kernel_size, pool):
+        return single_channel(x, kernel, kernel_size, pool), (x, kernel)
+
+    def bwd(kernel_size, pool, res, g):
+        x, kernel = res
+        (kh, kw), (ph, pw) = kernel_size, pool
+        h, w, b = x.shape
+        c_out = kernel.shape[1]
+        h2, w2 = conv._phase_grid(h, w, pool)
+        g = g.reshape(c_out, ph, pw, h2, w2, b).transpose(5, 3, 1, 4, 2, 0)
+        g = g.reshape(b, h2 * ph, w2 * pw, c_out)
+
+        def conv_nhwc(xp, k):
+            return jax.lax.conv_general_dilated(
+                xp, k.reshape(kh, kw, 1, c_out), (1, 1), "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=jnp.float32)
+
+        xp = jnp.transpose(conv._pad_single(x, kernel_size, pool), (2, 0, 1))[..., None]
+        _, vjp = jax.vjp(conv_nhwc, xp.astype(jnp.float32), kernel.astype(jnp.float32))
+        dxp, dk = vjp(g)
+        (top, _), (left, _) = conv.same_padding(kh), conv.same_padding(kw)
+        dx = jnp.transpose(dxp[..., 0], (1, 2, 0))[top:top + h, left:left + w]
+        return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+    single_channel.defvjp(fwd, bwd)
+    return conv._conv_phase_ordered, single_channel
+
+
+PREVIOUS = {"gather": _gather_paths, "first-layer-conv-grad": _conv_grad_first_layer}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="concat,audio_only,image_only")
     parser.add_argument("--batch-sizes", default="40,128")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--against", default="gather", choices=sorted(PREVIOUS))
     args = parser.parse_args(argv)
 
     from lepton_mm.training import tune_glibc_malloc
@@ -62,14 +113,15 @@ def main(argv=None) -> int:
     from lepton_mm.training.loop import TrainState, make_train_step
 
     library = (conv._conv_phase_ordered, conv._conv_single_channel)
-    paths = {"slices": library, "gather": _gather_paths(conv)}
+    paths = {"slices": library, args.against: PREVIOUS[args.against](conv)}
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     config = avmnist.AVMNISTConfig(num_train=max(sizes) * args.steps, num_val=40,
                                    num_test=40, progress=False)
     data = ArrayDataset(avmnist.make_data(config)["train"])
     sgd = OptimizerConfig(name="sgd", learning_rate=config.learning_rate,
                           momentum=config.momentum, weight_decay=config.weight_decay)
-    meta = {**machine_info(), "allocator_tuned": tuned, "jax": jax.__version__}
+    meta = {**machine_info(), "allocator_tuned": tuned, "jax": jax.__version__,
+            "against": args.against, "load_avg_1m": os.getloadavg()[0]}
     print(json.dumps({"meta": meta}), flush=True)
     for method in args.methods.split(","):
         for bs in sizes:
@@ -110,7 +162,7 @@ def main(argv=None) -> int:
                 line[name] = {"ms_per_step": round(1000 * min(run["times"]), 1),
                               "compile_s": round(run["compile_s"], 1),
                               "last_loss": round(run["loss"], 5)}
-            line["speedup"] = round(line["gather"]["ms_per_step"] /
+            line["speedup"] = round(line[args.against]["ms_per_step"] /
                                     line["slices"]["ms_per_step"], 2)
             print(json.dumps(line), flush=True)
     return 0
