@@ -54,6 +54,11 @@ import numpy as np
 #: History: "2026.12.1": slice-based im2col and a direct first convolution in the CNN
 #: encoders, LowRankFusion initialised as MultiBench's Xavier-normal, AV-MNIST PCA fitted
 #: on the training split only.
+#: Not bumped for changes of float rounding alone (the same function computed in another
+#: order, e.g. the first conv layer's kernel gradient as per-phase matmuls, 2026-12-07):
+#: a record stays comparable in distribution, and is bit-reproducible from its command
+#: on its ``git_commit`` and CPU kind (XLA compiles different code for AVX2 and AVX-512
+#: anyway), not necessarily on a later commit.
 NUMERICS = "2026.12.1"
 
 __all__ = [
