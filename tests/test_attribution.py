@@ -5,6 +5,7 @@ import itertools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,6 +131,36 @@ def test_completeness_on_the_small_classifier(classifier):
     assert absent.any()
     np.testing.assert_array_equal(np.asarray(out.values["audio"])[absent], 0.0)
     assert np.all(np.asarray(out.values["audio"])[~absent] != 0.0)
+
+
+def test_classifier_encoded_once_equals_whole_model_per_coalition(classifier):
+    # A MultimodalClassifier is encoded once and only fused per coalition; a plain
+    # callable runs whole per coalition. Same values, and far fewer encoder ops.
+    model, batch = classifier
+    fast = modality_shapley(model, batch)
+    eval_model = make_model(seed=0)
+    eval_model.eval()
+    whole = modality_shapley(lambda b: eval_model(b), batch)
+    for m in ("image", "audio"):
+        np.testing.assert_allclose(fast.values[m], whole.values[m], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast.base, whole.base, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(fast.target, whole.target)
+
+    def count(jaxpr, inside):  # matmul-like ops, all of them or only inside the map
+        n = 0
+        for eqn in jaxpr.eqns:
+            here = inside or eqn.primitive.name == "scan"
+            if here and eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                n += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                n += count(sub, here)
+        return n
+
+    def matmuls_per_coalition(fn):
+        return count(jax.make_jaxpr(fn)(batch).jaxpr, False)
+
+    assert matmuls_per_coalition(lambda b: modality_shapley(model, b).full) < \
+        matmuls_per_coalition(lambda b: modality_shapley(lambda x: eval_model(x), b).full)
 
 
 def test_marked_absent_audio_gets_zero_and_model_is_untouched(classifier):
