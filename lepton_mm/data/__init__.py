@@ -2,6 +2,8 @@
 
 - ``BatchSource``: the protocol: ``len``, ``num_batches``, ``batches``.
 - ``ArrayDataset``, ``BucketedDataset``: in-memory sources (one shape; length buckets).
+- ``SNRRangeDataset``: AV-MNIST training examples whose audio is rebuilt every epoch at
+  per-example SNRs drawn from a range (noise-robust training).
 - ``epoch_permutation``: an epoch's shuffled order, from (seed, epoch) only.
 - ``ManifestDataset``: your own files listed in a CSV / JSONL manifest, read through
   grain; ``ManifestRowError`` names a bad row.
@@ -17,12 +19,15 @@ from lepton_mm.data.avmnist import (
     AVMNIST,
     AVMNISTSplit,
     ImagePCA,
+    SNRRangeDataset,
     avmnist_arrays,
     fit_image_pca,
     load_avmnist,
     log_mel_statistics,
+    normalize_log_mel,
     place_clip,
     standardize_log_mel,
+    standardize_utterances,
     window_frame_mask,
 )
 from lepton_mm.data.avmnist_files import avmnist_file_features, export_avmnist_files
@@ -63,6 +68,7 @@ __all__ = [
     "MUStARD",
     "ManifestDataset",
     "ManifestRowError",
+    "SNRRangeDataset",
     "UnreadableFileError",
     "avmnist_arrays",
     "avmnist_file_features",
@@ -76,9 +82,11 @@ __all__ = [
     "load_mnist",
     "load_mustard",
     "log_mel_statistics",
+    "normalize_log_mel",
     "place_clip",
     "resolve_data_dir",
     "standardize_log_mel",
+    "standardize_utterances",
     "verified_path",
     "window_frame_mask",
 ]
