@@ -10,7 +10,12 @@ the image marked absent, under an audio SNR sweep and an image-noise sweep (Mult
 relative and effective robustness; ``docs/results.md``). ``--modality-dropout P`` also
 trains every fusion method with modality dropout, as ``<method>+mdrop``; ``--balance
 ogm_ge,gblend`` with a balanced-learning strategy (``lepton_mm.balance``), as
-``<method>+ogm_ge``, ``<method>+gblend`` and ``<method>+mmpareto``.
+``<method>+ogm_ge``, ``<method>+gblend`` and ``<method>+mmpareto``. Noise-robust
+training: ``--train-snr-db=-20,20`` also trains every audio-bearing method (audio_only
+too) on training audio whose SNR is drawn per example and per epoch from that range, as
+``<method>+snr_range``; ``--utterance-norm`` with each log-mel standardised by its own
+frames, as ``<method>+utt_norm`` (both: also ``<method>+snr_range+utt_norm``). Their
+validation and test data, and the SNR sweep, are the plain runs'.
 
 Each finished run is a record in ``results/avmnist/<method>/seed<k>.json``
 (``lepton_mm.harness``): the command trains only the runs without a current record and
@@ -22,6 +27,7 @@ tables and sweep figures of the records without training.
     python experiments/avmnist.py --fusion all --seeds 0,1,2 --report --out /tmp/avr
     python experiments/avmnist.py --fusion concat,gated --modality-dropout 0.3
     python experiments/avmnist.py --fusion concat,late --balance ogm_ge,gblend,mmpareto
+    python experiments/avmnist.py --fusion audio_only,concat,late --train-snr-db=-20,20
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ import numpy as np
 from lepton_mm import cli, harness
 from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.recipes.avmnist import (
+    AUDIO_VARIANTS,
     BALANCE,
     MDROP_SUFFIX,
     NUM_CLASSES,
     SWEEPS,
     AVMNISTConfig,
+    audio_setting,
     build_model,
     fit_recipe,
     gradient_blending_pilot,
@@ -53,6 +61,8 @@ from lepton_mm.recipes.avmnist import (
     robustness_results,
     split_method,
     sweep_data,
+    train_data,
+    variant_tags,
 )
 
 #: Effective robustness is measured against this method: MultiBench's "LF" baseline,
@@ -76,8 +86,10 @@ class Variant:
     recorded: Callable[[AVMNISTConfig], dict[str, Any]]
 
 
-#: The variants by name (``<method>+<name>``): modality dropout and the ``--balance``
-#: strategies. ``AVMNIST.strategy`` builds a strategy's ``fit`` hook.
+#: The variants by name (``<method>+<name>``, the audio ones also combined:
+#: ``<method>+snr_range+utt_norm``): modality dropout, the ``--balance`` strategies and
+#: the audio variants. ``AVMNIST.strategy`` builds a strategy's ``fit`` hook,
+#: ``audio_setting`` / ``train_data`` an audio variant's data.
 VARIANTS = {
     "mdrop": Variant(
         flags=lambda c: f"--modality-dropout {c.modality_dropout:g}",
@@ -99,8 +111,14 @@ VARIANTS = {
         recorded=lambda c: {"strategy": {"name": "gblend",
                                          "pilot_epochs": list(c.gblend_pilot),
                                          "pilot_train_examples": c.gblend_train_examples}}),
+    "snr_range": Variant(
+        flags=lambda c: f"--train-snr-db={harness.flag_text(c.train_snr_db)}",
+        recorded=lambda c: {"train_snr_db": list(c.train_snr_db)}),
+    "utt_norm": Variant(
+        flags=lambda c: "--utterance-norm",
+        recorded=lambda c: {"normalize_audio": "utterance"}),
 }
-assert set(VARIANTS) == {MDROP_SUFFIX[1:], *BALANCE}
+assert set(VARIANTS) == {MDROP_SUFFIX[1:], *BALANCE, *AUDIO_VARIANTS}
 
 
 class AVMNIST(harness.Experiment):
@@ -112,10 +130,11 @@ class AVMNIST(harness.Experiment):
     not_recorded = ("methods", "seeds", "workdir", "results", "progress",
                     "checkpoint_every", "modality_dropout", "robustness", "snr_sweep",
                     "image_noise_sweep", "balance", "ogm_alpha", "gblend_pilot",
-                    "gblend_train_examples")
-    # --modality-dropout, --balance and the strategies' settings: written by method_args
+                    "gblend_train_examples", "train_snr_db", "utterance_norm")
+    # --modality-dropout, --balance and the strategies' settings, the audio variants':
+    # written by method_args
     method_fields = ("modality_dropout", "balance", "ogm_alpha", "gblend_pilot",
-                     "gblend_train_examples")
+                     "gblend_train_examples", "train_snr_db", "utterance_norm")
     flags = cli.config_flags(
         AVMNISTConfig, ("data_seed", "snr_db", "epochs", "batch_size", "learning_rate",
                         "num_train", "num_val", "num_test", "robustness", "snr_sweep",
@@ -127,28 +146,33 @@ class AVMNIST(harness.Experiment):
         return resolve_methods(self.config)
 
     def method_args(self, method: str) -> list[str]:
-        base, variant = split_method(method)
-        return [f"--fusion {base}",
-                *([VARIANTS[variant].flags(self.config)] if variant else [])]
+        return [f"--fusion {split_method(method)[0]}",
+                *(VARIANTS[tag].flags(self.config) for tag in variant_tags(method))]
 
     def run_config(self, method: str) -> dict[str, Any]:
         """The training settings, the modality-dropout rate of ``+mdrop`` runs, the
-        strategy of ``--balance`` runs and the robustness protocol (when evaluated)."""
+        strategy of ``--balance`` runs, the SNR range or normalisation of the audio
+        variants and the robustness protocol (when evaluated)."""
         from lepton_mm.data.avmnist import SPLIT_SIZES
 
         out = super().run_config(method)
-        variant = split_method(method)[1]
-        if variant:
-            out.update(VARIANTS[variant].recorded(self.config))
+        for tag in variant_tags(method):
+            out.update(VARIANTS[tag].recorded(self.config))
         if self.config.robustness:
             out["robustness"] = robustness_protocol(
-                self.config, self.config.num_test or SPLIT_SIZES["test"])
+                self.config, self.config.num_test or SPLIT_SIZES["test"], method)
         return out
 
-    def prepare(self, todo: list[RunKey]) -> dict[str, Any]:
-        data = make_data(self.config)
-        if self.config.robustness:
-            sweep_data(self.config, data)  # built before the runs' memory is measured
+    def prepare(self, todo: list[RunKey]) -> dict[Any, dict[str, Any]]:
+        """``make_data`` per audio normalisation the runs of ``todo`` need (``True``,
+        ``"utterance"``, ...), each with its sweep inputs."""
+        data = {}
+        for key in todo:
+            normalize = audio_setting(self.config, key.method)[1]
+            if normalize not in data:
+                data[normalize] = make_data(self.config, normalize_audio=normalize)
+                if self.config.robustness:  # built before the runs' memory is measured
+                    sweep_data(self.config, data[normalize])
         return data
 
     def train(self, key: RunKey, data: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -158,11 +182,13 @@ class AVMNIST(harness.Experiment):
         from lepton_mm.training import seed_rngs
 
         config, (base, variant) = self.config, split_method(key.method)
+        data = data[audio_setting(config, key.method)[1]]
         start = time.perf_counter()
         strategy, extra = self.strategy(key, data, workdir)
         model = build_model(config, base, seed_rngs(key.seed))
         fitted = fit_recipe(
-            config, model, data, workdir, seed=key.seed, epochs=config.epochs,
+            config, model, {**data, "train": train_data(config, data, key.method)},
+            workdir, seed=key.seed, epochs=config.epochs,
             modality_dropout=config.modality_dropout if variant == "mdrop" else 0.0,
             strategy=strategy, meta={"hash": self.config_hash(key)})
         facts = harness.fit_facts(fitted, time.perf_counter() - start)
@@ -282,7 +308,8 @@ class AVMNIST(harness.Experiment):
 
     def plot(self, summary: dict[str, Any], out: Path) -> list[Path]:
         """``audio_snr_sweep.png`` and ``image_noise_sweep.png``: a line per method,
-        error bars the std over seeds, ``+mdrop`` runs dashed in their method's colour."""
+        error bars the std over seeds, variants (``+mdrop``, ``+snr_range``, ...) in
+        their method's colour, one line style per variant."""
         from lepton_mm.robustness import plot_sweep
 
         written = []

@@ -555,7 +555,8 @@ def plot_sweep(sweep: Mapping[str, Mapping[str, Any]], path: Any, *, xlabel: str
       title: the plot's title.
       invert_x: draw the levels decreasing (e.g. SNR: noisier to the right).
       mark: ``(level, label)`` of a dotted vertical line (e.g. the training SNR).
-      group: method -> ``(base, variant)``: a variant is dashed in its base's colour.
+      group: method -> ``(base, variant)``: a variant is drawn in its base's colour,
+        dashed (the first variant name seen), dotted, dash-dotted, ... (the others).
 
     Returns:
       ``path`` as a ``pathlib.Path``.
@@ -569,12 +570,16 @@ def plot_sweep(sweep: Mapping[str, Mapping[str, Any]], path: Any, *, xlabel: str
     FigureCanvasAgg(fig)  # an Agg canvas on a bare Figure: no pyplot state
     ax = fig.add_subplot()
     colours: dict[str, Any] = {}
+    cycle = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+    styles: dict[Any, Any] = {}
     for method, curve in sweep.items():
         base, variant = group(method) if group else (method, False)
+        style = styles.setdefault(variant, cycle[len(styles) % len(cycle)]) if variant \
+            else "-"
         err = None if curve["std"] is None else 100 * np.array(curve["std"])
         line = ax.errorbar(curve["levels"], 100 * np.array(curve["mean"]), yerr=err,
                            marker="o", markersize=3, capsize=3, label=method,
-                           linestyle="--" if variant else "-", color=colours.get(base))
+                           linestyle=style, color=colours.get(base))
         colours.setdefault(base, line.lines[0].get_color())
     if invert_x:
         ax.invert_xaxis()

@@ -121,6 +121,58 @@ def test_balance_strategies_are_runs_of_their_own(avmnist):
         avmnist.AVMNISTConfig(gblend_pilot=(2, 2))
 
 
+def test_audio_variants_are_runs_of_their_own(avmnist):
+    from lepton_mm.experiment import RunKey
+
+    config, _ = avmnist.parse_args(["--fusion", "image_only,audio_only,concat",
+                                    "--train-snr-db=-20,20", "--utterance-norm"])
+    variants = ["+snr_range", "+utt_norm", "+snr_range+utt_norm"]
+    assert avmnist.resolve_methods(config) == [
+        "image_only", *(m + v for m in ("audio_only", "concat") for v in ["", *variants])]
+    only_snr = dataclasses.replace(config, utterance_norm=False)
+    assert avmnist.resolve_methods(only_snr) == [
+        "image_only", "audio_only", "audio_only+snr_range", "concat", "concat+snr_range"]
+    experiment = avmnist.AVMNIST(config)
+    for method in ("image_only", "audio_only", "concat"):  # the plain runs are untouched
+        plain = avmnist.AVMNIST(avmnist.AVMNISTConfig()).run_config(method)
+        assert experiment.run_config(method) == plain
+    snr = experiment.run_config("concat+snr_range")
+    assert snr == {**plain, "method": "concat+snr_range", "train_snr_db": [-20.0, 20.0],
+                   "robustness": {**plain["robustness"], "train_snr_db": [-20.0, 20.0]}}
+    both = experiment.run_config("concat+snr_range+utt_norm")
+    assert both == {**snr, "method": "concat+snr_range+utt_norm",
+                    "normalize_audio": "utterance",
+                    "robustness": {**snr["robustness"], "normalize_audio": "utterance"}}
+    for method in avmnist.resolve_methods(config):
+        command = experiment.command(RunKey("avmnist", method, 1))
+        again, _ = avmnist.parse_args(command.split()[2:])
+        assert method in avmnist.resolve_methods(again), command
+        assert avmnist.AVMNIST(again).run_config(method) == experiment.run_config(method)
+    assert "--train-snr-db=-20,20 --utterance-norm" in experiment.command(
+        RunKey("avmnist", "audio_only+snr_range+utt_norm", 0))
+    assert avmnist.variant_tags("concat+snr_range+utt_norm") == ("snr_range", "utt_norm")
+    assert avmnist.variant_tags("concat") == ()
+
+
+def test_recorded_commands_still_reproduce_their_records(avmnist):
+    """Every current record's command parses back to its config hash (options added
+    since, such as the audio variants, leave the plain runs' hashes alone)."""
+    from lepton_mm.experiment import NUMERICS, RunKey
+
+    records = [json.loads(p.read_text())
+               for p in sorted((ROOT / "results" / "avmnist").glob("*/seed*.json"))]
+    ours = [r for r in records if r["command"].startswith("python experiments/avmnist.py ")
+            and r["numerics"] == NUMERICS]
+    assert len(ours) >= 39
+    for record in ours:
+        config, _ = avmnist.parse_args(record["command"].split()[2:])
+        experiment = avmnist.AVMNIST(config)
+        key = RunKey("avmnist", record["method"], record["seed"], record["data_seed"])
+        assert key in experiment.keys(), record["command"]
+        assert experiment.config_hash(key) == record["config_hash"], record["command"]
+        assert experiment.command(key) == record["command"]
+
+
 def test_bad_names_fail_before_compute(avmnist, tmp_path, capsys):
     assert avmnist.main(["--quick", "--fusion", "concat,nope", "--workdir",
                          str(tmp_path)]) == 2

@@ -316,3 +316,8 @@ def test_plot_sweep_writes_a_png(tmp_path):
                                  invert_x=True, mark=(0.5, "train"),
                                  group=lambda m: (m.split("+")[0], "+" in m))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Several variants of a method: one line style each, in the method's colour.
+    sweep["a+snr_range"] = {"levels": [0, 1], "mean": [0.8, 0.7], "std": None}
+    path = robustness.plot_sweep(sweep, tmp_path / "v.png", xlabel="x", title="t",
+                                 group=lambda m: m.partition("+")[::2])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

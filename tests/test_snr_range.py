@@ -142,14 +142,21 @@ def test_standardize_utterances_over_valid_frames_only():
 
 
 def test_bad_snr_ranges_are_rejected_naming_the_argument(train):
+    from lepton_mm.recipes.avmnist import AVMNISTConfig
+
     for bad in ((5.0, -5.0), (float("nan"), 3.0), (-5.0, float("inf"))):
         with pytest.raises(ValueError, match=r"^snr_db: .*low <= high"):
             SNRRangeDataset(train, bad)
+        with pytest.raises(ValueError, match=r"^train_snr_db: .*low <= high"):
+            AVMNISTConfig(train_snr_db=bad)
     for bad in ((1.0,), (1.0, 2.0, 3.0), "ab", 3.0):
         with pytest.raises((TypeError, ValueError), match=r"^snr_db: "):
             SNRRangeDataset(train, bad)
+        with pytest.raises(ValueError, match=r"^train_snr_db: "):
+            AVMNISTConfig(train_snr_db=bad)
     with pytest.raises(ValueError, match="normalize"):
         SNRRangeDataset(train, (0.0, 1.0), normalize="split")
+    assert AVMNISTConfig(train_snr_db=[-20, 20]).train_snr_db == (-20.0, 20.0)
 
 
 class MelFrames(nnx.Module):
@@ -208,3 +215,39 @@ def test_fit_over_the_source_resumes_exactly(train, tmp_path):
     for a, b in zip(params(resumed_model), params(reference), strict=True):
         np.testing.assert_array_equal(a, b)
 
+
+def test_recipe_data_of_the_audio_variants(train):
+    from lepton_mm.data import avmnist_arrays
+    from lepton_mm.recipes.avmnist import (
+        AVMNISTConfig,
+        audio_setting,
+        make_data,
+        sweep_data,
+        train_data,
+    )
+
+    config = AVMNISTConfig(num_train=16, num_val=8, num_test=8, train_snr_db=(-20, 20),
+                           utterance_norm=True, snr_sweep=(20.0, -15.0))
+    assert audio_setting(config, "concat") == (None, True)
+    assert audio_setting(config, "concat+snr_range") == ((-20.0, 20.0), True)
+    assert audio_setting(config, "audio_only+snr_range+utt_norm") == (
+        (-20.0, 20.0), "utterance")
+    data = make_data(config, normalize_audio="utterance")
+    assert data["audio_stats"] is None and data["audio_norm"] == "utterance"
+    raw = train.subset(np.arange(16)).materialize()["audio"]
+    standardize_utterances(*raw)
+    np.testing.assert_array_equal(data["train"]["audio"][0], raw[0])
+    assert train_data(config, data, "audio_only+utt_norm") is data["train"]
+    source = train_data(config, data, "audio_only+snr_range+utt_norm")
+    assert isinstance(source, SNRRangeDataset) and len(source) == 16
+    assert (source.snr_db, source.normalize) == ((-20.0, 20.0), "utterance")
+    np.testing.assert_array_equal(source.images, data["train"]["image"])
+    # The sweep's audio at another SNR is normalised per utterance too.
+    log_mel, mask = sweep_data(config, data)["audio"][20.0]
+    for i in range(len(mask)):
+        assert log_mel[i][mask[i]].mean() == pytest.approx(0.0, abs=1e-4)
+    # The split statistics' data are unchanged by the option.
+    split = make_data(config)
+    assert split["audio_norm"] == split["audio_stats"] and split["audio_stats"] is not None
+    with pytest.raises(ValueError, match="normalize_audio"):
+        avmnist_arrays(sizes={"train": 4, "val": 4, "test": 4}, normalize_audio="global")

@@ -8,7 +8,12 @@ L2 decay, batch 40, the epoch with the best validation accuracy kept) and
 under an audio SNR sweep and an image-noise sweep; ``docs/results.md``). A method
 ``<fusion>+<variant>`` trains the same model with modality dropout (``+mdrop``) or a
 balanced-learning strategy (``+ogm_ge``, ``+gblend``, ``+mmpareto``, ``+pmr``;
-``gradient_blending_pilot`` gives Gradient Blending its weights).
+``gradient_blending_pilot`` gives Gradient Blending its weights). The audio variants
+(audio-bearing methods, ``audio_only`` included) change what the audio encoder is
+trained on: ``+snr_range`` draws every training example's SNR afresh each epoch from
+``train_snr_db`` (``train_data``: ``lepton_mm.data.SNRRangeDataset``), ``+utt_norm``
+standardises each log-mel by its own valid frames, ``+snr_range+utt_norm`` both;
+validation and test stay at the benchmark's ``snr_db``.
 
 The follow-up experiments (``avmnist_compress.py``, ``avmnist_noise_levels.py``), the
 benchmarks and ``experiments/alignment.py`` (``make_data``, ``lenet_encoders``) build
@@ -30,6 +35,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "AUDIO_VARIANTS",
     "BALANCE",
     "IMAGE_NOISE_SWEEP",
     "MDROP_SUFFIX",
@@ -39,6 +45,7 @@ __all__ = [
     "SWEEPS",
     "UNIMODAL",
     "AVMNISTConfig",
+    "audio_setting",
     "build_model",
     "fit_recipe",
     "gradient_blending_pilot",
@@ -50,6 +57,8 @@ __all__ = [
     "robustness_results",
     "split_method",
     "sweep_data",
+    "train_data",
+    "variant_tags",
 ]
 
 #: The unimodal baselines (one LeNet, the same head).
@@ -66,6 +75,11 @@ BALANCE = {"ogm_ge": "OGM-GE (Peng et al. 2022)",
            "gblend": "offline Gradient Blending (Wang et al. 2020)",
            "mmpareto": "MMPareto (Wei & Hu 2024)",
            "pmr": "PMR (Fan et al. 2023)"}
+#: The audio variants of a method (``audio_only`` and fusion methods): the method key of
+#: a run trained with one is ``<method>+<name>`` (``concat+snr_range``); with both
+#: options set, also ``<method>+snr_range+utt_norm``.
+AUDIO_VARIANTS = {"snr_range": "SNR drawn per example and epoch from train_snr_db",
+                  "utt_norm": "log-mels standardised per utterance"}
 #: Audio SNR sweep (dB), least noisy first; the benchmark trains and tests at -15.
 SNR_SWEEP = (20.0, 10.0, 0.0, -5.0, -10.0, -15.0, -20.0)
 #: Image noise sweep: standard deviations of white Gaussian noise added to each pixel
@@ -122,6 +136,15 @@ class AVMNISTConfig:
         from its initialisation with that blend.
       gblend_train_examples: the training examples the pilot's training losses are
         measured on (the first ones; the validation losses use the whole split).
+      train_snr_db: ``(low, high)`` dB: every audio-bearing method is also trained,
+        as ``<name>+snr_range``, on training audio whose SNR is drawn uniformly on
+        ``[low, high]`` per example and per epoch (fresh noise too;
+        ``SNRRangeDataset``), standardised with the statistics of the training split
+        at ``snr_db``; validation and test stay at ``snr_db``. None: no such runs.
+      utterance_norm: every audio-bearing method is also trained and tested with each
+        log-mel standardised by its own valid frames' mean and std
+        (``standardize_utterances``) instead of the training split's, as
+        ``<name>+utt_norm`` (and ``<name>+snr_range+utt_norm`` with ``train_snr_db``).
       robustness: test every trained model with a modality absent and under the two
         sweeps (``robustness_results``).
       snr_sweep: audio SNRs (dB) of the robustness sweep, strictly decreasing.
@@ -155,6 +178,8 @@ class AVMNISTConfig:
     ogm_alpha: float = 0.5
     gblend_pilot: tuple[int, ...] = (1, 2)
     gblend_train_examples: int = 5000
+    train_snr_db: tuple[float, float] | None = None
+    utterance_norm: bool = False
     robustness: bool = True
     snr_sweep: tuple[float, ...] = SNR_SWEEP
     image_noise_sweep: tuple[float, ...] = IMAGE_NOISE_SWEEP
@@ -187,6 +212,15 @@ class AVMNISTConfig:
             raise ValueError(f"gblend_pilot: expected two epochs 1 <= n < m, got "
                              f"{list(self.gblend_pilot)}.")
         object.__setattr__(self, "gblend_pilot", pilot)
+        if self.train_snr_db is not None:
+            try:
+                low, high = (float(v) for v in self.train_snr_db)
+            except (TypeError, ValueError):
+                low = high = math.nan
+            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                raise ValueError(f"train_snr_db: expected two finite dB values low <= high "
+                                 f"(or None), got {self.train_snr_db!r}.")
+            object.__setattr__(self, "train_snr_db", (low, high))
         for name, sign in (("snr_sweep", -1), ("image_noise_sweep", 1)):
             levels = tuple(float(v) for v in getattr(self, name))
             steps = np.diff(levels)
@@ -223,25 +257,41 @@ def split_method(method: str) -> tuple[str, str | None]:
     """A method key -> its fusion method and training variant.
 
     Args:
-      method: e.g. ``"concat+mdrop"``, ``"concat+ogm_ge"`` or ``"concat"``.
+      method: e.g. ``"concat+mdrop"``, ``"concat+snr_range+utt_norm"`` or ``"concat"``.
 
     Returns:
-      ``("concat", "mdrop")``, ``("concat", "ogm_ge")``, ``("concat", None)``.
+      ``("concat", "mdrop")``, ``("concat", "snr_range+utt_norm")``, ``("concat", None)``.
     """
     base, plus, variant = method.partition("+")
     return (base, variant) if plus else (method, None)
+
+
+def variant_tags(method: str) -> tuple[str, ...]:
+    """A method key's training variants.
+
+    Args:
+      method: e.g. ``"concat+snr_range+utt_norm"``.
+
+    Returns:
+      ``("snr_range", "utt_norm")``; ``()`` for a plain method.
+    """
+    variant = split_method(method)[1]
+    return tuple(variant.split("+")) if variant else ()
 
 
 def resolve_methods(config: AVMNISTConfig) -> list[str]:
     """The method keys to run, validated (before any computation).
 
     Args:
-      config: its ``methods`` (empty or ``("all",)``: every method), ``modality_dropout``
-        and ``balance``.
+      config: its ``methods`` (empty or ``("all",)``: every method), ``modality_dropout``,
+        ``balance``, ``train_snr_db`` and ``utterance_norm``.
 
     Returns:
       The method keys in order: with ``modality_dropout > 0`` each fusion method ``m``
-      is followed by ``m+mdrop``, then by ``m+<strategy>`` for each of ``balance``.
+      is followed by ``m+mdrop``, then by ``m+<strategy>`` for each of ``balance``; each
+      audio-bearing method (``audio_only`` too) then by ``m+snr_range`` (with
+      ``train_snr_db``), ``m+utt_norm`` (with ``utterance_norm``) and, with both,
+      ``m+snr_range+utt_norm``.
 
     Raises:
       ValueError: an unknown method name.
@@ -259,28 +309,83 @@ def resolve_methods(config: AVMNISTConfig) -> list[str]:
         methods = list(dict.fromkeys(config.methods))
     variants = [*([MDROP_SUFFIX] if config.modality_dropout else []),
                 *(f"+{b}" for b in config.balance)]
-    return [k for m in methods
-            for k in ((m,) if m in UNIMODAL else (m, *(m + v for v in variants)))]
+    snr, utt = config.train_snr_db is not None, config.utterance_norm
+    audio = [*(["+snr_range"] if snr else []), *(["+utt_norm"] if utt else []),
+             *(["+snr_range+utt_norm"] if snr and utt else [])]
+    keys = []
+    for m in methods:
+        keys.append(m)
+        if m not in UNIMODAL:
+            keys += [m + v for v in variants]
+        if m != "image_only":
+            keys += [m + v for v in audio]
+    return keys
 
 
-def make_data(config: Any) -> dict[str, Any]:
+def audio_setting(config: AVMNISTConfig, method: str) -> tuple[tuple[float, float] | None,
+                                                              bool | str]:
+    """How a run's audio is trained on: its SNR range and its normalisation.
+
+    Args:
+      config: ``train_snr_db`` and ``normalize_audio``.
+      method: the run's method key.
+
+    Returns:
+      ``(train_snr_db or None, normalize_audio)``: the range for ``+snr_range`` runs
+      (else None: the fixed ``snr_db``), ``"utterance"`` for ``+utt_norm`` runs (else
+      ``config.normalize_audio``).
+    """
+    tags = variant_tags(method)
+    return (config.train_snr_db if "snr_range" in tags else None,
+            "utterance" if "utt_norm" in tags else config.normalize_audio)
+
+
+def make_data(config: Any, *, normalize_audio: bool | str | None = None) -> dict[str, Any]:
     """The arrays a run trains and is scored on (features computed once per process).
 
     Args:
       config: an ``AVMNISTConfig``, or any config with its data fields (``data_seed``,
         ``snr_db``, ``normalize_audio``, ``num_train``, ``num_val``, ``num_test``; the
         alignment recipe's).
+      normalize_audio: replaces ``config.normalize_audio`` (``"utterance"``: the
+        ``+utt_norm`` runs' data; ``audio_setting``).
 
     Returns:
-      ``avmnist_arrays`` of the config: ``{"train", "val", "test", "audio_stats"}``, the
-      audio standardised by the training split's statistics when ``normalize_audio``.
+      ``avmnist_arrays`` of the config: ``{"train", "val", "test", "audio_stats",
+      "audio_norm"}``, the audio standardised by the training split's statistics when
+      ``normalize_audio`` is True, per utterance when it is ``"utterance"``.
     """
     from lepton_mm.data import avmnist_arrays
 
     return avmnist_arrays(data_seed=config.data_seed, snr_db=config.snr_db,
-                          normalize_audio=config.normalize_audio,
+                          normalize_audio=config.normalize_audio if normalize_audio is None
+                          else normalize_audio,
                           sizes={"train": config.num_train, "val": config.num_val,
                                  "test": config.num_test})
+
+
+def train_data(config: AVMNISTConfig, data: dict[str, Any], method: str) -> Any:
+    """What a run of ``method`` trains on.
+
+    Args:
+      config: ``train_snr_db``, ``data_seed``, ``snr_db``, ``num_train``.
+      data: ``make_data``'s, of the run's normalisation (``audio_setting``).
+      method: the run's method key.
+
+    Returns:
+      ``data["train"]``; for a ``+snr_range`` run an ``SNRRangeDataset`` over the same
+      examples (images and labels identical, the audio rebuilt every epoch at SNRs
+      drawn from ``train_snr_db``), normalised as ``data["audio_norm"]`` says: the
+      statistics of the training split at ``snr_db``, per utterance, or not at all.
+    """
+    snr_range, _ = audio_setting(config, method)
+    if snr_range is None:
+        return data["train"]
+    from lepton_mm.data import SNRRangeDataset, load_avmnist
+
+    split = load_avmnist(data_seed=config.data_seed, snr_db=config.snr_db).train
+    split = split.subset(np.arange(len(data["train"]["label"])))  # the first num_train
+    return SNRRangeDataset(split, snr_range, normalize=data["audio_norm"])
 
 
 def sweep_data(config: AVMNISTConfig, data: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +393,8 @@ def sweep_data(config: AVMNISTConfig, data: dict[str, Any]) -> dict[str, Any]:
 
     The audio at each SNR is the test split rebuilt by ``load_avmnist(snr_db=snr)`` with
     the same ``data_seed`` (same pairing, same noise draws, scaled to that SNR),
-    standardised with the *training* split's statistics at ``config.snr_db``; the images
+    normalised as the data's ``"audio_norm"`` says: the *training* split's statistics at
+    ``config.snr_db``, or per utterance; the images
     get ``add_gaussian_noise`` with the key ``fold_in(key(data_seed), 1000)`` (example
     ``i`` from ``fold_in(that, i)``: the same draw at every sigma and for every method).
     The training SNR and sigma 0 are the test split itself (the same arrays).
@@ -305,7 +411,7 @@ def sweep_data(config: AVMNISTConfig, data: dict[str, Any]) -> dict[str, Any]:
         return data["sweep"]
     import jax
 
-    from lepton_mm.data import load_avmnist, standardize_log_mel
+    from lepton_mm.data import load_avmnist, normalize_log_mel
     from lepton_mm.robustness import add_gaussian_noise
 
     test = data["test"]
@@ -315,7 +421,7 @@ def sweep_data(config: AVMNISTConfig, data: dict[str, Any]) -> dict[str, Any]:
         if snr not in audio:
             split = load_avmnist(data_seed=config.data_seed, snr_db=snr).test
             audio[snr] = split.subset(np.arange(n)).materialize()["audio"]
-            standardize_log_mel(audio[snr][0], data.get("audio_stats"))
+            normalize_log_mel(*audio[snr], data.get("audio_norm", data.get("audio_stats")))
     key = jax.random.fold_in(jax.random.key(config.data_seed), _IMAGE_NOISE_TAG)
     image = {sigma: test["image"] if sigma == 0 else np.asarray(
         add_gaussian_noise(test["image"], sigma, key=key, example_index=np.arange(n)))
@@ -465,21 +571,27 @@ def gradient_blending_pilot(config: AVMNISTConfig, method: str, data: dict[str, 
     return gradient_blending_weights(pairs(first), pairs(last)), losses
 
 
-def robustness_protocol(config: AVMNISTConfig, num_test: int) -> dict[str, Any]:
+def robustness_protocol(config: AVMNISTConfig, num_test: int,
+                        method: str | None = None) -> dict[str, Any]:
     """What a run's robustness results depend on (recomputed when it changes).
 
     Args:
       config: the sweeps, the training SNR, ``data_seed`` and ``normalize_audio``.
       num_test: the test examples scored.
+      method: the run's method key (an audio variant's training SNR range and
+        normalisation; None: the plain runs').
 
     Returns:
       ``{"snr_db", "image_noise_sigma", "train_snr_db", "data_seed", "num_test",
-      "normalize_audio"}`` (JSON values).
+      "normalize_audio"}`` (JSON values): ``train_snr_db`` is ``[low, high]`` for a
+      ``+snr_range`` run, ``normalize_audio`` ``"utterance"`` for a ``+utt_norm`` run.
     """
+    snr_range, normalize = audio_setting(config, method or "")
     return {"snr_db": list(config.snr_sweep), "image_noise_sigma":
-            list(config.image_noise_sweep), "train_snr_db": config.snr_db,
+            list(config.image_noise_sweep),
+            "train_snr_db": config.snr_db if snr_range is None else list(snr_range),
             "data_seed": config.data_seed, "num_test": num_test,
-            "normalize_audio": config.normalize_audio}
+            "normalize_audio": normalize}
 
 
 def robustness_results(config: AVMNISTConfig, method: str, model: Any,
@@ -516,7 +628,7 @@ def robustness_results(config: AVMNISTConfig, method: str, model: Any,
     evaluator = ConditionEvaluator(model, config.eval_batch_size or config.batch_size)
     out = evaluator.evaluate(data["test"], sweeps=sweeps, progress=config.progress,
                              absent=("audio", "image") if has_image and has_audio else ())
-    return {"protocol": robustness_protocol(config, len(data["test"]["label"])),
+    return {"protocol": robustness_protocol(config, len(data["test"]["label"]), method),
             "both": out["clean"], "test_predictions": out["predictions"],
             **{k: out.get(k) for k in ("audio_absent", "image_absent", *SWEEPS)},
             "time_s": time.perf_counter() - start}
