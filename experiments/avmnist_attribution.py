@@ -213,7 +213,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("Shapley share of the predicted logit (%)")
     ax.set_ylim(0, 100)
     ax.set_title("AV-MNIST: which modality carries each fusion layer's prediction")
-    ax.tick_params(axis="x", rotation=30)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
