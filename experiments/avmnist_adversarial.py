@@ -1,0 +1,486 @@
+"""AV-MNIST adversarial robustness: clean and PGD accuracy, attacking each modality.
+
+Reads the checkpoints that ``experiments/avmnist.py`` trained (``WORKDIR/<method>/
+seed<k>-<hash>/checkpoints``, the epoch with the best validation accuracy; read only)
+and, on the first ``--num-test`` examples of the test split (default 1000 of the 10 000,
+to keep the table affordable on a CPU), measures each run's accuracy under
+``lepton_mm.adversarial`` attacks that perturb
+
+* ``image``: the image only (the audio untouched),
+* ``audio``: the log-mel only (its padded frames never perturbed),
+* ``both``: image and audio at once, each within its own radius,
+
+with PGD (``--steps`` steps, default 10, of ``2.5 * eps / steps``; a random start in
+the ball from a fixed key, ``--attack-seed``, so every number is reproducible; the
+last iterate, as in Madry et al.) in an L∞ ball over a sweep of radii and in an L2 ball
+at a few radii, and, with ``--fgsm`` (default on; one gradient step, a few seconds per
+target), FGSM at the middle L∞ radius as a cheaper reference. A unimodal model
+(``image_only``, ``audio_only``) is attacked on its own modality only: its rows for the
+other modality and for ``both`` read "n/a". Level ``k`` of ``both`` perturbs the image
+by the image list's ``k``-th radius and the audio by the audio list's ``k``-th radius.
+
+**Units of eps (per modality: the same number means different things).** Images are
+reconstructions from 4 PCA components of pixels / 255: values mostly in [0, 1] (test
+split: 1st-99th percentile -0.11 to 0.77, extremes -0.36 and 1.27), pixel std 0.20; an
+attack keeps them in ``--image-clip`` (default [0, 1], the pixel range; a value already
+outside it is never pushed further out). Audio inputs are log-mels standardised with
+the training split's statistics (mean 1.87 dB, std 8.66 dB: one unit is 8.7 dB), std
+about 1 over the valid frames; they are not clipped (a log-mel has no natural bound).
+An example has 784 image values and about 3600 valid log-mel values. The radii were
+chosen on the first 200 test examples of the seed-0 runs so that each sweep runs from a
+mild drop to near zero (clean: image_only 68.5 %, concat 86.5 %, gated 84 %, audio_only
+53.5 % on the whole split; accuracies in % at the three radii):
+
+* image L∞ 0.01, 0.03, 0.1 (0.03 is about 8/255, the usual pixel budget): image_only
+  48.5, 20.5, 0.5; concat 76, 54, 7.5; gated 73.5, 57, 8.5;
+* audio L∞ 0.003, 0.01, 0.03 (0.03 units is 0.26 dB per mel bin): audio_only 46, 32,
+  10.5; concat 82.5, 76, 51.5; gated 82, 75.5, 55 (at 0.1 audio_only is at 0 %);
+* image L2 0.25, 0.5, 1 (RMS 0.009 to 0.036 per pixel): image_only 38.5, 20, 3;
+  concat 69, 54, 21.5; gated 69.5, 54.5, 19.5;
+* audio L2 0.1, 0.3, 1 (RMS up to 0.017 per valid value): audio_only 45, 31.5, 6.5;
+  concat 82, 76, 44.5; gated 81.5, 76, 52.5.
+
+None of the models was trained adversarially, so small perturbations of either input
+suffice: the table compares where each model is weakest (which modality, which fusion
+layer), not robust training.
+
+**Cost** (measured on 2 CPU cores shared with two other jobs, load about 7, on
+``concat`` with 400 examples, scaled to the default 1000): a fusion model takes about
+16 min of wall time (9.5 CPU-minutes) per seed: 1 min for the image attacks, 6.5 for
+the audio ones, 8 for both (a gradient through the audio LeNet is most of it); FGSM adds
+about 30 s, and each method's first seed about 1-1.5 min of compilation (later seeds
+reuse the programs). ``image_only`` takes about 1 min per seed, ``audio_only`` about
+6.5. The default table (4 methods, 3 seeds) is thus about 2 h 15 min on such a machine
+(``gated`` assumed to cost what ``concat`` does), less on idle cores.
+
+Per run, ``--out`` (JSON) records the clean accuracy, the targets that are "n/a", one
+entry per attack (attack, target, norm, level, steps, eps per attacked modality,
+accuracy, seconds) and the run's wall and CPU seconds, plus the command and settings;
+stdout gets a markdown table per norm (rows method x attacked modality, columns the
+radii, mean ± sample std over seeds, in %), and ``--figure`` a PNG: accuracy against
+the radius level per method (mean ± std band), one panel per attacked modality, a row
+per norm.
+
+    python experiments/avmnist_adversarial.py --seeds 0 --fusion concat --num-test 200
+    python experiments/avmnist_adversarial.py --fusion gated --targets audio --image-l2 ''
+    python experiments/avmnist_adversarial.py --out results/avmnist_adversarial.json \\
+        --figure docs/figures/avmnist_adversarial.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import avmnist_compress  # experiments/: where load_trained finds avmnist.py's runs
+import numpy as np
+
+from lepton_mm import cli
+from lepton_mm.recipes.avmnist import AVMNISTConfig, audio_setting, make_data, split_method
+
+#: What an attack perturbs: one modality, or both.
+TARGETS = ("image", "audio", "both")
+#: The norms of the sweep, in table order.
+NORMS = ("linf", "l2")
+_NORM_NAMES = {"linf": "L∞", "l2": "L2"}
+
+
+def _methods() -> tuple[str, ...]:
+    from lepton_mm.fusion import FUSIONS
+    from lepton_mm.recipes.avmnist import UNIMODAL
+
+    return (*UNIMODAL, *sorted(FUSIONS))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdversarialConfig:
+    """Which trained runs to attack, how, and on how much of the test split.
+
+    Attributes:
+      methods: methods of ``experiments/avmnist.py`` (the flag is ``--fusion``):
+        ``image_only``, ``audio_only``, fusion names, or their training variants
+        (``concat+mdrop``).
+      seeds: their seeds.
+      workdir: where ``experiments/avmnist.py`` trained (read only).
+      num_test: attack the first N test examples (None: all 10 000).
+      targets: what is attacked: ``image``, ``audio`` and/or ``both``.
+      image_linf: L∞ radii of the image attacks (pixel units, images in [0, 1]).
+      audio_linf: L∞ radii of the audio attacks (units of the standardised log-mel,
+        one unit = 8.7 dB); level k of ``both`` pairs the k-th radii.
+      image_l2: L2 radii of the image attacks (per example, over its 784 pixels).
+      audio_l2: L2 radii of the audio attacks (per example, over its valid frames).
+      steps: PGD steps per attack (step size 2.5 * eps / steps).
+      fgsm: also FGSM at the middle L∞ radius of each target.
+      image_clip: the valid image range ``low,high`` an attack stays in (none: no clip).
+      attack_seed: the key of PGD's random start (chunk c uses fold_in(key, c)).
+      batch_size: examples per attacked chunk (results depend on it via the key).
+      out: write the results here as JSON (None: the table on stdout only).
+      figure: write the accuracy-vs-radius figure here as PNG (None: no figure).
+    """
+
+    methods: tuple[str, ...] = ("image_only", "audio_only", "concat", "gated")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    workdir: str = "runs/avmnist"
+    num_test: int | None = 1000
+    targets: tuple[str, ...] = TARGETS
+    image_linf: tuple[float, ...] = (0.01, 0.03, 0.1)
+    audio_linf: tuple[float, ...] = (0.003, 0.01, 0.03)
+    image_l2: tuple[float, ...] = (0.25, 0.5, 1.0)
+    audio_l2: tuple[float, ...] = (0.1, 0.3, 1.0)
+    steps: int = 10
+    fgsm: bool = True
+    image_clip: tuple[float, ...] | None = (0.0, 1.0)
+    attack_seed: int = 0
+    batch_size: int = 100
+    out: str | None = None
+    figure: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value}.")
+        if not self.methods:
+            raise ValueError("methods: expected at least one method, got none.")
+        unknown = [m for m in self.methods if split_method(m)[0] not in _methods()]
+        if unknown:
+            raise ValueError(f"methods: unknown methods {unknown}; expected names from "
+                             f"{list(_methods())} (or a training variant, name+variant).")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected distinct seeds, got {list(self.seeds)}.")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if not self.targets or bad or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets: expected distinct names from {list(TARGETS)}, got "
+                             f"{list(self.targets)}.")
+        for name in ("image_linf", "audio_linf", "image_l2", "audio_l2"):
+            values = getattr(self, name)
+            if not all(math.isfinite(v) and v >= 0 for v in values):
+                raise ValueError(f"{name}: expected radii >= 0, got {list(values)}.")
+            if list(values) != sorted(values):
+                raise ValueError(f"{name}: expected increasing radii, got {list(values)}.")
+        if "both" in self.targets:
+            for norm in NORMS:
+                image, audio = self.radii("image", norm), self.radii("audio", norm)
+                if len(image) != len(audio):
+                    raise ValueError(
+                        f"audio_{norm}: the 'both' target pairs the image and audio radii "
+                        f"level by level; expected as many as image_{norm} "
+                        f"({len(image)}), got {len(audio)}.")
+        if self.image_clip is not None and not (
+                len(self.image_clip) == 2 and self.image_clip[0] < self.image_clip[1]):
+            raise ValueError(f"image_clip: expected low,high with low < high (or none), "
+                             f"got {list(self.image_clip)}.")
+
+    def radii(self, modality: str, norm: str) -> tuple[float, ...]:
+        """The radii of ``modality`` (``image`` or ``audio``) under ``norm``."""
+        return tuple(getattr(self, f"{modality}_{norm}"))
+
+    def levels(self, target: str, norm: str) -> list[dict[str, float]]:
+        """``[{modality: eps}]``, one per radius level of ``target`` under ``norm``."""
+        names = ("image", "audio") if target == "both" else (target,)
+        radii = [self.radii(m, norm) for m in names]
+        return [dict(zip(names, eps, strict=True)) for eps in zip(*radii, strict=True)]
+
+
+def attacked(model_modalities: Sequence[str], target: str) -> tuple[str, ...] | None:
+    """The modalities ``target`` perturbs on a model that encodes ``model_modalities``,
+    or None ("n/a") when the model lacks one of them (a unimodal model is attacked on
+    its own modality only)."""
+    names = ("image", "audio") if target == "both" else (target,)
+    return names if all(m in model_modalities for m in names) else None
+
+
+@functools.cache
+def _counter() -> Any:
+    """``count(graphdef, state, batch)``: correct predictions (argmax of the logits, eval
+    mode) among the valid rows; compiled once per model structure."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def count(graphdef: Any, state: Any, batch: Mapping[str, Any]) -> Any:
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        predictions = jnp.argmax(model(batch), axis=-1)
+        return jnp.sum((predictions == batch["label"]) & batch["valid"])
+
+    return count
+
+
+def accuracy_under_attack(model: Any, data: Mapping[str, Any], *,
+                          eps: Mapping[str, float] | None, norm: str = "linf",
+                          attack: str = "pgd", steps: int = 10,
+                          clip: Mapping[str, tuple[float, float]] | None = None,
+                          key: Any = None, batch_size: int = 100) -> float:
+    """``model``'s accuracy on ``data`` with each chunk attacked (``eps`` None: clean).
+
+    ``eps`` maps each attacked modality to its radius (so ``both`` gives each modality
+    its own), which ``lepton_mm.adversarial.robust_accuracy`` (one radius for all) does
+    not; otherwise the same protocol: chunks of ``batch_size`` examples, the last one
+    padded with repeats marked invalid (never perturbed, never counted), chunk ``c``
+    attacked with ``fold_in(key, c)``. For one modality it equals ``robust_accuracy``.
+    """
+    import jax
+    from flax import nnx
+
+    from lepton_mm.adversarial import fgsm, model_loss, pgd
+
+    if attack not in ("pgd", "fgsm"):
+        raise ValueError(f"attack: expected 'pgd' or 'fgsm', got {attack!r}.")
+    graphdef, state = nnx.split(model)
+    loss = model_loss(model)  # compiled once per model structure, modalities and norm
+    clip = {m: c for m, c in (clip or {}).items() if eps is not None and m in eps} or None
+    n = len(data["label"])
+    valid = np.ones(n, bool) if data.get("valid") is None else np.asarray(data["valid"])
+    correct = 0
+    for c, i in enumerate(range(0, n, batch_size)):
+        rows = np.arange(i, i + batch_size) % n
+        chunk = jax.tree.map(lambda a, r=rows: a[r], {k: v for k, v in data.items()
+                                                       if v is not None})
+        chunk["valid"] = valid[rows] & (np.arange(i, i + batch_size) < n)
+        if eps is not None:
+            names = tuple(sorted(eps))
+            if attack == "fgsm":
+                chunk = fgsm(loss, chunk, eps=dict(eps), modalities=names, norm=norm,
+                             clip=clip)
+            else:
+                chunk = pgd(loss, chunk, eps=dict(eps), steps=steps, modalities=names,
+                            norm=norm, clip=clip,
+                            key=None if key is None else jax.random.fold_in(key, c))
+        correct += int(_counter()(graphdef, state, chunk))
+    return correct / max(int(valid.sum()), 1)
+
+
+def evaluate(model: Any, test: Mapping[str, Any], settings: AdversarialConfig, *,
+             name: str = "") -> dict[str, Any]:
+    """One run's record: clean accuracy and every attack of ``settings`` (the module
+    docstring's keys); targets the model cannot be attacked on go to ``"n/a"``."""
+    import jax
+
+    start, cpu = time.perf_counter(), time.process_time()
+    modalities = tuple(getattr(model, "modalities", ()))
+    key = jax.random.key(settings.attack_seed)
+    clip = None if settings.image_clip is None else {"image": tuple(settings.image_clip)}
+    common = dict(steps=settings.steps, clip=clip, key=key,
+                  batch_size=settings.batch_size)
+    out: dict[str, Any] = {
+        "num_test": len(test["label"]), "modalities": list(modalities),
+        "clean_accuracy": accuracy_under_attack(model, test, eps=None, **common),
+        "attacks": [], "n/a": []}
+    for target in settings.targets:
+        if attacked(modalities, target) is None:
+            out["n/a"].append(target)
+            continue
+        for norm in NORMS:
+            jobs = [("pgd", k + 1, eps) for k, eps in enumerate(settings.levels(target, norm))]
+            if settings.fgsm and norm == "linf" and jobs:
+                middle = len(jobs) // 2
+                jobs.append(("fgsm", middle + 1, jobs[middle][2]))
+            for attack, level, eps in jobs:
+                t = time.perf_counter()
+                accuracy = accuracy_under_attack(model, test, eps=eps, norm=norm,
+                                                 attack=attack, **common)
+                out["attacks"].append({
+                    "attack": attack, "target": target, "norm": norm, "level": level,
+                    "steps": 1 if attack == "fgsm" else settings.steps,
+                    "eps": eps, "accuracy": accuracy,
+                    "seconds": round(time.perf_counter() - t, 2)})
+                print(f"{name} {attack} {target} {norm} {eps}: {100 * accuracy:.1f} % "
+                      f"({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    out["cpu_seconds"] = round(time.process_time() - cpu, 1)  # all threads
+    return out
+
+
+def run(settings: AdversarialConfig) -> dict[str, Any]:
+    """``{"<method>/seed<k>": evaluate(...)}`` of every run with a checkpoint."""
+    config = AVMNISTConfig(workdir=settings.workdir)
+    data: dict[Any, dict[str, Any]] = {}  # test split per audio normalisation
+    results: dict[str, Any] = {}
+    for method in settings.methods:
+        normalize = audio_setting(config, method)[1]
+        for seed in settings.seeds:
+            try:
+                model = avmnist_compress.load_trained(config, method, seed)
+            except FileNotFoundError as e:
+                print(f"skipped {method}/seed{seed}: {e}", file=sys.stderr)
+                continue
+            if normalize not in data:
+                data[normalize] = make_data(dataclasses.replace(
+                    config, num_test=settings.num_test), normalize_audio=normalize)["test"]
+            name = f"{method}/seed{seed}"
+            results[name] = record = evaluate(model, data[normalize], settings, name=name)
+            print(f"{name}: clean {100 * record['clean_accuracy']:.1f} %, "
+                  f"{record['seconds']:.0f} s ({record['cpu_seconds']:.0f} s CPU)",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def by_method(results: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The runs of ``run``'s result grouped by method, in order of appearance."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for name, record in results.items():
+        grouped.setdefault(name.split("/seed")[0], []).append(record)
+    return grouped
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    mean = 100 * float(np.mean(values))
+    if len(values) < 2:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
+
+
+def _accuracies(runs: Sequence[Mapping[str, Any]], attack: str, target: str, norm: str,
+                level: int) -> list[float]:
+    return [a["accuracy"] for r in runs for a in r["attacks"]
+            if (a["attack"], a["target"], a["norm"], a["level"]) == (attack, target, norm,
+                                                                     level)]
+
+
+def _radii_text(eps_by_level: Sequence[Mapping[str, float]]) -> str:
+    return " / ".join("+".join(f"{e:g}" for e in eps.values()) for eps in eps_by_level)
+
+
+def table(results: Mapping[str, Any]) -> str:
+    """Markdown, a table per norm: rows method x attacked modality, columns clean and
+    each radius level (and FGSM), mean ± sample std over seeds in %; "n/a" where the
+    model cannot be attacked on that modality."""
+    from lepton_mm.harness import markdown_table
+
+    grouped = by_method(results)
+    attacks = [a for r in results.values() for a in r["attacks"]]
+    targets = [t for t in TARGETS if any(
+        t in r["n/a"] or any(a["target"] == t for a in r["attacks"])
+        for r in results.values())]
+    lines: list[str] = []
+    for norm in NORMS:
+        mine = [a for a in attacks if a["norm"] == norm]
+        if not mine:
+            continue
+        levels = max(a["level"] for a in mine if a["attack"] == "pgd")
+        fgsm = sorted({a["level"] for a in mine if a["attack"] == "fgsm"})
+        eps = {t: {a["level"]: a["eps"] for a in mine if a["target"] == t
+                   and a["attack"] == "pgd"} for t in targets}
+        steps = sorted({a["steps"] for a in mine if a["attack"] == "pgd"})
+        lines.append(f"**PGD-{'/'.join(map(str, steps))}, {_NORM_NAMES[norm]}**; radii "
+                     f"per level (both: image+audio): " + "; ".join(
+            f"{t} {_radii_text([eps[t][k] for k in sorted(eps[t])])}"
+            for t in targets if eps[t]) + "\n")
+        header = (["method", "attacked", "seeds", "clean"]
+                  + [f"level {k}" for k in range(1, levels + 1)]
+                  + [f"FGSM level {k}" for k in fgsm])
+        rows = []
+        for method, runs in grouped.items():
+            clean = _mean_std([r["clean_accuracy"] for r in runs])
+            for target in targets:
+                if all(target in r["n/a"] for r in runs):
+                    rows.append([method, target, len(runs), clean,
+                                 *["n/a"] * (levels + len(fgsm))])
+                    continue
+                cells = [_accuracies(runs, "pgd", target, norm, k)
+                         for k in range(1, levels + 1)]
+                cells += [_accuracies(runs, "fgsm", target, norm, k) for k in fgsm]
+                rows.append([method, target, len(runs), clean,
+                             *[_mean_std(c) if c else "" for c in cells]])
+        lines += [*markdown_table(header, rows), ""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def plot(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Accuracy (%) against the radius level (0: clean) per method, mean ± std band
+    over seeds: one panel per attacked modality, a row per norm (PGD)."""
+    from matplotlib.figure import Figure  # not pyplot: leaves the backend alone
+
+    grouped = by_method(results)
+    attacks = [a for r in results.values() for a in r["attacks"] if a["attack"] == "pgd"]
+    norms = [n for n in NORMS if any(a["norm"] == n for a in attacks)]
+    targets = [t for t in TARGETS if any(a["target"] == t for a in attacks)]
+    fig = Figure(figsize=(4.2 * max(len(targets), 1), 3.4 * max(len(norms), 1)), dpi=100)
+    axes = np.asarray(fig.subplots(max(len(norms), 1), max(len(targets), 1),
+                                   squeeze=False))
+    for i, norm in enumerate(norms):
+        for j, target in enumerate(targets):
+            ax = axes[i, j]
+            eps = {a["level"]: a["eps"] for a in attacks
+                   if (a["target"], a["norm"]) == (target, norm)}
+            levels = sorted(eps)
+            for index, (method, runs) in enumerate(grouped.items()):
+                color = f"C{index % 10}"  # a method's colour is the same in every panel
+                runs = [r for r in runs if target not in r["n/a"]]
+                if not runs:
+                    continue
+                curves = np.array([[r["clean_accuracy"]] + [
+                    next(a["accuracy"] for a in r["attacks"]
+                         if (a["attack"], a["target"], a["norm"], a["level"])
+                         == ("pgd", target, norm, k)) for k in levels] for r in runs])
+                mean = 100 * curves.mean(0)
+                x = np.arange(len(levels) + 1)
+                ax.plot(x, mean, "-o", ms=3, lw=1.4, color=color, label=method)
+                if len(runs) > 1:
+                    std = 100 * curves.std(0, ddof=1)
+                    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15,
+                                    lw=0)
+            ax.set_xticks(np.arange(len(levels) + 1),
+                          ["0"] + [_radii_text([eps[k]]) for k in levels],
+                          fontsize=7 if target == "both" else 8)
+            ax.set_ylim(0, 100)
+            ax.set_title(f"{target} attacked, PGD {_NORM_NAMES[norm]}", fontsize=9)
+            ax.set_xlabel("eps" + (" (image+audio)" if target == "both" else ""),
+                          fontsize=8)
+            if j == 0:
+                ax.set_ylabel("test accuracy (%)")
+            ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("AV-MNIST: accuracy under PGD, by attacked modality", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> AdversarialConfig:
+    """Command line → ``AdversarialConfig`` (a bad flag or value: one line, exit 2)."""
+    parser = cli.script_parser(__doc__)
+    flags = cli.config_flags(AdversarialConfig, names={"methods": "--fusion"})
+    cli.add_flags(parser, AdversarialConfig, flags)
+    return cli.make_config(parser, AdversarialConfig,
+                           cli.flag_overrides(parser.parse_args(argv), flags))
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+
+    import jax
+
+    start = time.perf_counter()
+    results = run(settings)
+    if not results:
+        print("no trained run found; train them with python experiments/avmnist.py",
+              file=sys.stderr)
+        return 1
+    if settings.out:
+        report = {"command": shlex.join(["python", "experiments/avmnist_adversarial.py",
+                                         *(argv if argv is not None else sys.argv[1:])]),
+                  "settings": dataclasses.asdict(settings),
+                  "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                  "seconds": round(time.perf_counter() - start, 1), "results": results}
+        Path(settings.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(settings.out).write_text(json.dumps(report, indent=1) + "\n")
+    if settings.figure:
+        plot(results, settings.figure)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
