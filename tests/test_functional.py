@@ -123,7 +123,9 @@ def test_plain_jax_matrix(name):
     def loss(params):
         return jnp.sum(_out(apply({**variables, "params": params}, *args, **kwargs)) ** 2)
 
-    want = nnx.grad(lambda m: jnp.sum(_out(m(*args, **kwargs)) ** 2))(reference)
+    # (nnx.grad under nnx.jit: eagerly, a transformer's gradient costs a compilation
+    # per primitive, ~3x the jitted reference's time)
+    want = nnx.jit(nnx.grad(lambda m: jnp.sum(_out(m(*args, **kwargs)) ** 2)))(reference)
     got = jax.jit(jax.grad(loss))(variables["params"])
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(nnx.state(want, nnx.Param)),
                     strict=True):
@@ -156,7 +158,7 @@ def test_plain_jax_matrix(name):
     grads = jax.jit(jax.grad(lambda p, k: jnp.sum(train({**variables, "params": p}, k)[0])))(
         variables["params"], k1)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    batched = jax.vmap(lambda k: train(variables, k)[0])(jnp.stack([k1, k2]))
+    batched = jax.jit(jax.vmap(lambda k: train(variables, k)[0]))(jnp.stack([k1, k2]))
     np.testing.assert_allclose(batched[0], y1, rtol=1e-5, atol=1e-6)
 
 
