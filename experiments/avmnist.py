@@ -15,7 +15,11 @@ training: ``--train-snr-db=-20,20`` also trains every audio-bearing method (audi
 too) on training audio whose SNR is drawn per example and per epoch from that range, as
 ``<method>+snr_range``; ``--utterance-norm`` with each log-mel standardised by its own
 frames, as ``<method>+utt_norm`` (both: also ``<method>+snr_range+utt_norm``). Their
-validation and test data, and the SNR sweep, are the plain runs'.
+validation and test data, and the SNR sweep, are the plain runs'. Adversarial
+training: ``--adversarial-image-eps 0.03 --adversarial-audio-eps 0.01`` also trains
+every method, as ``<method>+adv``, on L∞ PGD adversarial examples of each batch
+(``--adversarial-steps``, default 3; a radius per modality, 0: not attacked; Madry et
+al.: the adversarial batch only); it is tested, and swept, as the plain runs are.
 
 Each finished run is a record in ``results/avmnist/<method>/seed<k>.json``
 (``lepton_mm.harness``): the command trains only the runs without a current record and
@@ -28,6 +32,8 @@ tables and sweep figures of the records without training.
     python experiments/avmnist.py --fusion concat,gated --modality-dropout 0.3
     python experiments/avmnist.py --fusion concat,late --balance ogm_ge,gblend,mmpareto
     python experiments/avmnist.py --fusion audio_only,concat,late --train-snr-db=-20,20
+    python experiments/avmnist.py --fusion image_only,audio_only,concat,gated \
+        --adversarial-image-eps 0.03 --adversarial-audio-eps 0.01 --adversarial-steps 3
 """
 
 from __future__ import annotations
@@ -44,12 +50,15 @@ import numpy as np
 from lepton_mm import cli, harness
 from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.recipes.avmnist import (
+    ADV_SUFFIX,
     AUDIO_VARIANTS,
     BALANCE,
     MDROP_SUFFIX,
     NUM_CLASSES,
     SWEEPS,
     AVMNISTConfig,
+    adversarial_setting,
+    adversarial_training,
     audio_setting,
     build_model,
     fit_recipe,
@@ -75,15 +84,17 @@ PEER_METHODS = ("peer_multibench_image", "peer_multibench_audio", "peer_multiben
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A training variant of a fusion method, run as ``<method>+<name>``.
+    """A training variant of a method, run as ``<method>+<name>``.
 
     Attributes:
-      flags: the command-line flags that select it, from the config.
-      recorded: what its runs' hashed config adds (so a changed setting is a new run).
+      flags: the command-line flags that select it, from the config and the run's
+        method key.
+      recorded: what its runs' hashed config adds (so a changed setting is a new run),
+        from the config and the run's method key.
     """
 
-    flags: Callable[[AVMNISTConfig], str]
-    recorded: Callable[[AVMNISTConfig], dict[str, Any]]
+    flags: Callable[[AVMNISTConfig, str], str]
+    recorded: Callable[[AVMNISTConfig, str], dict[str, Any]]
 
 
 #: The variants by name (``<method>+<name>``, the audio ones also combined:
@@ -92,33 +103,40 @@ class Variant:
 #: ``audio_setting`` / ``train_data`` an audio variant's data.
 VARIANTS = {
     "mdrop": Variant(
-        flags=lambda c: f"--modality-dropout {c.modality_dropout:g}",
-        recorded=lambda c: {"modality_dropout": c.modality_dropout}),
+        flags=lambda c, m: f"--modality-dropout {c.modality_dropout:g}",
+        recorded=lambda c, m: {"modality_dropout": c.modality_dropout}),
     "ogm_ge": Variant(
-        flags=lambda c: f"--balance ogm_ge --ogm-alpha {c.ogm_alpha:g}",
-        recorded=lambda c: {"strategy": {"name": "ogm_ge", "alpha": c.ogm_alpha}}),
+        flags=lambda c, m: f"--balance ogm_ge --ogm-alpha {c.ogm_alpha:g}",
+        recorded=lambda c, m: {"strategy": {"name": "ogm_ge", "alpha": c.ogm_alpha}}),
     "mmpareto": Variant(
-        flags=lambda c: "--balance mmpareto",
-        recorded=lambda c: {"strategy": {"name": "mmpareto", "gamma": 1.0}}),
+        flags=lambda c, m: "--balance mmpareto",
+        recorded=lambda c, m: {"strategy": {"name": "mmpareto", "gamma": 1.0}}),
     "pmr": Variant(  # untuned: alpha 1, no entropy term, prototypes averaged over ~10 steps
-        flags=lambda c: "--balance pmr",
-        recorded=lambda c: {"strategy": {"name": "pmr", "alpha": 1.0, "mu": 0.0,
-                                         "momentum": 0.9}}),
+        flags=lambda c, m: "--balance pmr",
+        recorded=lambda c, m: {"strategy": {"name": "pmr", "alpha": 1.0, "mu": 0.0,
+                                            "momentum": 0.9}}),
     "gblend": Variant(
-        flags=lambda c: (f"--balance gblend --gblend-pilot "
-                         f"{','.join(map(str, c.gblend_pilot))} "
-                         f"--gblend-train-examples {c.gblend_train_examples}"),
-        recorded=lambda c: {"strategy": {"name": "gblend",
-                                         "pilot_epochs": list(c.gblend_pilot),
-                                         "pilot_train_examples": c.gblend_train_examples}}),
+        flags=lambda c, m: (f"--balance gblend --gblend-pilot "
+                            f"{','.join(map(str, c.gblend_pilot))} "
+                            f"--gblend-train-examples {c.gblend_train_examples}"),
+        recorded=lambda c, m: {"strategy": {"name": "gblend",
+                                            "pilot_epochs": list(c.gblend_pilot),
+                                            "pilot_train_examples":
+                                                c.gblend_train_examples}}),
     "snr_range": Variant(
-        flags=lambda c: f"--train-snr-db={harness.flag_text(c.train_snr_db)}",
-        recorded=lambda c: {"train_snr_db": list(c.train_snr_db)}),
+        flags=lambda c, m: f"--train-snr-db={harness.flag_text(c.train_snr_db)}",
+        recorded=lambda c, m: {"train_snr_db": list(c.train_snr_db)}),
     "utt_norm": Variant(
-        flags=lambda c: "--utterance-norm",
-        recorded=lambda c: {"normalize_audio": "utterance"}),
+        flags=lambda c, m: "--utterance-norm",
+        recorded=lambda c, m: {"normalize_audio": "utterance"}),
+    "adv": Variant(  # only the radii of the modalities the run attacks
+        flags=lambda c, m: " ".join(
+            [*(f"--adversarial-{name}-eps {harness.flag_text(eps)}" for name, eps in
+               adversarial_setting(c, m)["eps"].items()),
+             f"--adversarial-steps {c.adversarial_steps}"]),
+        recorded=lambda c, m: {"adversarial_training": adversarial_setting(c, m)}),
 }
-assert set(VARIANTS) == {MDROP_SUFFIX[1:], *BALANCE, *AUDIO_VARIANTS}
+assert set(VARIANTS) == {MDROP_SUFFIX[1:], *BALANCE, *AUDIO_VARIANTS, ADV_SUFFIX[1:]}
 
 
 class AVMNIST(harness.Experiment):
@@ -130,11 +148,13 @@ class AVMNIST(harness.Experiment):
     not_recorded = ("methods", "seeds", "workdir", "results", "progress",
                     "checkpoint_every", "modality_dropout", "robustness", "snr_sweep",
                     "image_noise_sweep", "balance", "ogm_alpha", "gblend_pilot",
-                    "gblend_train_examples", "train_snr_db", "utterance_norm")
-    # --modality-dropout, --balance and the strategies' settings, the audio variants':
-    # written by method_args
+                    "gblend_train_examples", "train_snr_db", "utterance_norm",
+                    "adversarial_image_eps", "adversarial_audio_eps", "adversarial_steps")
+    # --modality-dropout, --balance and the strategies' settings, the audio variants',
+    # adversarial training's: written by method_args
     method_fields = ("modality_dropout", "balance", "ogm_alpha", "gblend_pilot",
-                     "gblend_train_examples", "train_snr_db", "utterance_norm")
+                     "gblend_train_examples", "train_snr_db", "utterance_norm",
+                     "adversarial_image_eps", "adversarial_audio_eps", "adversarial_steps")
     flags = cli.config_flags(
         AVMNISTConfig, ("data_seed", "snr_db", "epochs", "batch_size", "learning_rate",
                         "num_train", "num_val", "num_test", "robustness", "snr_sweep",
@@ -147,17 +167,18 @@ class AVMNIST(harness.Experiment):
 
     def method_args(self, method: str) -> list[str]:
         return [f"--fusion {split_method(method)[0]}",
-                *(VARIANTS[tag].flags(self.config) for tag in variant_tags(method))]
+                *(VARIANTS[tag].flags(self.config, method) for tag in variant_tags(method))]
 
     def run_config(self, method: str) -> dict[str, Any]:
         """The training settings, the modality-dropout rate of ``+mdrop`` runs, the
         strategy of ``--balance`` runs, the SNR range or normalisation of the audio
-        variants and the robustness protocol (when evaluated)."""
+        variants, the attack of ``+adv`` runs and the robustness protocol (when
+        evaluated)."""
         from lepton_mm.data.avmnist import SPLIT_SIZES
 
         out = super().run_config(method)
         for tag in variant_tags(method):
-            out.update(VARIANTS[tag].recorded(self.config))
+            out.update(VARIANTS[tag].recorded(self.config, method))
         if self.config.robustness:
             out["robustness"] = robustness_protocol(
                 self.config, self.config.num_test or SPLIT_SIZES["test"], method)
@@ -190,7 +211,8 @@ class AVMNIST(harness.Experiment):
             config, model, {**data, "train": train_data(config, data, key.method)},
             workdir, seed=key.seed, epochs=config.epochs,
             modality_dropout=config.modality_dropout if variant == "mdrop" else 0.0,
-            strategy=strategy, meta={"hash": self.config_hash(key)})
+            strategy=strategy, adversary=adversarial_training(config, key.method),
+            meta={"hash": self.config_hash(key)})
         facts = harness.fit_facts(fitted, time.perf_counter() - start)
         rob = robustness_results(config, key.method, model, data, full=config.robustness)
         predictions = rob.pop("test_predictions")
