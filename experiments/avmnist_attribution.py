@@ -127,7 +127,7 @@ def explain(model: Any, test: dict[str, Any], *, batch_size: int) -> dict[str, A
 
     image_wins = phi["image"] > phi["audio"]
     return {
-        "num_test": int(len(labels)),
+        "num_test": len(labels),
         "accuracy": float(np.mean(target == labels)),
         "phi": {m: float(v.mean()) for m, v in phi.items()},
         "full_minus_base": float(np.mean(full - base)),

@@ -263,7 +263,8 @@ def modality_shapley(model: Any, batch: Mapping[str, Any], *, target: Any = None
     bits = (np.arange(2 ** num)[:, None] >> np.arange(num)[None, :]) & 1
     coalitions = jnp.asarray(bits.astype(bool))  # bool [2^M, M]
 
-    outputs = jax.lax.map(_coalition_forward(model, batch, players, own), coalitions)  # [2^M, batch] or [2^M, batch, classes]
+    # [2^M, batch] or [2^M, batch, classes]
+    outputs = jax.lax.map(_coalition_forward(model, batch, players, own), coalitions)
     if outputs.ndim == 2 and outputs.shape[1] == size:
         if target is not None:
             raise ValueError("target: the model's output is already a scalar per example "
