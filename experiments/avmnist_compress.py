@@ -108,12 +108,30 @@ class CompressConfig:
 
 
 def load_trained(config: Any, method: str, seed: int) -> Any:
-    """The trained model of ``(method, seed)`` (best validation epoch), in eval mode."""
+    """The trained model of ``(method, seed)`` (best validation epoch), in eval mode.
+
+    The run's checkpoint folder is named by its config hash and numerics. A variant run
+    trained with non-default settings (``+adv`` with its radii, ``+mdrop`` at another
+    rate, ...) has a hash that ``config``'s defaults do not give, so when the run has a
+    ledger record (``<config.results>/avmnist/<method>/seed<k>.json``) its recorded hash
+    and numerics name the folder; otherwise ``config`` does.
+    """
     from flax import nnx
 
+    from lepton_mm import experiment as ledger
     from lepton_mm.training import load_model
 
-    workdir = avmnist.AVMNIST(config).workdir(RunKey("avmnist", method, seed))
+    key = RunKey("avmnist", method, seed)
+    workdir = None
+    record_path = Path(config.results) / "avmnist" / method / key.file_name()
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        tag = ledger.config_hash({"config": record["config_hash"],
+                                  "numerics": record["numerics"]})[:8]
+        workdir = (Path(config.workdir).absolute() / method
+                   / f"{key.file_name()[:-len('.json')]}-{tag}")
+    if workdir is None:
+        workdir = avmnist.AVMNIST(config).workdir(key)
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"{workdir}: no checkpoints; train it with "
                                 f"python experiments/avmnist.py --fusion {method} "

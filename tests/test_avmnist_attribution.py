@@ -73,3 +73,23 @@ def test_bad_arguments_name_the_flag(load_script, capsys):
             script.parse_args(argv)
         assert e.value.code == 2
         assert flag in capsys.readouterr().err
+
+
+def test_load_trained_finds_a_variant_run_by_its_record(load_script, tmp_path):
+    # A +adv run's folder is named by its recorded config hash, which the defaults do
+    # not give: the record is what locates it.
+    import json
+
+    from lepton_mm import experiment as ledger
+    from lepton_mm.recipes.avmnist import AVMNISTConfig
+
+    compress = load_script("avmnist_compress")
+    record = tmp_path / "results" / "avmnist" / "concat+adv" / "seed1.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"config_hash": "feed", "numerics": "n1"}))
+    tag = ledger.config_hash({"config": "feed", "numerics": "n1"})[:8]
+    config = AVMNISTConfig(workdir=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+    with pytest.raises(FileNotFoundError, match=f"concat\\+adv/seed1-{tag}: no checkpoints"):
+        compress.load_trained(config, "concat+adv", 1)
+    with pytest.raises(FileNotFoundError, match="concat/seed1-[0-9a-f]{8}: no checkpoints"):
+        compress.load_trained(config, "concat", 1)  # no record: the config's own hash
