@@ -70,7 +70,6 @@ per norm.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import shlex
@@ -84,6 +83,7 @@ import avmnist_compress  # experiments/: where load_trained finds avmnist.py's r
 import numpy as np
 
 from lepton_mm import cli
+from lepton_mm.harness import group_by_method, markdown_table, mean_std_text
 from lepton_mm.recipes.avmnist import AVMNISTConfig, audio_setting, make_data, split_method
 
 #: What an attack perturbs: one modality, or both.
@@ -198,83 +198,32 @@ def attacked(model_modalities: Sequence[str], target: str) -> tuple[str, ...] | 
     return names if all(m in model_modalities for m in names) else None
 
 
-@functools.cache
-def _counter() -> Any:
-    """``count(graphdef, state, batch)``: correct predictions (argmax of the logits, eval
-    mode) among the valid rows; compiled once per model structure."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def count(graphdef: Any, state: Any, batch: Mapping[str, Any]) -> Any:
-        model = nnx.merge(graphdef, state)
-        model.eval()
-        predictions = jnp.argmax(model(batch), axis=-1)
-        return jnp.sum((predictions == batch["label"]) & batch["valid"])
-
-    return count
-
-
-def accuracy_under_attack(model: Any, data: Mapping[str, Any], *,
-                          eps: Mapping[str, float] | None, norm: str = "linf",
-                          attack: str = "pgd", steps: int = 10,
-                          clip: Mapping[str, tuple[float, float]] | None = None,
-                          key: Any = None, batch_size: int = 100) -> float:
-    """``model``'s accuracy on ``data`` with each chunk attacked (``eps`` None: clean).
-
-    ``eps`` maps each attacked modality to its radius (so ``both`` gives each modality
-    its own), which ``lepton_mm.adversarial.robust_accuracy`` (one radius for all) does
-    not; otherwise the same protocol: chunks of ``batch_size`` examples, the last one
-    padded with repeats marked invalid (never perturbed, never counted), chunk ``c``
-    attacked with ``fold_in(key, c)``. For one modality it equals ``robust_accuracy``.
-    """
-    import jax
-    from flax import nnx
-
-    from lepton_mm.adversarial import fgsm, model_loss, pgd
-
-    if attack not in ("pgd", "fgsm"):
-        raise ValueError(f"attack: expected 'pgd' or 'fgsm', got {attack!r}.")
-    graphdef, state = nnx.split(model)
-    loss = model_loss(model)  # compiled once per model structure, modalities and norm
-    clip = {m: c for m, c in (clip or {}).items() if eps is not None and m in eps} or None
-    n = len(data["label"])
-    valid = np.ones(n, bool) if data.get("valid") is None else np.asarray(data["valid"])
-    correct = 0
-    for c, i in enumerate(range(0, n, batch_size)):
-        rows = np.arange(i, i + batch_size) % n
-        chunk = jax.tree.map(lambda a, r=rows: a[r], {k: v for k, v in data.items()
-                                                       if v is not None})
-        chunk["valid"] = valid[rows] & (np.arange(i, i + batch_size) < n)
-        if eps is not None:
-            names = tuple(sorted(eps))
-            if attack == "fgsm":
-                chunk = fgsm(loss, chunk, eps=dict(eps), modalities=names, norm=norm,
-                             clip=clip)
-            else:
-                chunk = pgd(loss, chunk, eps=dict(eps), steps=steps, modalities=names,
-                            norm=norm, clip=clip,
-                            key=None if key is None else jax.random.fold_in(key, c))
-        correct += int(_counter()(graphdef, state, chunk))
-    return correct / max(int(valid.sum()), 1)
-
-
 def evaluate(model: Any, test: Mapping[str, Any], settings: AdversarialConfig, *,
              name: str = "") -> dict[str, Any]:
     """One run's record: clean accuracy and every attack of ``settings`` (the module
     docstring's keys); targets the model cannot be attacked on go to ``"n/a"``."""
     import jax
 
+    from lepton_mm.adversarial import robust_accuracy
+
     start, cpu = time.perf_counter(), time.process_time()
     modalities = tuple(getattr(model, "modalities", ()))
     key = jax.random.key(settings.attack_seed)
-    clip = None if settings.image_clip is None else {"image": tuple(settings.image_clip)}
-    common = dict(steps=settings.steps, clip=clip, key=key,
-                  batch_size=settings.batch_size)
+    clip = {} if settings.image_clip is None else {"image": tuple(settings.image_clip)}
+
+    def accuracy(eps: Mapping[str, float], norm: str = "linf", attack: str = "pgd"
+                 ) -> float:
+        """Accuracy with each modality of ``eps`` attacked within its own radius, the
+        image clip applying where the image is attacked."""
+        return float(robust_accuracy(
+            model, test, eps_values=[eps], modalities=tuple(eps), norm=norm,
+            attack=attack, steps=settings.steps, key=key, batch_size=settings.batch_size,
+            clip={m: c for m, c in clip.items() if m in eps} or None)[0])
+
     out: dict[str, Any] = {
         "num_test": len(test["label"]), "modalities": list(modalities),
-        "clean_accuracy": accuracy_under_attack(model, test, eps=None, **common),
+        "clean_accuracy": float(robust_accuracy(  # radius 0: no attack is run
+            model, test, eps_values=[0.0], batch_size=settings.batch_size)[0]),
         "attacks": [], "n/a": []}
     for target in settings.targets:
         if attacked(modalities, target) is None:
@@ -287,14 +236,13 @@ def evaluate(model: Any, test: Mapping[str, Any], settings: AdversarialConfig, *
                 jobs.append(("fgsm", middle + 1, jobs[middle][2]))
             for attack, level, eps in jobs:
                 t = time.perf_counter()
-                accuracy = accuracy_under_attack(model, test, eps=eps, norm=norm,
-                                                 attack=attack, **common)
+                result = accuracy(eps, norm, attack)
                 out["attacks"].append({
                     "attack": attack, "target": target, "norm": norm, "level": level,
                     "steps": 1 if attack == "fgsm" else settings.steps,
-                    "eps": eps, "accuracy": accuracy,
+                    "eps": eps, "accuracy": result,
                     "seconds": round(time.perf_counter() - t, 2)})
-                print(f"{name} {attack} {target} {norm} {eps}: {100 * accuracy:.1f} % "
+                print(f"{name} {attack} {target} {norm} {eps}: {100 * result:.1f} % "
                       f"({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
     out["seconds"] = round(time.perf_counter() - start, 1)
     out["cpu_seconds"] = round(time.process_time() - cpu, 1)  # all threads
@@ -325,21 +273,6 @@ def run(settings: AdversarialConfig) -> dict[str, Any]:
     return results
 
 
-def by_method(results: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """The runs of ``run``'s result grouped by method, in order of appearance."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for name, record in results.items():
-        grouped.setdefault(name.split("/seed")[0], []).append(record)
-    return grouped
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    mean = 100 * float(np.mean(values))
-    if len(values) < 2:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {100 * float(np.std(values, ddof=1)):.1f}"
-
-
 def _accuracies(runs: Sequence[Mapping[str, Any]], attack: str, target: str, norm: str,
                 level: int) -> list[float]:
     return [a["accuracy"] for r in runs for a in r["attacks"]
@@ -355,9 +288,7 @@ def table(results: Mapping[str, Any]) -> str:
     """Markdown, a table per norm: rows method x attacked modality, columns clean and
     each radius level (and FGSM), mean ± sample std over seeds in %; "n/a" where the
     model cannot be attacked on that modality."""
-    from lepton_mm.harness import markdown_table
-
-    grouped = by_method(results)
+    grouped = group_by_method(results)
     attacks = [a for r in results.values() for a in r["attacks"]]
     targets = [t for t in TARGETS if any(
         t in r["n/a"] or any(a["target"] == t for a in r["attacks"])
@@ -381,7 +312,7 @@ def table(results: Mapping[str, Any]) -> str:
                   + [f"FGSM level {k}" for k in fgsm])
         rows = []
         for method, runs in grouped.items():
-            clean = _mean_std([r["clean_accuracy"] for r in runs])
+            clean = mean_std_text([r["clean_accuracy"] for r in runs])
             for target in targets:
                 if all(target in r["n/a"] for r in runs):
                     rows.append([method, target, len(runs), clean,
@@ -391,7 +322,7 @@ def table(results: Mapping[str, Any]) -> str:
                          for k in range(1, levels + 1)]
                 cells += [_accuracies(runs, "fgsm", target, norm, k) for k in fgsm]
                 rows.append([method, target, len(runs), clean,
-                             *[_mean_std(c) if c else "" for c in cells]])
+                             *[mean_std_text(c) if c else "" for c in cells]])
         lines += [*markdown_table(header, rows), ""]
     return "\n".join(lines).rstrip("\n")
 
@@ -401,7 +332,7 @@ def plot(results: Mapping[str, Any], path: str | Path) -> Path:
     over seeds: one panel per attacked modality, a row per norm (PGD)."""
     from matplotlib.figure import Figure  # not pyplot: leaves the backend alone
 
-    grouped = by_method(results)
+    grouped = group_by_method(results)
     attacks = [a for r in results.values() for a in r["attacks"] if a["attack"] == "pgd"]
     norms = [n for n in NORMS if any(a["norm"] == n for a in attacks)]
     targets = [t for t in TARGETS if any(a["target"] == t for a in attacks)]

@@ -32,6 +32,7 @@ stdout, and with ``--figure`` a bar chart of the image share per fusion layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shlex
 import sys
@@ -42,6 +43,7 @@ import avmnist_compress  # experiments/: where load_trained finds avmnist.py's r
 import numpy as np
 
 from lepton_mm import cli
+from lepton_mm.harness import group_by_method, markdown_table, mean_std_text
 from lepton_mm.recipes.avmnist import AVMNISTConfig, make_data
 
 #: The modalities of the AV-MNIST models, the players.
@@ -160,32 +162,16 @@ def run(settings: AttributionConfig) -> dict[str, Any]:
     return results
 
 
-def by_method(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """The runs of ``run``'s result grouped by method, in order of appearance."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for name, summary in results.items():
-        grouped.setdefault(name.split("/seed")[0], []).append(summary)
-    return grouped
-
-
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    mean = scale * float(np.mean(values))
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
-
-
 def table(results: dict[str, Any]) -> str:
     """Markdown: one row per method, mean ± sample std over its seeds."""
-    from lepton_mm.harness import markdown_table
-
     rows = []
-    for method, runs in by_method(results).items():
+    for method, runs in group_by_method(results).items():
         get = lambda key, m="image", runs=runs: [r[key][m] for r in runs]
-        rows.append([method, len(runs), _mean_std(get("share")), _mean_std(get("abs_share")),
-                     _mean_std(get("decides")),
-                     _mean_std(get("phi"), 1.0, 2), _mean_std(get("phi", "audio"), 1.0, 2),
-                     _mean_std([r["accuracy"] for r in runs]),
+        logit = functools.partial(mean_std_text, scale=1.0, digits=2)
+        rows.append([method, len(runs), mean_std_text(get("share")),
+                     mean_std_text(get("abs_share")), mean_std_text(get("decides")),
+                     logit(get("phi")), logit(get("phi", "audio")),
+                     mean_std_text([r["accuracy"] for r in runs]),
                      f"{max(r['completeness_max_error'] for r in runs):.1e}"])
     return "\n".join(markdown_table(
         ["fusion", "seeds", "image share of phi (%)", "image share of abs phi (%)",
@@ -200,7 +186,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grouped = by_method(results)
+    grouped = group_by_method(results)
     names = list(grouped)
     shares = [[100 * r["share"]["image"] for r in grouped[n]] for n in names]
     means = [float(np.mean(s)) for s in shares]

@@ -12,8 +12,8 @@ input:
 * ``model_loss`` turns a model into the loss they maximise (softmax cross-entropy on
   ``batch["label"]`` by default, the model in eval mode), through
   ``lepton_mm.functional``;
-* ``robust_accuracy`` is a classifier's accuracy on a dataset under PGD, for each
-  ``eps`` of a sweep.
+* ``robust_accuracy`` is a classifier's accuracy on a dataset under PGD (or FGSM), for
+  each radius of a sweep: one for every attacked modality, or one per modality.
 
 What is never perturbed: modalities not attacked, padded frames (a tuple input's bool
 mask ``[batch, time]`` False), absent examples (``batch["present"][m]`` False, see
@@ -203,7 +203,7 @@ def _per_modality(name: str, value: Any, names: tuple[str, ...], *,
     """A number or a mapping modality -> number, as ``{m: value}`` over ``names``."""
     if isinstance(value, Mapping):
         missing = [m for m in names if m not in value]
-        extra = sorted(set(value) - set(names))
+        extra = sorted(set(value) - set(names), key=str)
         if missing or extra:
             raise ValueError(f"{name}: expected a number or one entry per attacked "
                              f"modality {list(names)}; missing {missing}, unexpected "
@@ -569,21 +569,27 @@ def pgd(loss_fn: LossFn | nnx.Module, batch: Mapping[str, Any], *,
 
 
 def robust_accuracy(model: nnx.Module, data: Mapping[str, Any], *,
-                    eps_values: Sequence[float], batch_size: int,
+                    eps_values: Sequence[float | Mapping[str, float]], batch_size: int,
                     modalities: str | Sequence[str] | None = None, norm: str = "linf",
-                    steps: int = 10, step_size: float | None = None,
+                    steps: int = 10,
+                    step_size: float | Mapping[str, float] | None = None,
                     clip: Mapping[str, tuple[float, float]] | None = None,
-                    key: Array | None = None) -> np.ndarray:
-    """A classifier's accuracy under a PGD attack, for each radius of a sweep.
+                    key: Array | None = None, attack: str = "pgd") -> np.ndarray:
+    """A classifier's accuracy under a PGD (or FGSM) attack, for each radius of a sweep.
 
-    For each ``eps`` in ``eps_values``, every example of ``data`` is attacked by ``pgd``
-    (``model_loss(model)``: cross-entropy on its label, model in eval mode) on
-    ``modalities`` and classified by ``argmax`` of the model's logits; ``eps = 0`` is
-    the clean accuracy. Examples are processed ``batch_size`` at a time, the last chunk
-    padded with repeats marked invalid (never perturbed, never counted), with the
-    programs compiled once for the whole sweep (and shared with ``pgd`` on the same
-    model structure). The model is captured when called (its
-    parameters and mode are left unchanged).
+    For each entry of ``eps_values``, every example of ``data`` is attacked by ``pgd``
+    (or ``fgsm``) with ``model_loss(model)`` (cross-entropy on its label, model in eval
+    mode) on ``modalities`` and classified by ``argmax`` of the model's logits. An entry
+    is one radius for every attacked modality, or a dict modality -> radius that gives
+    each its own, in its own units (``{"image": 0.03, "audio": 0.01}``: pixels in [0, 1]
+    and a standardised log-mel are attacked at once, each within its own ball). An entry
+    whose radii are all 0 is the clean accuracy (no attack is run); a radius of 0 for
+    one modality leaves it untouched while the others are attacked. Examples are
+    processed ``batch_size`` at a time, the last chunk padded with repeats marked
+    invalid (never perturbed, never counted), with the programs compiled once for the
+    whole sweep (and shared with ``pgd`` and ``fgsm`` on the same model structure,
+    modalities, norm and clip). The model is captured when called (its parameters and
+    mode are left unchanged).
 
     Args:
       model: a classifier (e.g. ``MultimodalClassifier``) whose output is class logits
@@ -591,46 +597,80 @@ def robust_accuracy(model: nnx.Module, data: Mapping[str, Any], *,
       data: a batch dict of ``n >= 1`` examples (numpy or JAX arrays) with every
         modality the model encodes and ``"label"``: int ``[n]``; optional
         ``"present"`` and ``"valid"`` (rows with ``valid`` False are not counted).
-      eps_values: the radii (each >= 0), in the units of the inputs.
+      eps_values: the sweep: each entry a radius (>= 0, in the units of the inputs)
+        for every attacked modality, or a dict naming every attacked modality and no
+        other -> its radius (>= 0, in that modality's units); entries of both forms
+        may be mixed.
       batch_size: examples per attacked chunk.
       modalities: the modality or modalities to perturb (default: every float input
         the model encodes).
-      norm: ``"linf"`` or ``"l2"``.
-      steps: PGD steps per attack (>= 1).
-      step_size: the PGD step size (> 0) for every radius; default ``2.5 * eps /
-        steps`` for each ``eps``.
-      clip: modality -> ``(low, high)`` valid range, as for ``pgd``.
+      norm: ``"linf"`` or ``"l2"`` (per example and per modality).
+      steps: PGD steps per attack (>= 1); unused by FGSM (one step).
+      step_size: the PGD step size (> 0) for every radius, or a dict attacked
+        modality -> step size; default ``2.5 * eps / steps`` for each radius (per
+        modality). Not accepted with FGSM (its step is ``eps``).
+      clip: modality -> ``(low, high)`` valid range, as for ``pgd`` (attacked
+        modalities only).
       key: a PRNG key for PGD's random start (chunk ``c`` uses ``fold_in(key, c)``, so
-        results depend on ``batch_size``); None starts at the clean input.
+        results depend on ``batch_size``); None starts at the clean input. Unused by
+        FGSM (no random start).
+      attack: ``"pgd"`` or ``"fgsm"`` (one gradient step of size ``eps`` from the clean
+        input: ``fgsm``).
 
     Returns:
-      numpy float64 ``[len(eps_values)]``: the accuracy at each radius.
+      numpy float64 ``[len(eps_values)]``: the accuracy at each entry of the sweep.
 
     Raises:
-      ValueError: an ``eps_values`` entry negative, ``steps`` or ``batch_size`` < 1,
-        unknown ``norm``, a modality the model or data lacks, no labels.
-      TypeError: ``model`` is not an NNX module, a modality that is not continuous.
+      ValueError: an ``eps_values`` entry negative, or a dict entry missing an
+        attacked modality or naming another (the error names ``eps_values[i]``),
+        ``steps`` or ``batch_size`` < 1, ``step_size`` <= 0 (or given with FGSM),
+        unknown ``norm`` or ``attack``, a modality the model or data lacks, no labels.
+      TypeError: ``model`` is not an NNX module, a modality that is not continuous,
+        ``eps_values`` not a sequence (a single dict: wrap it in a list).
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from flax import nnx
+      >>> class Linear(nnx.Module):  # logits [0, sum(image) + sum(audio)]
+      ...     modalities = ("audio", "image")
+      ...     def __call__(self, batch):
+      ...         s = batch["image"].sum((1, 2)) + batch["audio"].sum(1)
+      ...         return jnp.stack([jnp.zeros_like(s), s], -1)
+      >>> data = {"image": np.full((2, 2, 2), 0.1, np.float32),  # 4 values: s = 0.4
+      ...         "audio": np.zeros((2, 3), np.float32), "label": np.ones(2, np.int32)}
+      >>> robust_accuracy(Linear(), data, batch_size=2, eps_values=[
+      ...     0.0, 0.05, {"image": 0.05, "audio": 0.1}, {"image": 0.0, "audio": 0.2}])
+      array([1., 1., 0., 0.])
     """
     from lepton_mm._validation import check_array
     from lepton_mm.models.classifier import check_batch
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model: expected a flax.nnx.Module, got {type(model).__name__}.")
+    if attack not in ("pgd", "fgsm"):
+        raise ValueError(f"attack: expected 'pgd' or 'fgsm', got {attack!r}.")
     norm = _check_norm(norm)
     steps = check_positive_int("steps", steps)
     batch_size = check_positive_int("batch_size", batch_size)
     model_modalities = getattr(model, "modalities", None)
     names = _resolve_modalities(data, modalities, model_modalities)
     if isinstance(eps_values, (str, Mapping)) or not hasattr(eps_values, "__iter__"):
-        raise TypeError(f"eps_values: expected a sequence of numbers, got "
-                        f"{type(eps_values).__name__}.")
+        hint = " (one dict of radii is one entry: wrap it in a list)" if isinstance(
+            eps_values, Mapping) else ""
+        raise TypeError(f"eps_values: expected a sequence of radii (numbers or dicts "
+                        f"modality -> radius){hint}, got {type(eps_values).__name__}.")
     eps_values = list(eps_values)
     if not eps_values:
         raise ValueError("eps_values: expected at least one radius, got none.")
-    for i, e in enumerate(eps_values):
-        _check_radius(f"eps_values[{i}]", e)
+    # Python floats, one dict structure: every entry reuses one compiled program.
+    sweep = [{m: float(e) for m, e in _per_modality(f"eps_values[{i}]", value,
+                                                    names).items()}
+             for i, value in enumerate(eps_values)]
     if step_size is not None:
-        _check_radius("step_size", step_size, positive=True)
+        if attack == "fgsm":
+            raise ValueError("step_size: FGSM takes one step of size eps; expected None.")
+        step_size = {m: float(s) for m, s in _per_modality("step_size", step_size, names,
+                                                           positive=True).items()}
     bounds = _check_clip(clip, names)
     key = None if key is None else check_key(key)
     n = check_batch(data, model_modalities or tuple(names), who=type(model).__name__)
@@ -648,16 +688,22 @@ def robust_accuracy(model: nnx.Module, data: Mapping[str, Any], *,
         rows = np.arange(i, i + batch_size) % n  # pad with repeats, marked invalid
         chunk = jax.tree.map(lambda a, r=rows: a[r], _arrays(data))
         chunk["valid"] = valid[rows] & (np.arange(i, i + batch_size) < n)
-        chunks.append((chunk, None if key is None else jax.random.fold_in(key, c)))
+        chunks.append((chunk, None if key is None or attack == "fgsm"
+                       else jax.random.fold_in(key, c)))
     out = []
-    for e in eps_values:
-        step = 2.5 * e / steps if step_size is None else step_size
+    for eps in sweep:
+        if attack == "fgsm":  # as fgsm(): one step of size eps, no random start
+            step, count = eps, 1
+        else:
+            step = step_size or {m: 2.5 * e / steps for m, e in eps.items()}
+            count = steps
         hits = []
         for chunk, k in chunks:
-            new = _compiled(loss.objective, loss.state, chunk, dict.fromkeys(names, e),
-                            dict.fromkeys(names, step), k, steps, names=names, norm=norm,
-                            clip=bounds)
-            hits.append(_count_correct(loss.objective, loss.state, _replace(chunk, new)))
+            if any(eps.values()):
+                chunk = _replace(chunk, _compiled(
+                    loss.objective, loss.state, chunk, eps, step, k, count, names=names,
+                    norm=norm, clip=bounds))
+            hits.append(_count_correct(loss.objective, loss.state, chunk))
         out.append(float(sum(int(h) for h in hits)) / total)
     return np.asarray(out, np.float64)
 

@@ -6,10 +6,11 @@ here: the run keys and the to-do list from the ledger (``lepton_mm.experiment``)
 sharding, a checkpoint workdir per run that a changed config never resumes, records
 with the command that reproduces them, the report (``results.json``, ``results.md``,
 figures; ``seed_stats_of``, ``curve_stats``, ``markdown_table`` and ``plot_curves``
-help write it) and its copy into a docs page. Its command line comes from
-``lepton_mm.cli``, generated from the config dataclass (``--seeds``, ``--shard``,
-``--force``, ``--report``, ``--out``, ``--docs``, ``--config FILE``, a flag per field
-of ``flags``)::
+help write it, and ``group_by_method`` and ``mean_std_text`` a script's own tables)
+and its copy into a docs page. Its command line comes from ``lepton_mm.cli``,
+generated from the config dataclass (``--seeds``, ``--shard``, ``--force``,
+``--report``, ``--out``, ``--docs``, ``--config FILE``, a flag per field of
+``flags``)::
 
     class MyExperiment(Experiment):
         name, script = "mine", "experiments/mine.py"
@@ -56,7 +57,9 @@ __all__ = [
     "enable_compilation_cache",
     "fit_facts",
     "flag_text",
+    "group_by_method",
     "markdown_table",
+    "mean_std_text",
     "plot_curves",
     "run_costs",
     "seed_stats_of",
@@ -114,6 +117,55 @@ def curve_stats(runs: Sequence[Mapping[str, Any]],
     return {"mean": np.round(np.nanmean(curves, 0), digits).tolist(),
             "std": (np.round(np.nanstd(curves, 0, ddof=1), digits).tolist()
                     if len(runs) > 1 else None)}
+
+
+def group_by_method(results: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """A script's per-run results grouped by method, for its tables and figures.
+
+    Args:
+      results: ``{"<method>/seed<k>": record}`` (e.g. ``concat+mdrop/seed1``).
+
+    Returns:
+      ``{method: [record, ...]}``, methods and records in order of appearance.
+
+    Examples:
+      >>> group_by_method({"concat/seed0": 1, "late/seed0": 2, "concat/seed1": 3})
+      {'concat': [1, 3], 'late': [2]}
+    """
+    grouped: dict[str, list[Any]] = {}
+    for name, record in results.items():
+        grouped.setdefault(name.split("/seed")[0], []).append(record)
+    return grouped
+
+
+def mean_std_text(values: Sequence[float], *, scale: float = 100.0,
+                  digits: int = 1) -> str:
+    """``"mean ± sample std"`` of numbers over seeds, for a table cell.
+
+    ``lepton_mm.experiment.format_mean_std`` of their mean and sample std (ddof=1),
+    without a seed per value.
+
+    Args:
+      values: one number per seed (at least one).
+      scale: multiply by this (default 100: fractions as percentages).
+      digits: decimals.
+
+    Returns:
+      ``"mean ± std"``; just ``"mean"`` for one value.
+
+    Raises:
+      ValueError: ``values`` is empty.
+
+    Examples:
+      >>> mean_std_text([0.6, 0.5]), mean_std_text([4.4], scale=1.0, digits=2)
+      ('55.0 ± 7.1', '4.40')
+    """
+    if len(values) == 0:
+        raise ValueError("mean_std_text: values is empty")
+    return ledger.format_mean_std(
+        {"mean": float(np.mean(values)),
+         "std": float(np.std(values, ddof=1)) if len(values) > 1 else None},
+        scale=scale, digits=digits)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from test_robustness import _bimodal_model  # image + audio (batch norm), concat + dropout
 
 from lepton_mm import adversarial
@@ -344,6 +345,119 @@ def test_robust_accuracy_counts_only_valid_rows_and_one_modality(model):
     assert np.all(full * 6 == np.round(full * 6))  # counts over 6 rows, not 9
 
 
+class _Linear(nnx.Module):
+    """Two classes: logit 0 is 0, logit 1 is ``s = <w, image> + <v, log_mel> + b`` over
+    the modalities it encodes (the log-mel's padded frames masked out)."""
+
+    def __init__(self, w, v, b, modalities=("audio", "image")):
+        self.modalities = tuple(sorted(modalities))
+        self.w, self.v = nnx.Param(jnp.asarray(w)), nnx.Param(jnp.asarray(v))
+        self.b = nnx.Param(jnp.asarray(b, jnp.float32))
+
+    def __call__(self, batch):
+        s = self.b[...] + jnp.zeros(batch["label"].shape, jnp.float32)
+        if "image" in self.modalities:
+            s = s + jnp.sum(batch["image"] * self.w[...][None], axis=(1, 2, 3))
+        if "audio" in self.modalities:
+            x, mask = batch["audio"]
+            s = s + jnp.sum(jnp.where(mask[..., None], x * self.v[...][None], 0.0),
+                            axis=(1, 2))
+        return jnp.stack([jnp.zeros_like(s), s], axis=-1)
+
+
+def _toy(n=10, seed=0):
+    """A ``_Linear`` model with weights without zeros, images in [0.3, 0.7] (an attack
+    of radius <= 0.25 never reaches the [0, 1] clip), padded log-mels, labels: about
+    70 % correct. Returns ``(model, data, (w, v, b))``."""
+    rng = np.random.default_rng(seed)
+    w = (rng.choice([-1, 1], (3, 3, 1)) * rng.uniform(0.5, 1.5, (3, 3, 1))).astype(np.float32)
+    v = (rng.choice([-1, 1], (5, 2)) * rng.uniform(0.5, 1.5, (5, 2))).astype(np.float32)
+    lengths = rng.integers(2, 6, (n, 1))
+    data = {"image": rng.uniform(0.3, 0.7, (n, 3, 3, 1)).astype(np.float32),
+            "audio": (rng.normal(size=(n, 5, 2)).astype(np.float32),
+                      np.arange(5)[None, :] < lengths),
+            "label": rng.integers(0, 2, n).astype(np.int32)}
+    b = -float(np.mean(np.sum(data["image"] * w, axis=(1, 2, 3))))
+    return _Linear(w, v, b), data, (w, v, b)
+
+
+def _margins(data, w, v, b):
+    """``(2 y - 1) * s`` per example, and the L1 norms of w and of v over each example's
+    valid frames (what an L∞ attack of radius 1 takes off the margin)."""
+    x, mask = data["audio"]
+    s = (b + np.sum(data["image"] * w, axis=(1, 2, 3))
+         + np.sum(np.where(mask[..., None], x * v, 0.0), axis=(1, 2)))
+    sign = 2 * data["label"] - 1
+    return sign * s, np.abs(w).sum(), np.sum(mask[..., None] * np.abs(v), axis=(1, 2))
+
+
+def test_robust_accuracy_per_modality_radii_is_the_hand_computed_worst_case():
+    """For a two-class linear model the cross-entropy gradient's sign is constant, so
+    L∞ PGD (10 steps of 0.25 eps from a random start) ends at the ball's worst corner:
+    an example stays correct iff its margin exceeds eps_image * |w|_1 + eps_audio *
+    |v over its valid frames|_1, each modality within its own radius (a radius of 0
+    leaves one untouched). So does FGSM (one step from the clean input). One sweep
+    mixes numbers and dicts; the accuracy never rises with the radius."""
+    model, data, (w, v, b) = _toy(n=10)
+    margin, w1, v1 = _margins(data, w, v, b)
+    radii = (0.005, 0.02, 0.05, 0.1)
+    sweep = [0.0] + [{"image": e, "audio": a} for e in radii
+                     for a in (0.0, 2 * e)] + [{"image": 0.0, "audio": 2 * e} for e in radii]
+    worst = [0.0] + [e * w1 + a * v1 for e in radii for a in (0.0, 2 * e)] + [
+        2 * e * v1 for e in radii]
+    for loss in worst:
+        assert np.min(np.abs(margin - loss)) > 1e-4  # the test is well posed
+    expected = [np.mean(margin - loss > 0) for loss in worst]
+    attack = dict(batch_size=4, clip={"image": (0.0, 1.0)},  # 3 chunks, the last padded
+                  modalities=("image", "audio"), key=jax.random.key(3))
+    got = robust_accuracy(model, data, eps_values=sweep, steps=10, **attack)
+    np.testing.assert_array_equal(got, expected)
+    assert 0.3 < got[0] < 1.0 and got[0] == np.mean(margin > 0)
+    assert got[-1] < got[0] and got[-5] < got[0]  # both, and the audio alone, hurt
+    for curve in (got[1:9:2], got[2:9:2], got[9:]):  # image; both; audio
+        assert np.all(np.diff(curve) <= 0)
+    fgsm_sweep = [{"image": e, "audio": 2 * e} for e in radii]
+    np.testing.assert_array_equal(
+        robust_accuracy(model, data, eps_values=fgsm_sweep, attack="fgsm", **attack),
+        got[2:9:2])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_robust_accuracy_dicts_of_radii_equal_the_number_form(norm):
+    """A dict with equal radii (and step sizes) is the number form; a dict with a zero
+    radius is attacking the other modality alone (random starts follow the modality's
+    name), both from the same key; L2 from the clean input (no key): 10 steps of 0.25
+    eps along w / |w|_2 reach eps * w / |w|_2 exactly, taking eps * |w|_2 off."""
+    model, data, (w, v, b) = _toy(n=7, seed=1)
+    kwargs = dict(batch_size=3, norm=norm, steps=4, key=jax.random.key(0))
+    both = ("image", "audio")
+    radii = [0.0, 0.05, 0.2]
+    number = robust_accuracy(model, data, eps_values=radii, modalities=both, **kwargs)
+    np.testing.assert_array_equal(number, robust_accuracy(
+        model, data, eps_values=[{"image": e, "audio": e} for e in radii],
+        modalities=both, **kwargs))
+    np.testing.assert_array_equal(
+        robust_accuracy(model, data, eps_values=radii, modalities=both, step_size=0.03,
+                        **kwargs),
+        robust_accuracy(model, data, eps_values=radii, modalities=both,
+                        step_size={"image": 0.03, "audio": 0.03}, **kwargs))
+    for alone, other in (("audio", "image"), ("image", "audio")):
+        np.testing.assert_array_equal(
+            robust_accuracy(model, data, eps_values=[{alone: e, other: 0.0} for e in radii],
+                            modalities=both, **kwargs),
+            robust_accuracy(model, data, eps_values=radii, modalities=alone, **kwargs))
+    if norm == "l2":
+        margin, _, _ = _margins(data, w, v, b)
+        radii = (0.1, 0.3, 1.0)
+        for e in radii:
+            assert np.min(np.abs(margin - e * np.linalg.norm(w))) > 1e-4
+        got = robust_accuracy(model, data, eps_values=[{"image": e, "audio": 0.0}
+                                                       for e in radii],
+                              modalities=both, norm="l2", steps=10, batch_size=7)
+        np.testing.assert_array_equal(
+            got, [np.mean(margin > e * np.linalg.norm(w)) for e in radii])
+
+
 # ------------------------------------------------------------------- bad arguments
 
 
@@ -426,6 +540,24 @@ def test_fgsm_rejects_bad_arguments(model):
     ({"norm": "L2"}, ValueError, r"norm: "),
     ({"modalities": "text"}, ValueError, r"modalities: the model has no encoder for 'text'"),
     ({"step_size": -0.1}, ValueError, r"step_size: "),
+    ({"eps_values": [0.1, {"image": 0.1}]}, ValueError,
+     r"eps_values\[1\]: expected a number or one entry per attacked modality "
+     r"\['audio', 'image'\]; missing \['audio'\]"),
+    ({"eps_values": [{"image": 0.1, "audio": 0.1, "video": 0.1}]}, ValueError,
+     r"eps_values\[0\]: .*unexpected \['video'\]"),
+    ({"eps_values": [{"image": 0.1, "audio": 0.1}], "modalities": "image"}, ValueError,
+     r"eps_values\[0\]: .*unexpected \['audio'\]"),
+    ({"eps_values": [{"image": 0.1, "audio": -0.1}]}, ValueError,
+     r"eps_values\[0\]\['audio'\]: expected a finite number >= 0"),
+    ({"eps_values": [{"image": "big", "audio": 0.1}]}, TypeError,
+     r"eps_values\[0\]\['image'\]: expected a number"),
+    ({"eps_values": {"image": 0.1, "audio": 0.1}}, TypeError,
+     r"eps_values: expected a sequence .*wrap it in a list"),
+    ({"step_size": {"image": 0.1}}, ValueError, r"step_size: .*missing \['audio'\]"),
+    ({"step_size": {"image": 0.1, "audio": 0.0}}, ValueError,
+     r"step_size\['audio'\]: expected a finite number > 0"),
+    ({"attack": "cw"}, ValueError, r"attack: expected 'pgd' or 'fgsm', got 'cw'"),
+    ({"attack": "fgsm", "step_size": 0.1}, ValueError, r"step_size: FGSM takes one step"),
 ])
 def test_robust_accuracy_rejects_bad_arguments(model, kwargs, error, match):
     kwargs = {"eps_values": [0.0], "batch_size": 2, **kwargs}

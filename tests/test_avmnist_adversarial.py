@@ -1,111 +1,35 @@
-"""experiments/avmnist_adversarial.py: accuracy under attack on a linear model whose
-worst case is known by hand, the n/a rule for unimodal models, the table, the figure and
-the command line."""
+"""experiments/avmnist_adversarial.py: each run's record on a linear model whose worst
+case is known by hand, the n/a rule for unimodal models, the table, the figure and the
+command line."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_adversarial import _Linear, _margins, _toy  # linear model, hand-computed margins
 
 
-class _Linear(nnx.Module):
-    """Two classes: logit 0 is 0, logit 1 is ``s = <w, image> + <v, log_mel> + b`` over
-    the modalities it encodes (the log-mel's padded frames masked out)."""
-
-    def __init__(self, w, v, b, modalities=("audio", "image")):
-        self.modalities = tuple(sorted(modalities))
-        self.w, self.v = nnx.Param(jnp.asarray(w)), nnx.Param(jnp.asarray(v))
-        self.b = nnx.Param(jnp.asarray(b, jnp.float32))
-
-    def __call__(self, batch):
-        s = self.b[...] + jnp.zeros(batch["label"].shape, jnp.float32)
-        if "image" in self.modalities:
-            s = s + jnp.sum(batch["image"] * self.w[...][None], axis=(1, 2, 3))
-        if "audio" in self.modalities:
-            x, mask = batch["audio"]
-            s = s + jnp.sum(jnp.where(mask[..., None], x * self.v[...][None], 0.0),
-                            axis=(1, 2))
-        return jnp.stack([jnp.zeros_like(s), s], axis=-1)
-
-
-def _toy(n=10, seed=0):
-    """Weights without zeros, images in [0.3, 0.7] (an attack of radius <= 0.25 never
-    reaches the [0, 1] clip), padded log-mels, labels: about 70 % correct."""
-    rng = np.random.default_rng(seed)
-    w = (rng.choice([-1, 1], (3, 3, 1)) * rng.uniform(0.5, 1.5, (3, 3, 1))).astype(np.float32)
-    v = (rng.choice([-1, 1], (5, 2)) * rng.uniform(0.5, 1.5, (5, 2))).astype(np.float32)
-    lengths = rng.integers(2, 6, (n, 1))
-    data = {"image": rng.uniform(0.3, 0.7, (n, 3, 3, 1)).astype(np.float32),
-            "audio": (rng.normal(size=(n, 5, 2)).astype(np.float32),
-                      np.arange(5)[None, :] < lengths),
-            "label": rng.integers(0, 2, n).astype(np.int32)}
-    b = -float(np.mean(np.sum(data["image"] * w, axis=(1, 2, 3))))
-    return _Linear(w, v, b), data, (w, v, b)
-
-
-def _margins(data, w, v, b):
-    """``(2 y - 1) * s`` per example, and the L1 norms of w and of v over each example's
-    valid frames (what an L∞ attack of radius 1 takes off the margin)."""
-    x, mask = data["audio"]
-    s = (b + np.sum(data["image"] * w, axis=(1, 2, 3))
-         + np.sum(np.where(mask[..., None], x * v, 0.0), axis=(1, 2)))
-    sign = 2 * data["label"] - 1
-    return sign * s, np.abs(w).sum(), np.sum(mask[..., None] * np.abs(v), axis=(1, 2))
-
-
-def test_linf_pgd_accuracy_is_the_hand_computed_worst_case(load_script):
-    """For a two-class linear model the cross-entropy gradient's sign is constant, so
-    L∞ PGD (10 steps of 0.25 eps from a random start) ends at the ball's worst corner:
-    an example stays correct iff its margin exceeds eps_image * |w|_1 + eps_audio *
-    |v over its valid frames|_1. Eps 0 is the clean accuracy; the accuracy never rises
-    with eps; the random start is reproducible."""
+def test_evaluate_attacks_each_modality_within_its_own_radius(load_script):
+    """On a two-class linear model L∞ PGD and FGSM end at the ball's worst corner
+    (tests/test_adversarial.py), so every record's accuracy is known by hand: margin >
+    eps_image * |w|_1 + eps_audio * |v over the valid frames|_1, level k of ``both``
+    pairing the k-th image and audio radii; the clean accuracy is the margin's sign."""
     script = load_script("avmnist_adversarial")
     model, data, (w, v, b) = _toy(n=10)
     margin, w1, v1 = _margins(data, w, v, b)
-    attack = dict(norm="linf", steps=10, clip={"image": (0.0, 1.0)},
-                  key=jax.random.key(3), batch_size=4)  # 3 chunks, the last padded
-    clean = script.accuracy_under_attack(model, data, eps=None, **attack)
-    assert clean == np.mean(margin > 0) and 0.3 < clean < 1.0
-    assert script.accuracy_under_attack(model, data, eps={"image": 0.0, "audio": 0.0},
-                                        **attack) == clean
-    previous = {}
-    for e in (0.0, 0.005, 0.02, 0.05, 0.1):
-        for target, loss in (({"image": e}, e * w1), ({"audio": 2 * e}, 2 * e * v1),
-                             ({"image": e, "audio": 2 * e}, e * w1 + 2 * e * v1)):
-            remaining = margin - loss
-            assert np.min(np.abs(remaining)) > 1e-4  # the test is well posed
-            got = script.accuracy_under_attack(model, data, eps=target, **attack)
-            assert got == np.mean(remaining > 0), (target, got)
-            name = tuple(target)
-            assert got <= previous.get(name, 1.0)
-            previous[name] = got
-    assert previous[("image", "audio")] < clean
-    again = script.accuracy_under_attack(model, data, eps={"audio": 0.1}, **attack)
-    assert again == previous[("audio",)]
-
-
-def test_one_modality_matches_robust_accuracy_and_l2_from_the_clean_input(load_script):
-    from lepton_mm.adversarial import robust_accuracy
-
-    script = load_script("avmnist_adversarial")
-    model, data, (w, v, b) = _toy(n=7, seed=1)
-    key = jax.random.key(0)
-    for norm in ("linf", "l2"):
-        expected = robust_accuracy(model, data, eps_values=[0.0, 0.05, 0.2], batch_size=3,
-                                   modalities="audio", norm=norm, steps=4, key=key)
-        got = [script.accuracy_under_attack(model, data, eps={"audio": e}, norm=norm,
-                                            steps=4, key=key, batch_size=3)
-               for e in (0.0, 0.05, 0.2)]
-        np.testing.assert_array_equal(got, expected)
-    # L2 from the clean input (no key): 10 steps of 0.25 eps along w / |w|_2 reach
-    # eps * w / |w|_2 exactly, taking eps * |w|_2 off the margin.
-    margin, _, _ = _margins(data, w, v, b)
-    for e in (0.1, 0.3, 1.0):
-        assert np.min(np.abs(margin - e * np.linalg.norm(w))) > 1e-4
-        got = script.accuracy_under_attack(model, data, eps={"image": e}, norm="l2",
-                                           steps=10, key=None, batch_size=7)
-        assert got == np.mean(margin > e * np.linalg.norm(w))
+    settings = script.AdversarialConfig(
+        methods=("concat",), seeds=(0,), image_linf=(0.005, 0.02, 0.05),
+        audio_linf=(0.01, 0.04, 0.1), image_l2=(), audio_l2=(), steps=10, batch_size=4)
+    record = script.evaluate(model, data, settings)  # 3 chunks, the last padded
+    assert record["clean_accuracy"] == np.mean(margin > 0) and record["n/a"] == []
+    assert [(a["attack"], a["target"], a["level"]) for a in record["attacks"]] == [
+        (attack, target, level) for target in script.TARGETS
+        for attack, level in (("pgd", 1), ("pgd", 2), ("pgd", 3), ("fgsm", 2))]
+    assert record["attacks"][-1]["eps"] == {"image": 0.02, "audio": 0.04}
+    for a in record["attacks"]:
+        loss = a["eps"].get("image", 0.0) * w1 + a["eps"].get("audio", 0.0) * v1
+        assert np.min(np.abs(margin - loss)) > 1e-4  # the test is well posed
+        assert a["accuracy"] == np.mean(margin - loss > 0), a
+    assert record["attacks"][-2]["accuracy"] < record["clean_accuracy"]
 
 
 def test_unimodal_models_are_attacked_on_their_own_modality_only(load_script):

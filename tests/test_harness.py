@@ -322,6 +322,17 @@ def test_seed_stats_of_a_methods_records():
     assert harness.seed_stats_of(runs, lambda r: r["m"] if r["seed"] else None) is None
 
 
+def test_group_by_method_and_mean_std_text():
+    results = {"concat/seed0": 1, "concat+mdrop/seed0": 2, "concat/seed1": 3}
+    assert harness.group_by_method(results) == {"concat": [1, 3], "concat+mdrop": [2]}
+    assert list(harness.group_by_method(results)) == ["concat", "concat+mdrop"]
+    assert harness.mean_std_text([0.6, 0.5]) == "55.0 ± 7.1"  # sample std, in %
+    assert harness.mean_std_text([0.3]) == "30.0"
+    assert harness.mean_std_text([4.4, 4.0, 4.8], scale=1.0, digits=2) == "4.40 ± 0.40"
+    with pytest.raises(ValueError, match="values is empty"):
+        harness.mean_std_text([])
+
+
 def test_curve_stats_table_and_curve_figure(tmp_path):
     runs = [{"c": [0.0, None, 1.0]}, {"c": [1.0, 0.5, 0.0]}, {"c": [0.5, 1.5, 0.5]}]
     stats = harness.curve_stats(runs, lambda r: r["c"])  # None: left out of its point
