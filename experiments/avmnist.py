@@ -20,6 +20,10 @@ training: ``--adversarial-image-eps 0.03 --adversarial-audio-eps 0.01`` also tra
 every method, as ``<method>+adv``, on L∞ PGD adversarial examples of each batch
 (``--adversarial-steps``, default 3; a radius per modality, 0: not attacked; Madry et
 al.: the adversarial batch only); it is tested, and swept, as the plain runs are.
+Recurrent audio encoders: ``--audio-encoder gru,lstm,bigru`` also trains every
+audio-bearing method (audio_only too) with the audio LeNet replaced by a GRU, an LSTM or
+a bidirectional GRU of about the LeNet's parameter count (``AUDIO_ENCODERS``), as
+``<method>+gru``, ``<method>+lstm``, ``<method>+bigru`` (``bilstm`` too); same recipe.
 
 Each finished run is a record in ``results/avmnist/<method>/seed<k>.json``
 (``lepton_mm.harness``): the command trains only the runs without a current record and
@@ -34,6 +38,7 @@ tables and sweep figures of the records without training.
     python experiments/avmnist.py --fusion audio_only,concat,late --train-snr-db=-20,20
     python experiments/avmnist.py --fusion image_only,audio_only,concat,gated \
         --adversarial-image-eps 0.03 --adversarial-audio-eps 0.01 --adversarial-steps 3
+    python experiments/avmnist.py --fusion audio_only,concat --audio-encoder gru,lstm,bigru
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from lepton_mm import cli, harness
 from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.recipes.avmnist import (
     ADV_SUFFIX,
+    AUDIO_ENCODERS,
     AUDIO_VARIANTS,
     BALANCE,
     MDROP_SUFFIX,
@@ -98,9 +104,10 @@ class Variant:
 
 
 #: The variants by name (``<method>+<name>``, the audio ones also combined:
-#: ``<method>+snr_range+utt_norm``): modality dropout, the ``--balance`` strategies and
-#: the audio variants. ``AVMNIST.strategy`` builds a strategy's ``fit`` hook,
-#: ``audio_setting`` / ``train_data`` an audio variant's data.
+#: ``<method>+snr_range+utt_norm``): modality dropout, the ``--balance`` strategies, the
+#: audio variants, adversarial training and the recurrent audio encoders.
+#: ``AVMNIST.strategy`` builds a strategy's ``fit`` hook, ``audio_setting`` /
+#: ``train_data`` an audio variant's data, ``build_model`` an encoder variant's model.
 VARIANTS = {
     "mdrop": Variant(
         flags=lambda c, m: f"--modality-dropout {c.modality_dropout:g}",
@@ -135,8 +142,15 @@ VARIANTS = {
                adversarial_setting(c, m)["eps"].items()),
              f"--adversarial-steps {c.adversarial_steps}"]),
         recorded=lambda c, m: {"adversarial_training": adversarial_setting(c, m)}),
+    **{name: Variant(  # the encoder's whole setting: a changed size is a new run
+        flags=lambda c, m, name=name: f"--audio-encoder {name}",
+        recorded=lambda c, m, name=name: {"audio_encoder": {
+            "name": name, **AUDIO_ENCODERS[name], "num_layers": 1,
+            "pooled": "masked mean"}})
+       for name in AUDIO_ENCODERS},
 }
-assert set(VARIANTS) == {MDROP_SUFFIX[1:], *BALANCE, *AUDIO_VARIANTS, ADV_SUFFIX[1:]}
+assert set(VARIANTS) == {MDROP_SUFFIX[1:], *BALANCE, *AUDIO_VARIANTS, ADV_SUFFIX[1:],
+                         *AUDIO_ENCODERS}
 
 
 class AVMNIST(harness.Experiment):
@@ -149,12 +163,14 @@ class AVMNIST(harness.Experiment):
                     "checkpoint_every", "modality_dropout", "robustness", "snr_sweep",
                     "image_noise_sweep", "balance", "ogm_alpha", "gblend_pilot",
                     "gblend_train_examples", "train_snr_db", "utterance_norm",
-                    "adversarial_image_eps", "adversarial_audio_eps", "adversarial_steps")
+                    "adversarial_image_eps", "adversarial_audio_eps", "adversarial_steps",
+                    "audio_encoder")
     # --modality-dropout, --balance and the strategies' settings, the audio variants',
-    # adversarial training's: written by method_args
+    # adversarial training's, the audio encoder: written by method_args
     method_fields = ("modality_dropout", "balance", "ogm_alpha", "gblend_pilot",
                      "gblend_train_examples", "train_snr_db", "utterance_norm",
-                     "adversarial_image_eps", "adversarial_audio_eps", "adversarial_steps")
+                     "adversarial_image_eps", "adversarial_audio_eps", "adversarial_steps",
+                     "audio_encoder")
     flags = cli.config_flags(
         AVMNISTConfig, ("data_seed", "snr_db", "epochs", "batch_size", "learning_rate",
                         "num_train", "num_val", "num_test", "robustness", "snr_sweep",
@@ -172,8 +188,8 @@ class AVMNIST(harness.Experiment):
     def run_config(self, method: str) -> dict[str, Any]:
         """The training settings, the modality-dropout rate of ``+mdrop`` runs, the
         strategy of ``--balance`` runs, the SNR range or normalisation of the audio
-        variants, the attack of ``+adv`` runs and the robustness protocol (when
-        evaluated)."""
+        variants, the attack of ``+adv`` runs, the recurrent audio encoder of ``+gru``
+        (...) runs and the robustness protocol (when evaluated)."""
         from lepton_mm.data.avmnist import SPLIT_SIZES
 
         out = super().run_config(method)
@@ -202,11 +218,11 @@ class AVMNIST(harness.Experiment):
         training-SNR point are the same number)."""
         from lepton_mm.training import seed_rngs
 
-        config, (base, variant) = self.config, split_method(key.method)
+        config, variant = self.config, split_method(key.method)[1]
         data = data[audio_setting(config, key.method)[1]]
         start = time.perf_counter()
         strategy, extra = self.strategy(key, data, workdir)
-        model = build_model(config, base, seed_rngs(key.seed))
+        model = build_model(config, key.method, seed_rngs(key.seed))
         fitted = fit_recipe(
             config, model, {**data, "train": train_data(config, data, key.method)},
             workdir, seed=key.seed, epochs=config.epochs,

@@ -50,7 +50,6 @@ from lepton_mm.recipes.avmnist import (
     AVMNISTConfig,
     build_model,
     make_data,
-    split_method,
 )
 
 #: Global magnitude sparsity levels (fractions of the kernels) of the default sweep.
@@ -136,8 +135,7 @@ def load_trained(config: Any, method: str, seed: int) -> Any:
         raise FileNotFoundError(f"{workdir}: no checkpoints; train it with "
                                 f"python experiments/avmnist.py --fusion {method} "
                                 f"--seeds {seed}")
-    base = split_method(method)[0]
-    model = load_model(workdir, lambda: build_model(config, base, nnx.Rngs(0)))
+    model = load_model(workdir, lambda: build_model(config, method, nnx.Rngs(0)))
     model.eval()
     return model
 

@@ -16,7 +16,7 @@ import sys
 import avmnist  # experiments/avmnist.py: the runs' workdirs and the command line
 import numpy as np
 
-from lepton_mm.recipes.avmnist import AVMNISTConfig, build_model, make_data, split_method
+from lepton_mm.recipes.avmnist import AVMNISTConfig, build_model, make_data
 
 #: Extra levels printed between and beyond the sweep's.
 NOISE_PROBE = (0.05, 0.15, 0.4, 0.6, 1.5)
@@ -40,9 +40,8 @@ def validate_image_noise(config: AVMNISTConfig) -> dict[str, dict[float, float]]
         if k.method == "audio_only" or not workdir.exists():
             print(f"{k.label()}: skipped (audio only, or no checkpoint in {workdir})")
             continue
-        base = split_method(k.method)[0]
-        model = load_model(workdir, lambda b=base, s=k.seed: build_model(
-            config, b, seed_rngs(s)))
+        model = load_model(workdir, lambda m=k.method, s=k.seed: build_model(
+            config, m, seed_rngs(s)))
         evaluator = ConditionEvaluator(model, config.eval_batch_size or config.batch_size)
         curve = {}
         for sigma in sorted({*config.image_noise_sweep, *NOISE_PROBE}):

@@ -341,3 +341,89 @@ def test_gradient_blending_run_weights_its_heads_from_a_pilot(avmnist, tmp_path)
     assert max(r["epoch"] for r in pilot if r["kind"] == "epoch") == 2
     assert "GradientBlending(weights=" in Checkpointer(
         tmp_path / "gblend", read_only=True).read_meta()["config"]["strategy"]
+
+
+def test_recurrent_audio_encoders_are_runs_of_their_own(avmnist, capsys):
+    from lepton_mm.experiment import RunKey
+    from lepton_mm.recipes.avmnist import AUDIO_ENCODERS, audio_encoder_name
+
+    config, _ = avmnist.parse_args(["--fusion", "image_only,audio_only,concat",
+                                    "--audio-encoder", "gru,lstm,lenet,bigru,gru"])
+    assert config.audio_encoder == ("gru", "lstm", "bigru")  # lenet: the plain runs
+    assert avmnist.resolve_methods(config) == [
+        "image_only", *(m + v for m in ("audio_only", "concat")
+                        for v in ("", "+gru", "+lstm", "+bigru"))]
+    assert avmnist.resolve_methods(avmnist.parse_args(
+        ["--fusion", "audio_only", "--audio-encoder", "lenet"])[0]) == ["audio_only"]
+    experiment = avmnist.AVMNIST(config)
+    for method in ("image_only", "audio_only", "concat"):  # the plain runs are untouched
+        plain = avmnist.AVMNIST(avmnist.AVMNISTConfig()).run_config(method)
+        assert experiment.run_config(method) == plain
+    assert experiment.run_config("concat+bigru") == {
+        **plain, "method": "concat+bigru", "audio_encoder": {
+            "name": "bigru", "cell": "gru", "bidirectional": True, "hidden_size": 162,
+            "num_layers": 1, "pooled": "masked mean"}}
+    keys = [RunKey("avmnist", m, 0) for m in avmnist.resolve_methods(config)]
+    assert len({experiment.config_hash(k) for k in keys}) == len(keys)
+    for key in keys:
+        command = experiment.command(key)
+        again, _ = avmnist.parse_args(command.split()[2:])
+        assert key.method in avmnist.resolve_methods(again), command
+        assert avmnist.AVMNIST(again).config_hash(key) == experiment.config_hash(key)
+    assert experiment.command(RunKey("avmnist", "audio_only+lstm", 2)) == (
+        "python experiments/avmnist.py --fusion audio_only --audio-encoder lstm "
+        "--seeds 2 --force")
+    assert [audio_encoder_name(m) for m in ("concat", "concat+gru", "audio_only+bilstm",
+                                            "concat+snr_range")] == [
+        "lenet", "gru", "bilstm", "lenet"]
+    assert set(AUDIO_ENCODERS) == {"gru", "lstm", "bigru", "bilstm"}
+    with pytest.raises(SystemExit) as exit_info:
+        avmnist.parse_args(["--audio-encoder", "gru,cnn"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "audio_encoder: unknown encoders ['cnn']" in err[0]
+
+
+def test_recurrent_audio_models_match_the_lenet_budget_and_ignore_padding():
+    """Each recurrent audio encoder has about the audio LeNet's parameters, and its
+    model's logits do not depend on what the padded frames hold."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from lepton_mm.recipes.avmnist import AUDIO_ENCODERS, AVMNISTConfig, build_model
+
+    def count(module):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+    @nnx.jit
+    def forward(model, batch):
+        return model(batch)
+
+    config = AVMNISTConfig()
+    lenet = count(build_model(config, "audio_only", nnx.Rngs(0)).encoders["audio"])
+    assert lenet == 221_874
+    rng = np.random.default_rng(0)
+    lengths = np.array([126, 40, 1])
+    mask = np.arange(126)[None] < lengths[:, None]
+    audio = rng.normal(size=(3, 126, 64)).astype(np.float32)
+    noisy = np.where(mask[..., None], audio, 1e4 * rng.normal(size=audio.shape)
+                     ).astype(np.float32)
+    image = rng.normal(size=(3, 28, 28, 1)).astype(np.float32)
+    totals = {}
+    for method in [f"audio_only+{e}" for e in AUDIO_ENCODERS] + ["concat+bigru"]:
+        model = build_model(config, method, nnx.Rngs(0))
+        model.eval()
+        encoder = model.encoders["audio"]
+        assert abs(count(encoder) - lenet) < 0.02 * lenet, method
+        totals[method] = count(model)
+        if method not in ("audio_only+lstm", "concat+bigru"):  # both cells, both ways
+            continue
+        batch = {"audio": (audio, mask)} | ({"image": image} if "concat" in method else {})
+        out = np.asarray(forward(model, batch))
+        assert out.shape == (3, 10) and np.isfinite(out).all()
+        np.testing.assert_array_equal(
+            out, np.asarray(forward(model, {**batch, "audio": (noisy, mask)})))
+    assert totals == {"audio_only+gru": 244_710, "audio_only+lstm": 241_014,
+                      "audio_only+bigru": 254_154, "audio_only+bilstm": 246_998,
+                      "concat+bigru": totals["concat+bigru"]}

@@ -15,6 +15,9 @@ trained on: ``+snr_range`` draws every training example's SNR afresh each epoch 
 standardises each log-mel by its own valid frames, ``+snr_range+utt_norm`` both;
 validation and test stay at the benchmark's ``snr_db``. ``+adv`` (any method) trains on
 PGD adversarial examples of each batch (``adversarial_training``: Madry et al. 2018).
+``+gru``, ``+lstm``, ``+bigru``, ``+bilstm`` (audio-bearing methods) replace the audio
+LeNet by a recurrent encoder of about its parameter count (``AUDIO_ENCODERS``,
+``audio_encoder``), trained with the same recipe.
 
 The follow-up experiments (``avmnist_compress.py``, ``avmnist_noise_levels.py``), the
 benchmarks and ``experiments/alignment.py`` (``make_data``, ``lenet_encoders``) build
@@ -39,6 +42,7 @@ import numpy as np
 __all__ = [
     "ADV_IMAGE_CLIP",
     "ADV_SUFFIX",
+    "AUDIO_ENCODERS",
     "AUDIO_VARIANTS",
     "BALANCE",
     "IMAGE_NOISE_SWEEP",
@@ -51,6 +55,8 @@ __all__ = [
     "AVMNISTConfig",
     "adversarial_setting",
     "adversarial_training",
+    "audio_encoder",
+    "audio_encoder_name",
     "audio_setting",
     "build_model",
     "fit_recipe",
@@ -86,6 +92,19 @@ BALANCE = {"ogm_ge": "OGM-GE (Peng et al. 2022)",
 #: options set, also ``<method>+snr_range+utt_norm``.
 AUDIO_VARIANTS = {"snr_range": "SNR drawn per example and epoch from train_snr_db",
                   "utt_norm": "log-mels standardised per utterance"}
+#: Recurrent audio encoders (``lepton_mm.encoders.RecurrentEncoder``, one layer over the
+#: 64 log-mel bins of each frame, no dropout, no projection: ``dim`` is directions x
+#: ``hidden_size``) that ``AVMNISTConfig.audio_encoder`` puts in place of the audio LeNet:
+#: the method key of such a run is ``<method>+<name>`` (``audio_only+gru``). Each hidden
+#: size is the one whose encoder has the parameter count closest to the audio LeNet's
+#: (221,874 at ``audio_channels`` 6): 219,600 (GRU), 219,504 (LSTM), 220,644 (BiGRU),
+#: 218,688 (BiLSTM) parameters; with the head, ``audio_only`` has 244,710 / 241,014 /
+#: 254,154 / 246,998 against the LeNet's 242,184 (the head's first layer grows with
+#: ``dim``).
+AUDIO_ENCODERS = {"gru": {"cell": "gru", "bidirectional": False, "hidden_size": 240},
+                  "lstm": {"cell": "lstm", "bidirectional": False, "hidden_size": 204},
+                  "bigru": {"cell": "gru", "bidirectional": True, "hidden_size": 162},
+                  "bilstm": {"cell": "lstm", "bidirectional": True, "hidden_size": 136}}
 #: Suffix of the method key of a run trained adversarially (``concat+adv``).
 ADV_SUFFIX = "+adv"
 #: The valid image range an adversarial training example is kept in (the pixel range;
@@ -180,6 +199,20 @@ class AVMNISTConfig:
         two other training runs kept busy, load 6.3: read the ratios, not the times).
         An attack step costs more than a training step's forward and backward pass
         (unlike training, it differentiates down to the inputs).
+      audio_encoder: recurrent audio encoders (keys of ``AUDIO_ENCODERS``: ``gru``,
+        ``lstm``, ``bigru``, ``bilstm``; ``lenet``, the plain runs' encoder, may be
+        named and adds nothing); every audio-bearing method (``audio_only`` too) is
+        also trained with the audio LeNet replaced by each, as ``<name>+<encoder>``
+        (``audio_only+gru``): a recurrent encoder of about the LeNet's parameter count
+        over the 126 log-mel frames (the mask respected: padding never read), pooled
+        by the masked mean of its states; the same head, optimiser, epochs, batch and
+        test protocol. Not combined with the other variants. Cost per training step
+        (``audio_only``, batch 40, 126 frames, SGD as the recipe's, default XLA flags):
+        LeNet 207 ms, GRU 212, LSTM 247, BiGRU 268, BiLSTM 253 (fastest of 4 rounds of
+        10 steps alternated A B C D E E D C B A ..., medians 228 / 243 / 252 / 286 / 279)
+        on 2 CPU cores that two other training runs kept busy (load 6-7: read the
+        ratios, 1.0-1.3x, not the times); the scan over frames costs about what the
+        convolutions do, so no smaller setting is needed for the comparison.
       robustness: test every trained model with a modality absent and under the two
         sweeps (``robustness_results``).
       snr_sweep: audio SNRs (dB) of the robustness sweep, strictly decreasing.
@@ -218,6 +251,7 @@ class AVMNISTConfig:
     adversarial_image_eps: float = 0.0
     adversarial_audio_eps: float = 0.0
     adversarial_steps: int = 3
+    audio_encoder: tuple[str, ...] = ()
     robustness: bool = True
     snr_sweep: tuple[float, ...] = SNR_SWEEP
     image_noise_sweep: tuple[float, ...] = IMAGE_NOISE_SWEEP
@@ -270,6 +304,12 @@ class AVMNISTConfig:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise ValueError(f"adversarial_steps: expected an integer >= 1, got {steps!r}.")
         object.__setattr__(self, "adversarial_steps", int(steps))
+        encoders = tuple(e for e in dict.fromkeys(self.audio_encoder) if e != "lenet")
+        unknown = [e for e in encoders if e not in AUDIO_ENCODERS]
+        if unknown:
+            raise ValueError(f"audio_encoder: unknown encoders {unknown}; known: "
+                             f"{['lenet', *AUDIO_ENCODERS]}.")
+        object.__setattr__(self, "audio_encoder", encoders)
         for name, sign in (("snr_sweep", -1), ("image_noise_sweep", 1)):
             levels = tuple(float(v) for v in getattr(self, name))
             steps = np.diff(levels)
@@ -333,7 +373,8 @@ def resolve_methods(config: AVMNISTConfig) -> list[str]:
 
     Args:
       config: its ``methods`` (empty or ``("all",)``: every method), ``modality_dropout``,
-        ``balance``, ``train_snr_db``, ``utterance_norm`` and the adversarial radii.
+        ``balance``, ``train_snr_db``, ``utterance_norm``, the adversarial radii and
+        ``audio_encoder``.
 
     Returns:
       The method keys in order: with ``modality_dropout > 0`` each fusion method ``m``
@@ -341,7 +382,8 @@ def resolve_methods(config: AVMNISTConfig) -> list[str]:
       audio-bearing method (``audio_only`` too) then by ``m+snr_range`` (with
       ``train_snr_db``), ``m+utt_norm`` (with ``utterance_norm``) and, with both,
       ``m+snr_range+utt_norm``; each method with a modality of radius > 0 then by
-      ``m+adv``.
+      ``m+adv``; each audio-bearing method last by ``m+<encoder>`` for each of
+      ``audio_encoder``.
 
     Raises:
       ValueError: an unknown method name.
@@ -371,6 +413,8 @@ def resolve_methods(config: AVMNISTConfig) -> list[str]:
             keys += [m + v for v in audio]
         if _adversarial_eps(config, m):
             keys.append(m + ADV_SUFFIX)
+        if m != "image_only":
+            keys += [f"{m}+{e}" for e in config.audio_encoder]
     return keys
 
 
@@ -603,17 +647,58 @@ def lenet_encoders(config: Any, modalities: tuple[str, ...] = ("image", "audio")
     return encoders
 
 
+def audio_encoder_name(method: str) -> str:
+    """The audio encoder of a run: ``"lenet"``, or its ``AUDIO_ENCODERS`` tag.
+
+    Args:
+      method: the run's method key (``"audio_only+gru"``, ``"concat"``, ...).
+
+    Returns:
+      ``"gru"`` for ``"audio_only+gru"``; ``"lenet"`` for a method without one.
+    """
+    return next((t for t in variant_tags(method) if t in AUDIO_ENCODERS), "lenet")
+
+
+def audio_encoder(name: str, *, rngs: Any, n_mels: int | None = None) -> Any:
+    """A recurrent audio encoder of ``AUDIO_ENCODERS``.
+
+    Args:
+      name: a key of ``AUDIO_ENCODERS``.
+      rngs: ``nnx.Rngs`` for the initialisation.
+      n_mels: mel bins of each input frame (None: AV-MNIST's 64).
+
+    Returns:
+      A ``RecurrentEncoder`` (training mode), ``dim`` = directions x ``hidden_size``.
+
+    Raises:
+      ValueError: an unknown name.
+    """
+    from lepton_mm.data.avmnist import N_MELS
+    from lepton_mm.encoders import RecurrentEncoder
+
+    if name not in AUDIO_ENCODERS:
+        raise ValueError(f"audio_encoder: expected one of {list(AUDIO_ENCODERS)}, got "
+                         f"{name!r}.")
+    spec = AUDIO_ENCODERS[name]
+    dim = (2 if spec["bidirectional"] else 1) * spec["hidden_size"]
+    return RecurrentEncoder(N_MELS if n_mels is None else n_mels, dim=dim, rngs=rngs,
+                            num_layers=1, **spec)
+
+
 def build_model(config: AVMNISTConfig, method: str, rngs: Any) -> Any:
     """LeNet encoders → fusion (``fusion_dim``) → ReLU → Linear(10).
 
     Concat is MultiBench's model exactly: ``[48-d image; 192-d audio]`` → Linear(240,
     100) → ReLU → Linear(100, 10). Unimodal baselines use the same head on one
     encoder (Linear(d, 100) → ReLU → Linear(100, 10)); every other fusion layer replaces
-    the first linear layer.
+    the first linear layer. A ``+gru`` (``+lstm``, ...) run's audio encoder is that
+    recurrent encoder (``audio_encoder``) instead of the LeNet; other variants train
+    the plain model.
 
     Args:
       config: the widths (``fusion_dim``, ``image_channels``, ``audio_channels``).
-      method: ``"image_only"``, ``"audio_only"`` or a name in ``FUSIONS`` (no variant).
+      method: the run's method key: ``"image_only"``, ``"audio_only"`` or a name in
+        ``FUSIONS``, with or without variants (``"concat+gru"``).
       rngs: ``nnx.Rngs`` for the initialisation.
 
     Returns:
@@ -625,7 +710,15 @@ def build_model(config: AVMNISTConfig, method: str, rngs: Any) -> Any:
     from lepton_mm.fusion import build
     from lepton_mm.models import MultimodalClassifier
 
-    encoders = lenet_encoders(config, _modalities(method), rngs=rngs)
+    method, name = split_method(method)[0], audio_encoder_name(method)
+    modalities = _modalities(method)
+    if name == "lenet":
+        encoders = lenet_encoders(config, modalities, rngs=rngs)
+    else:  # image first, as the plain models
+        encoders = lenet_encoders(config, tuple(m for m in modalities if m != "audio"),
+                                  rngs=rngs)
+        if "audio" in modalities:
+            encoders["audio"] = audio_encoder(name, rngs=rngs)
     d = config.fusion_dim
     if method in UNIMODAL:
         ((_, encoder),) = encoders.items()
