@@ -12,6 +12,13 @@ five official folds, scored by weighted F1 (Castro et al. 2019). Three text-only
                   embeddings; the context's sentences are its tokens) -> fusion layer
                   (``concat`` by default) -> the same head
 
+``--text-encoder gru,lstm,bigru`` also trains ``finetune`` with its Transformer replaced
+by a recurrent encoder (``RecurrentTextEncoder``; ``TEXT_ENCODERS``) over the same
+MiniLM word-piece ids, as ``finetune+gru``, ``finetune+lstm``, ``finetune+bigru``
+(``bilstm`` too): trained from scratch (MiniLM has no recurrent weights to load; the
+embeddings are learnt too), with ``finetune``'s epochs, batches, schedule and head,
+every parameter at the head's rate.
+
 Protocol, fixed before any run: every hyperparameter is a ``MUStARDConfig`` default. In
 each fold a stratified 15 % of the training part (the same for every seed) is held out;
 ``lepton_mm.training.fit`` trains on the rest and keeps the epoch with the **lowest
@@ -30,6 +37,8 @@ summary: mean and sample std over folds of the seed-averaged fold scores.
     python experiments/mustard.py --quick    # ~100 s of CPU; records in WORKDIR/results
     python experiments/mustard.py --seeds 0,1,2                          # 5 folds, all
     python experiments/mustard.py --report --seeds 0,1,2 --out runs/mustard_report
+    python experiments/mustard.py --methods finetune --text-encoder gru,lstm,bigru \
+        --seeds 0,1,2
 
 References:
   Castro et al., "Towards Multimodal Sarcasm Detection (An _Obviously_ Perfect Paper)",
@@ -48,6 +57,9 @@ from lepton_mm import cli, harness
 from lepton_mm.experiment import RunKey, format_mean_std
 from lepton_mm.recipes.mustard import (
     METHODS,
+    TEXT_EMBED_DIM,
+    TEXT_ENCODERS,
+    VOCAB_SIZE,
     MUStARDConfig,
     fold_split,
     majority_fold,
@@ -55,6 +67,7 @@ from lepton_mm.recipes.mustard import (
     method_inputs,
     quick_config,
     resolve_methods,
+    split_method,
     train_fold,
 )
 
@@ -65,6 +78,8 @@ _LABELS = {
     "frozen_head": "(a) frozen MiniLM embedding + MLP head",
     "finetune": "(b) MiniLM fine-tuned (TextTransformer)",
     "context_fusion": "(c) utterance + context, {fusion} fusion (frozen MiniLM)",
+    **{f"finetune+{name}": f"(b') {name.replace('bi', 'bi-').upper()} from scratch "
+                           "(MiniLM word pieces)" for name in TEXT_ENCODERS},
 }
 
 
@@ -76,7 +91,11 @@ class MUStARD(harness.Experiment):
     config_class, quick_config = MUStARDConfig, staticmethod(quick_config)
     #: config fields with a flag of their own (the others: ``--config FILE``).
     flags = cli.config_flags(MUStARDConfig, ("folds", "head_epochs", "finetune_epochs",
-                                             "freeze_layers", "max_tokens", "context_fusion"))
+                                             "freeze_layers", "max_tokens", "context_fusion",
+                                             "text_encoder"))
+    # --text-encoder: part of a run's method key, written by method_args
+    not_recorded = (*harness.Experiment.not_recorded, "text_encoder")
+    method_fields = ("text_encoder",)
 
     def methods(self) -> list[str]:
         return resolve_methods(self.config)
@@ -86,20 +105,34 @@ class MUStARD(harness.Experiment):
         return [RunKey(self.name, "majority", 0),
                 *(k for k in super().keys() if k.method != "majority")]
 
+    def method_args(self, method: str) -> list[str]:
+        base, encoder = split_method(method)
+        return [f"--methods {base}", *([f"--text-encoder {encoder}"] if encoder else [])]
+
     def run_config(self, method: str) -> dict[str, Any]:
         """The settings ``method``'s result depends on: the majority baseline's split
         only; the fine-tuning or the frozen-feature settings; the fusion of
-        ``context_fusion``."""
+        ``context_fusion``; a ``finetune+<encoder>`` run's encoder (and not the
+        settings of the pretrained tower it does not have: its rate, its freezing)."""
         out = super().run_config(method)
         if method == "majority":
             return {k: out[k] for k in ("folds", "val_fraction", "method")}
+        base, encoder = split_method(method)
         drop = ({"head_epochs", "head_batch_size", "head_learning_rate"}
-                if method == "finetune" else
+                if base == "finetune" else
                 {k for k in out if k == "max_tokens" or k.startswith(
                     ("finetune_", "text_", "freeze_", "warmup_"))})
-        if method != "context_fusion":
+        if base != "context_fusion":
             drop.add("context_fusion")
-        return {k: v for k, v in out.items() if k not in drop}
+        if encoder is not None:
+            drop |= {"text_learning_rate", "freeze_embeddings", "freeze_layers"}
+        out = {k: v for k, v in out.items() if k not in drop}
+        if encoder is not None:
+            out["text_encoder"] = {"name": encoder, **TEXT_ENCODERS[encoder],
+                                   "num_layers": 1, "embed_dim": TEXT_EMBED_DIM,
+                                   "vocab_size": VOCAB_SIZE, "init": "random",
+                                   "pooled": "masked mean"}
+        return out
 
     def prepare(self, todo: list[RunKey]) -> dict[str, Any]:
         return make_inputs(self.config, sorted({k.method for k in todo} - {"majority"}))
@@ -114,7 +147,8 @@ class MUStARD(harness.Experiment):
             if method == "majority":
                 folds[str(f)] = majority_fold(labels, split)
                 continue
-            if method == "finetune" and config.finetune_max_train is not None:
+            if split_method(method)[0] == "finetune" and \
+                    config.finetune_max_train is not None:
                 split["train"] = split["train"][:config.finetune_max_train]
             folds[str(f)], rate, trainable = train_fold(
                 config, method, key.seed, split, method_inputs(inputs, method), labels,

