@@ -44,7 +44,7 @@ import numpy as np
 
 from lepton_mm import cli
 from lepton_mm.harness import group_by_method, markdown_table, mean_std_text
-from lepton_mm.recipes.avmnist import AVMNISTConfig, make_data
+from lepton_mm.recipes.avmnist import AVMNISTConfig, make_data, split_method
 
 #: The modalities of the AV-MNIST models, the players.
 MODALITIES = ("image", "audio")
@@ -61,8 +61,9 @@ class AttributionConfig:
     """Which trained runs to explain, and on how much of the test split.
 
     Attributes:
-      methods: fusion methods of ``experiments/avmnist.py`` (the flag is ``--fusion``;
-        empty: every fusion layer).
+      methods: fusion methods of ``experiments/avmnist.py``, with or without a training
+        variant (``concat``, ``concat+ogm_ge``; the flag is ``--fusion``; empty: every
+        plain fusion layer). A variant's checkpoints are found through its record.
       seeds: their seeds.
       workdir: where ``experiments/avmnist.py`` trained (read only).
       num_test: the first N test examples (None: all 10 000).
@@ -84,11 +85,12 @@ class AttributionConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value}.")
-        unknown = [m for m in self.methods if m not in _fusions()]
+        unknown = [m for m in self.methods if split_method(m)[0] not in _fusions()]
         if unknown:
             raise ValueError(f"methods: {unknown} are not fusion layers; expected names "
-                             f"from {list(_fusions())} (the unimodal baselines have one "
-                             f"modality, nothing to share).")
+                             f"from {list(_fusions())}, optionally with a training "
+                             f"variant (e.g. concat+ogm_ge; the unimodal baselines have "
+                             f"one modality, nothing to share).")
 
 
 def explain(model: Any, test: dict[str, Any], *, batch_size: int) -> dict[str, Any]:

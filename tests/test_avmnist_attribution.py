@@ -67,7 +67,9 @@ def test_table_and_figure_from_results(load_script, tmp_path):
 
 def test_bad_arguments_name_the_flag(load_script, capsys):
     script = load_script("avmnist_attribution")
+    assert script.parse_args(["--fusion", "concat+ogm_ge"]).methods == ("concat+ogm_ge",)
     for argv, flag in ((["--fusion", "image_only"], "methods"),
+                       (["--fusion", "audio_only+snr_range"], "methods"),
                        (["--batch-size", "0"], "batch_size")):
         with pytest.raises(SystemExit) as e:
             script.parse_args(argv)
