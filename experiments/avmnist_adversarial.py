@@ -381,11 +381,7 @@ def plot(results: Mapping[str, Any], path: str | Path) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> AdversarialConfig:
     """Command line → ``AdversarialConfig`` (a bad flag or value: one line, exit 2)."""
-    parser = cli.script_parser(__doc__)
-    flags = cli.config_flags(AdversarialConfig, names={"methods": "--fusion"})
-    cli.add_flags(parser, AdversarialConfig, flags)
-    return cli.make_config(parser, AdversarialConfig,
-                           cli.flag_overrides(parser.parse_args(argv), flags))
+    return cli.parse_config(__doc__, AdversarialConfig, argv, names={"methods": "--fusion"})
 
 
 def main(argv: list[str] | None = None) -> int:

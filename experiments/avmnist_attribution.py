@@ -213,11 +213,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> AttributionConfig:
     """Command line → ``AttributionConfig`` (a bad flag or value: one line, exit 2)."""
-    parser = cli.script_parser(__doc__)
-    flags = cli.config_flags(AttributionConfig, names={"methods": "--fusion"})
-    cli.add_flags(parser, AttributionConfig, flags)
-    return cli.make_config(parser, AttributionConfig,
-                           cli.flag_overrides(parser.parse_args(argv), flags))
+    return cli.parse_config(__doc__, AttributionConfig, argv, names={"methods": "--fusion"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -293,11 +293,7 @@ def table(results: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> CompressConfig:
     """Command line → ``CompressConfig`` (a bad flag or value: one line, exit status 2)."""
-    parser = cli.script_parser(__doc__)
-    flags = cli.config_flags(CompressConfig, names={"methods": "--fusion"})
-    cli.add_flags(parser, CompressConfig, flags)
-    return cli.make_config(parser, CompressConfig,
-                           cli.flag_overrides(parser.parse_args(argv), flags))
+    return cli.parse_config(__doc__, CompressConfig, argv, names={"methods": "--fusion"})
 
 
 def main(argv: list[str] | None = None) -> int:

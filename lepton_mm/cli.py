@@ -69,6 +69,7 @@ __all__ = [
     "flag_overrides",
     "make_config",
     "make_parser",
+    "parse_config",
     "parse_floats",
     "parse_ints",
     "run_main",
@@ -430,6 +431,30 @@ def make_config(parser: argparse.ArgumentParser, factory: Callable[..., Any],
         return factory(**overrides)
     except (ValueError, TypeError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def parse_config(doc: str, config_cls: type, argv: Sequence[str] | None = None, *,
+                 names: Mapping[str, str] | None = None) -> Any:
+    """A script's whole command line -> its config dataclass, flags from the fields.
+
+    ``script_parser(doc)`` with ``config_flags`` / ``add_flags`` of every field, parsed,
+    then ``make_config``: a bad flag or value is one line on stderr and exit status 2.
+    For evaluation scripts whose command line is just their config (the training
+    experiments use ``make_parser`` / ``config_from_args``).
+
+    Args:
+      doc: the script's module docstring (help text).
+      config_cls: the config dataclass.
+      argv: the arguments (None: ``sys.argv[1:]``).
+      names: field -> flag overrides, e.g. ``{"methods": "--fusion"}``.
+
+    Returns:
+      The config.
+    """
+    parser = script_parser(doc)
+    flags = config_flags(config_cls, names=names)
+    add_flags(parser, config_cls, flags)
+    return make_config(parser, config_cls, flag_overrides(parser.parse_args(argv), flags))
 
 
 def _file_only(experiment: type[Experiment]) -> str:
