@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile
+from _sources import CrashAfter
 from flax import nnx
 from PIL import Image
 
@@ -138,22 +139,6 @@ def params_of(model):
     return [np.asarray(x) for x in jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.Param)))]
 
 
-class CrashingManifest(ManifestDataset):
-    """Raises after handing out ``after`` training batches (a crash mid-epoch)."""
-
-    def __init__(self, *args, after, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.left = after
-
-    def batches(self, *args, shuffle=True, **kwargs):
-        for batch in super().batches(*args, shuffle=shuffle, **kwargs):
-            if shuffle:
-                if self.left == 0:
-                    raise RuntimeError("simulated crash")
-                self.left -= 1
-            yield batch
-
-
 def test_fit_from_files_matches_fit_from_memory_and_resumes_mid_epoch(exported, from_files,
                                                                       tmp_path):
     manifest, _, reference = exported
@@ -177,8 +162,7 @@ def test_fit_from_files_matches_fit_from_memory_and_resumes_mid_epoch(exported, 
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
     # crash after three batches; the last checkpoint is after two
-    crashing = CrashingManifest(manifest, grayscale=True, sample_rate=8000,
-                                features=avmnist_file_features(manifest.parent), after=3)
+    crashing = CrashAfter(open_manifest(manifest), after=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(small_model(), task, crashing, workdir=tmp_path / "run", checkpoint_every=2,
             **kw)

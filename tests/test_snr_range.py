@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _sources import CrashAfter
 from flax import nnx
 
 from lepton_mm.data import (
@@ -170,22 +171,6 @@ class MelFrames(nnx.Module):
         return EncoderOutput.from_tokens(jnp.tanh(self.proj(log_mel)), mask)
 
 
-class Crashing(SNRRangeDataset):
-    """Raises after handing out ``after`` training batches (a crash mid-epoch)."""
-
-    def __init__(self, *args, after, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.left = after
-
-    def batches(self, *args, shuffle=True, **kwargs):
-        for batch in super().batches(*args, shuffle=shuffle, **kwargs):
-            if shuffle:
-                if self.left == 0:
-                    raise RuntimeError("simulated crash")
-                self.left -= 1
-            yield batch
-
-
 def test_fit_over_the_source_resumes_exactly(train, tmp_path):
     def model():
         rngs = seed_rngs(0)
@@ -202,8 +187,8 @@ def test_fit_over_the_source_resumes_exactly(train, tmp_path):
     done = fit(reference, Classification(10), source, workdir=tmp_path / "ref", **kw)
     assert done.step == 6 and np.isfinite(done.history[-1]["train_loss"])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(model(), Classification(10), Crashing(train, (LOW, HIGH), normalize="utterance",
-                                                  after=4),
+        fit(model(), Classification(10), CrashAfter(
+            SNRRangeDataset(train, (LOW, HIGH), normalize="utterance"), after=4),
             workdir=tmp_path / "run", **kw)
     ckpt = Checkpointer(tmp_path / "run", read_only=True)
     last = ckpt.latest_step()

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _sources import CrashAfter
 from flax import nnx
 
 from lepton_mm.data import BucketedDataset
@@ -468,22 +469,6 @@ def token_data(n=22, seed=0):
     return {"text": (ids.astype(np.int32), mask), "label": y.astype(np.int32)}, lengths
 
 
-class CrashingSource(BucketedDataset):
-    """Raises after handing out ``after`` training batches (a crash mid-epoch)."""
-
-    def __init__(self, *args, after, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.left = after
-
-    def batches(self, *args, shuffle=True, **kwargs):
-        for batch in super().batches(*args, shuffle=shuffle, **kwargs):
-            if shuffle:
-                if self.left == 0:
-                    raise RuntimeError("simulated crash")
-                self.left -= 1
-            yield batch
-
-
 def test_bucketed_source_trains_compiles_once_per_bucket_and_resumes_mid_epoch(tmp_path):
     arrays, lengths = token_data()
     bounds = (4, 8, 20)
@@ -508,8 +493,8 @@ def test_bucketed_source_trains_compiles_once_per_bucket_and_resumes_mid_epoch(t
         pytest.approx(evaluate(reference, Classification(3), eval_source, batch_size=4))
 
     crash_after = steps_per_epoch + 3  # three batches into the second epoch
-    crashing = CrashingSource(arrays, {"text": lengths}, bucket_bounds=bounds,
-                              after=crash_after)
+    crashing = CrashAfter(BucketedDataset(arrays, {"text": lengths}, bucket_bounds=bounds),
+                          after=crash_after)
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(token_model(), Classification(3), crashing, workdir=tmp_path / "run", **kw)
     ckpt = Checkpointer(tmp_path / "run", read_only=True)
