@@ -4,7 +4,11 @@
   checkpoint is being written (saving is slowed by a hook in the training script, and
   the kill lands as soon as Orbax's temporary directory appears); each re-run resumes
   from the last complete checkpoint, and the last one ends with exactly the parameters,
-  metrics and log of an uninterrupted run (bitwise, CPU).
+  metrics and log of an uninterrupted run (bitwise, CPU). The run has every kind of
+  state that must survive: batch-norm statistics, dropout RNG streams, Adam moments,
+  shuffling and modality dropout keyed by the step, mid-epoch and epoch-end
+  checkpoints, early-stopping bookkeeping, best-checkpoint selection and a padded last
+  batch.
 * Flipped bits and truncation in a checkpoint, in safetensors weights and in the
   default model's files are detected and reported with the path; nothing partially
   read is returned. (Export files and data files: test_export.py, test_data.py.)
@@ -117,11 +121,12 @@ SCRIPT = textwrap.dedent('''
     encoders = {"image": ImageCNN(1, dim=8, widths=(4,), dropout=0.1, rngs=rngs),
                 "audio": Frames(4, 8, rngs)}
     model = build_classifier(encoders, "concat", num_outputs=3, fusion_dim=8, rngs=rngs)
-    result = fit(model, Classification(3), Paced(data(24, 0)), eval_data=data(12, 1),
+    # 22 examples: the last batch of each epoch is padded (same shape, no recompile)
+    result = fit(model, Classification(3), Paced(data(22, 0)), eval_data=data(12, 1),
                  workdir=workdir, epochs=8, batch_size=4, seed=3,
                  optimizer=OptimizerConfig(name="adam", learning_rate=0.01),
                  modality_dropout=0.3, checkpoint_every=2, keep_checkpoints=2,
-                 monitor="loss", mode="min", tensorboard=False)
+                 monitor="loss", mode="min", early_stopping_patience=5, tensorboard=False)
     arrays = {}
     for path, x in nnx.to_flat_state(nnx.as_pure(nnx.state(model))):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -131,7 +136,8 @@ SCRIPT = textwrap.dedent('''
     Path(out + ".json").write_text(json.dumps({
         "history": result.history, "best_metrics": result.best_metrics,
         "best_step": result.best_step, "step": result.step,
-        "resumed_from": result.resumed_from}))
+        "resumed_from": result.resumed_from, "stopped_early": result.stopped_early,
+        "compiles": result.num_compilations}))
 ''')
 
 KILL_SEED = 20261127
@@ -287,9 +293,11 @@ def test_sigkill_at_random_points_and_during_writes_then_resume_exactly(
         assert np.array_equal(ref[name], got[name]), name
     ref_summary = json.loads(Path(str(ref_out) + ".json").read_text())
     run_summary = json.loads(Path(str(run_out) + ".json").read_text())
-    for key in ("history", "best_metrics", "best_step", "step"):
+    for key in ("history", "best_metrics", "best_step", "step", "stopped_early"):
         assert run_summary[key] == ref_summary[key], key
     assert run_summary["resumed_from"] == last_complete
+    assert ref_summary["compiles"]["train_step"] == 1  # the padded last batch: no recompile
+    assert (run_dir / "curves.png").exists()
     assert _log_records(run_dir) == _log_records(ref_dir)
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if TMP_MARK in p.name]
     assert not leftovers, leftovers
