@@ -24,6 +24,10 @@ Recurrent audio encoders: ``--audio-encoder gru,lstm,bigru`` also trains every
 audio-bearing method (audio_only too) with the audio LeNet replaced by a GRU, an LSTM or
 a bidirectional GRU of about the LeNet's parameter count (``AUDIO_ENCODERS``), as
 ``<method>+gru``, ``<method>+lstm``, ``<method>+bigru`` (``bilstm`` too); same recipe.
+Mixed precision: ``--compute-dtype bfloat16`` also trains every method, as
+``<method>+bf16``, with ``fit(compute_dtype=jnp.bfloat16)`` (bfloat16 forward and
+backward, float32 master weights); its validation, test and sweeps run in float32 on
+those weights, as ``fit`` returns them, so its accuracy compares with the plain run's.
 
 Each finished run is a record in ``results/avmnist/<method>/seed<k>.json``
 (``lepton_mm.harness``): the command trains only the runs without a current record and
@@ -39,6 +43,7 @@ tables and sweep figures of the records without training.
     python experiments/avmnist.py --fusion image_only,audio_only,concat,gated \
         --adversarial-image-eps 0.03 --adversarial-audio-eps 0.01 --adversarial-steps 3
     python experiments/avmnist.py --fusion audio_only,concat --audio-encoder gru,lstm,bigru
+    python experiments/avmnist.py --fusion image_only,audio_only,concat --compute-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from lepton_mm.recipes.avmnist import (
     AUDIO_ENCODERS,
     AUDIO_VARIANTS,
     BALANCE,
+    BF16_SUFFIX,
     MDROP_SUFFIX,
     NUM_CLASSES,
     SWEEPS,
@@ -77,6 +83,7 @@ from lepton_mm.recipes.avmnist import (
     split_method,
     sweep_data,
     train_data,
+    training_dtype,
     variant_tags,
 )
 
@@ -105,7 +112,8 @@ class Variant:
 
 #: The variants by name (``<method>+<name>``, the audio ones also combined:
 #: ``<method>+snr_range+utt_norm``): modality dropout, the ``--balance`` strategies, the
-#: audio variants, adversarial training and the recurrent audio encoders.
+#: audio variants, adversarial training, the recurrent audio encoders and bfloat16
+#: mixed precision (``training_dtype``).
 #: ``AVMNIST.strategy`` builds a strategy's ``fit`` hook, ``audio_setting`` /
 #: ``train_data`` an audio variant's data, ``build_model`` an encoder variant's model.
 VARIANTS = {
@@ -148,9 +156,12 @@ VARIANTS = {
             "name": name, **AUDIO_ENCODERS[name], "num_layers": 1,
             "pooled": "masked mean"}})
        for name in AUDIO_ENCODERS},
+    "bf16": Variant(  # the train step's dtype; evaluation is float32 (run_config's protocol)
+        flags=lambda c, m: "--compute-dtype bfloat16",
+        recorded=lambda c, m: {"compute_dtype": "bfloat16"}),
 }
 assert set(VARIANTS) == {MDROP_SUFFIX[1:], *BALANCE, *AUDIO_VARIANTS, ADV_SUFFIX[1:],
-                         *AUDIO_ENCODERS}
+                         *AUDIO_ENCODERS, BF16_SUFFIX[1:]}
 
 
 class AVMNIST(harness.Experiment):
@@ -164,13 +175,13 @@ class AVMNIST(harness.Experiment):
                     "image_noise_sweep", "balance", "ogm_alpha", "gblend_pilot",
                     "gblend_train_examples", "train_snr_db", "utterance_norm",
                     "adversarial_image_eps", "adversarial_audio_eps", "adversarial_steps",
-                    "audio_encoder")
+                    "audio_encoder", "compute_dtype")
     # --modality-dropout, --balance and the strategies' settings, the audio variants',
-    # adversarial training's, the audio encoder: written by method_args
+    # adversarial training's, the audio encoder, the compute dtype: written by method_args
     method_fields = ("modality_dropout", "balance", "ogm_alpha", "gblend_pilot",
                      "gblend_train_examples", "train_snr_db", "utterance_norm",
                      "adversarial_image_eps", "adversarial_audio_eps", "adversarial_steps",
-                     "audio_encoder")
+                     "audio_encoder", "compute_dtype")
     flags = cli.config_flags(
         AVMNISTConfig, ("data_seed", "snr_db", "epochs", "batch_size", "learning_rate",
                         "num_train", "num_val", "num_test", "robustness", "snr_sweep",
@@ -189,7 +200,8 @@ class AVMNIST(harness.Experiment):
         """The training settings, the modality-dropout rate of ``+mdrop`` runs, the
         strategy of ``--balance`` runs, the SNR range or normalisation of the audio
         variants, the attack of ``+adv`` runs, the recurrent audio encoder of ``+gru``
-        (...) runs and the robustness protocol (when evaluated)."""
+        (...) runs, the compute dtype of ``+bf16`` runs and the robustness protocol
+        (when evaluated)."""
         from lepton_mm.data.avmnist import SPLIT_SIZES
 
         out = super().run_config(method)
@@ -215,7 +227,7 @@ class AVMNIST(harness.Experiment):
     def train(self, key: RunKey, data: dict[str, Any], workdir: Path) -> dict[str, Any]:
         """Trains (or resumes) one run; the test split is scored once, by the robustness
         pass's both-modalities condition (so the table's test accuracy and the sweep's
-        training-SNR point are the same number)."""
+        training-SNR point are the same number), in float32 (a ``+bf16`` run too)."""
         from lepton_mm.training import seed_rngs
 
         config, variant = self.config, split_method(key.method)[1]
@@ -228,7 +240,7 @@ class AVMNIST(harness.Experiment):
             workdir, seed=key.seed, epochs=config.epochs,
             modality_dropout=config.modality_dropout if variant == "mdrop" else 0.0,
             strategy=strategy, adversary=adversarial_training(config, key.method),
-            meta={"hash": self.config_hash(key)})
+            compute_dtype=training_dtype(key.method), meta={"hash": self.config_hash(key)})
         facts = harness.fit_facts(fitted, time.perf_counter() - start)
         rob = robustness_results(config, key.method, model, data, full=config.robustness)
         predictions = rob.pop("test_predictions")

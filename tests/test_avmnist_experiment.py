@@ -427,3 +427,90 @@ def test_recurrent_audio_models_match_the_lenet_budget_and_ignore_padding():
     assert totals == {"audio_only+gru": 244_710, "audio_only+lstm": 241_014,
                       "audio_only+bigru": 254_154, "audio_only+bilstm": 246_998,
                       "concat+bigru": totals["concat+bigru"]}
+
+
+def test_bf16_training_is_a_run_of_its_own(avmnist, capsys):
+    from lepton_mm.experiment import RunKey
+    from lepton_mm.recipes.avmnist import training_dtype
+
+    config, _ = avmnist.parse_args(["--fusion", "image_only,concat", "--compute-dtype",
+                                    "bfloat16"])
+    assert avmnist.resolve_methods(config) == [
+        "image_only", "image_only+bf16", "concat", "concat+bf16"]
+    assert avmnist.parse_args([])[0].compute_dtype == "float32"
+    assert avmnist.split_method("concat+bf16") == ("concat", "bf16")
+    assert [training_dtype(m) for m in ("concat", "concat+bf16", "concat+mdrop")] == [
+        "float32", "bfloat16", "float32"]
+    experiment = avmnist.AVMNIST(config)
+    for method in ("image_only", "concat"):  # the plain runs are untouched
+        plain = avmnist.AVMNIST(avmnist.AVMNISTConfig()).run_config(method)
+        assert experiment.run_config(method) == plain
+        assert "--compute-dtype" not in experiment.command(RunKey("avmnist", method, 0))
+    assert experiment.run_config("concat+bf16") == {
+        **plain, "method": "concat+bf16", "compute_dtype": "bfloat16",
+        "robustness": {**plain["robustness"],
+                       "compute_dtype": {"train": "bfloat16", "test": "float32"}}}
+    keys = [RunKey("avmnist", m, 1) for m in avmnist.resolve_methods(config)]
+    assert len({experiment.config_hash(k) for k in keys}) == len(keys)
+    for key in keys:
+        command = experiment.command(key)
+        again, _ = avmnist.parse_args(command.split()[2:])
+        assert key.method in avmnist.resolve_methods(again), command
+        assert avmnist.AVMNIST(again).config_hash(key) == experiment.config_hash(key)
+    assert experiment.command(keys[-1]) == (
+        "python experiments/avmnist.py --fusion concat --compute-dtype bfloat16 --seeds 1 "
+        "--force")
+    # The follow-up scripts find a +bf16 run's checkpoints from a default config.
+    assert avmnist.AVMNIST(avmnist.AVMNISTConfig()).workdir(keys[-1]) == \
+        experiment.workdir(keys[-1])
+    with pytest.raises(SystemExit) as exit_info:
+        avmnist.parse_args(["--compute-dtype", "float16"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("compute_dtype: expected one of ['float32', 'bfloat16']"
+                              in err[0]) and "got 'float16'" in err[0]
+
+
+def test_bf16_run_trains_in_mixed_precision_and_is_scored_in_float32(avmnist, tmp_path,
+                                                                       monkeypatch):
+    """The experiment's train() of a tiny +bf16 run beside its float32 run: the
+    checkpoint names the dtype, both end with finite float32 parameters, which differ.
+    The wiring, not the model: synthetic data of AV-MNIST's shapes and a one-block
+    image LeNet (the full one's train step takes ~10 s per dtype to compile on a busy
+    CPU); mixed precision itself is tests/test_mixed_precision.py's."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from lepton_mm.encoders import ImageCNN
+    from lepton_mm.experiment import RunKey
+    from lepton_mm.recipes import avmnist as recipe
+    from lepton_mm.training import Checkpointer, load_model
+
+    monkeypatch.setattr(recipe, "lenet_encoders", lambda config, modalities, *, rngs: {
+        "image": ImageCNN.lenet(1, channels=4, additional_layers=0, rngs=rngs)})
+    rng = np.random.default_rng(0)
+    data = {name: {"image": rng.random((n, 28, 28, 1), np.float32),
+                   "audio": (rng.normal(size=(n, 126, 64)).astype(np.float32),
+                             np.ones((n, 126), bool)),
+                   "label": rng.integers(0, 10, n).astype(np.int32)}
+            for name, n in (("train", 32), ("val", 16), ("test", 16))}
+    config = avmnist.quick_config(
+        methods=("image_only",), compute_dtype="bfloat16", robustness=False,
+        workdir=str(tmp_path), results=str(tmp_path / "results"), progress=False)
+    experiment = avmnist.AVMNIST(config)
+    params = {}
+    for method, dtype in (("image_only", None), ("image_only+bf16", "bfloat16")):
+        key = RunKey("avmnist", method, 0)
+        fields = experiment.train(key, {True: {**data, "audio_stats": None,
+                                               "audio_norm": None}}, tmp_path / method)
+        assert 0 <= fields["metrics"]["test_accuracy"] <= 1
+        meta = Checkpointer(tmp_path / method, read_only=True).read_meta()["config"]
+        assert meta["compute_dtype"] == dtype
+        assert meta["user"]["hash"] == experiment.config_hash(key)
+        model = load_model(tmp_path / method,
+                           lambda m=method: recipe.build_model(config, m, nnx.Rngs(0)))
+        params[method] = jax.tree.leaves(nnx.state(model, nnx.Param))
+        assert all(p.dtype == np.float32 and np.isfinite(p).all()
+                   for p in params[method]), method
+    assert any(not np.array_equal(a, b) for a, b in zip(*params.values(), strict=True))

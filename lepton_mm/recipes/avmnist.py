@@ -17,7 +17,10 @@ validation and test stay at the benchmark's ``snr_db``. ``+adv`` (any method) tr
 PGD adversarial examples of each batch (``adversarial_training``: Madry et al. 2018).
 ``+gru``, ``+lstm``, ``+bigru``, ``+bilstm`` (audio-bearing methods) replace the audio
 LeNet by a recurrent encoder of about its parameter count (``AUDIO_ENCODERS``,
-``audio_encoder``), trained with the same recipe.
+``audio_encoder``), trained with the same recipe. ``+bf16`` (any method) trains the same
+model in mixed precision (``fit(compute_dtype=jnp.bfloat16)``: bfloat16 forward and
+backward, float32 master weights; ``training_dtype``); it is validated, tested and swept
+in float32, as ``fit`` returns it.
 
 The follow-up experiments (``avmnist_compress.py``, ``avmnist_noise_levels.py``), the
 benchmarks and ``experiments/alignment.py`` (``make_data``, ``lenet_encoders``) build
@@ -45,6 +48,8 @@ __all__ = [
     "AUDIO_ENCODERS",
     "AUDIO_VARIANTS",
     "BALANCE",
+    "BF16_SUFFIX",
+    "COMPUTE_DTYPES",
     "IMAGE_NOISE_SWEEP",
     "MDROP_SUFFIX",
     "NUM_CLASSES",
@@ -70,6 +75,7 @@ __all__ = [
     "split_method",
     "sweep_data",
     "train_data",
+    "training_dtype",
     "variant_tags",
 ]
 
@@ -107,6 +113,10 @@ AUDIO_ENCODERS = {"gru": {"cell": "gru", "bidirectional": False, "hidden_size": 
                   "bilstm": {"cell": "lstm", "bidirectional": True, "hidden_size": 136}}
 #: Suffix of the method key of a run trained adversarially (``concat+adv``).
 ADV_SUFFIX = "+adv"
+#: Suffix of the method key of a run trained in bfloat16 mixed precision (``concat+bf16``).
+BF16_SUFFIX = "+bf16"
+#: ``AVMNISTConfig.compute_dtype``'s values: ``"bfloat16"`` adds the ``+bf16`` runs.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 #: The valid image range an adversarial training example is kept in (the pixel range;
 #: ``experiments/avmnist_adversarial.py``'s ``--image-clip`` default). The audio (a
 #: standardised log-mel) has no natural bound and is not clipped.
@@ -213,6 +223,15 @@ class AVMNISTConfig:
         on 2 CPU cores that two other training runs kept busy (load 6-7: read the
         ratios, 1.0-1.3x, not the times); the scan over frames costs about what the
         convolutions do, so no smaller setting is needed for the comparison.
+      compute_dtype: ``float32`` (the plain runs only) or ``bfloat16``: every method is
+        also trained in mixed precision, as ``<name>+bf16`` (``fit``'s
+        ``compute_dtype``: the forward and backward pass on bfloat16 copies of the
+        parameters and inputs, batch statistics and the loss in float32, float32 master
+        weights updated by the same SGD). Its validation (the best epoch's choice), test
+        and robustness sweeps run in float32 on those master weights: ``fit`` evaluates
+        and returns the model in float32, so the numbers are what a user deploying the
+        trained float32 weights sees, and differ from the plain runs' by the training
+        alone. Not combined with the other variants.
       robustness: test every trained model with a modality absent and under the two
         sweeps (``robustness_results``).
       snr_sweep: audio SNRs (dB) of the robustness sweep, strictly decreasing.
@@ -252,6 +271,7 @@ class AVMNISTConfig:
     adversarial_audio_eps: float = 0.0
     adversarial_steps: int = 3
     audio_encoder: tuple[str, ...] = ()
+    compute_dtype: str = "float32"
     robustness: bool = True
     snr_sweep: tuple[float, ...] = SNR_SWEEP
     image_noise_sweep: tuple[float, ...] = IMAGE_NOISE_SWEEP
@@ -310,6 +330,10 @@ class AVMNISTConfig:
             raise ValueError(f"audio_encoder: unknown encoders {unknown}; known: "
                              f"{['lenet', *AUDIO_ENCODERS]}.")
         object.__setattr__(self, "audio_encoder", encoders)
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype: expected one of {list(COMPUTE_DTYPES)} "
+                             f"(bfloat16: also train every method as <method>{BF16_SUFFIX}), "
+                             f"got {self.compute_dtype!r}.")
         for name, sign in (("snr_sweep", -1), ("image_noise_sweep", 1)):
             levels = tuple(float(v) for v in getattr(self, name))
             steps = np.diff(levels)
@@ -373,8 +397,8 @@ def resolve_methods(config: AVMNISTConfig) -> list[str]:
 
     Args:
       config: its ``methods`` (empty or ``("all",)``: every method), ``modality_dropout``,
-        ``balance``, ``train_snr_db``, ``utterance_norm``, the adversarial radii and
-        ``audio_encoder``.
+        ``balance``, ``train_snr_db``, ``utterance_norm``, the adversarial radii,
+        ``audio_encoder`` and ``compute_dtype``.
 
     Returns:
       The method keys in order: with ``modality_dropout > 0`` each fusion method ``m``
@@ -382,8 +406,8 @@ def resolve_methods(config: AVMNISTConfig) -> list[str]:
       audio-bearing method (``audio_only`` too) then by ``m+snr_range`` (with
       ``train_snr_db``), ``m+utt_norm`` (with ``utterance_norm``) and, with both,
       ``m+snr_range+utt_norm``; each method with a modality of radius > 0 then by
-      ``m+adv``; each audio-bearing method last by ``m+<encoder>`` for each of
-      ``audio_encoder``.
+      ``m+adv``; each audio-bearing method by ``m+<encoder>`` for each of
+      ``audio_encoder``; each method last by ``m+bf16`` (``compute_dtype`` bfloat16).
 
     Raises:
       ValueError: an unknown method name.
@@ -415,6 +439,8 @@ def resolve_methods(config: AVMNISTConfig) -> list[str]:
             keys.append(m + ADV_SUFFIX)
         if m != "image_only":
             keys += [f"{m}+{e}" for e in config.audio_encoder]
+        if config.compute_dtype == "bfloat16":
+            keys.append(m + BF16_SUFFIX)
     return keys
 
 
@@ -508,6 +534,19 @@ def adversarial_training(config: AVMNISTConfig, method: str) -> Any:
     if setting is None:
         return None
     return _adversary(tuple(setting["eps"].items()), setting["steps"])
+
+
+def training_dtype(method: str) -> str:
+    """The compute dtype of a run's train step (``fit``'s ``compute_dtype``).
+
+    Args:
+      method: the run's method key.
+
+    Returns:
+      ``"bfloat16"`` for a ``+bf16`` run (mixed precision: float32 master weights,
+      float32 evaluation), else ``"float32"``.
+    """
+    return "bfloat16" if BF16_SUFFIX[1:] in variant_tags(method) else "float32"
 
 
 def audio_setting(config: AVMNISTConfig, method: str) -> tuple[tuple[float, float] | None,
@@ -734,7 +773,8 @@ def build_model(config: AVMNISTConfig, method: str, rngs: Any) -> Any:
 
 def fit_recipe(config: AVMNISTConfig, model: Any, data: dict[str, Any], workdir: Path, *,
                seed: int, epochs: int, modality_dropout: float = 0.0, strategy: Any = None,
-               adversary: Any = None, meta: dict[str, Any] | None = None) -> Any:
+               adversary: Any = None, compute_dtype: str = "float32",
+               meta: dict[str, Any] | None = None) -> Any:
     """``lepton_mm.training.fit`` with the recipe: SGD with momentum and L2 decay, the
     epoch with the best validation accuracy kept.
 
@@ -748,10 +788,12 @@ def fit_recipe(config: AVMNISTConfig, model: Any, data: dict[str, Any], workdir:
       modality_dropout: ``fit``'s rate (``+mdrop`` runs).
       strategy: ``fit``'s balanced-learning strategy (``--balance`` runs), or None.
       adversary: ``fit``'s adversary (``adversarial_training``: ``+adv`` runs), or None.
+      compute_dtype: ``"float32"`` or ``"bfloat16"``: ``fit``'s train-step dtype
+        (``training_dtype``: ``+bf16`` runs); validation stays float32.
       meta: ``fit``'s ``config``, kept with the checkpoints.
 
     Returns:
-      ``fit``'s ``FitResult``.
+      ``fit``'s ``FitResult`` (the model's parameters float32 either way).
     """
     from lepton_mm.models import Classification
     from lepton_mm.training import OptimizerConfig, fit
@@ -764,8 +806,9 @@ def fit_recipe(config: AVMNISTConfig, model: Any, data: dict[str, Any], workdir:
         epochs=epochs, batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size or config.batch_size, seed=seed,
         monitor="accuracy", mode="max", modality_dropout=modality_dropout,
-        strategy=strategy, adversary=adversary, checkpoint_every=config.checkpoint_every,
-        progress=config.progress, tensorboard=False, config=meta)
+        strategy=strategy, adversary=adversary, compute_dtype=compute_dtype,
+        checkpoint_every=config.checkpoint_every, progress=config.progress,
+        tensorboard=False, config=meta)
 
 
 def gradient_blending_pilot(config: AVMNISTConfig, method: str, data: dict[str, Any],
@@ -815,14 +858,17 @@ def robustness_protocol(config: AVMNISTConfig, num_test: int,
       config: the sweeps, the training SNR, ``data_seed`` and ``normalize_audio``.
       num_test: the test examples scored.
       method: the run's method key (an audio variant's training SNR range and
-        normalisation, a ``+adv`` run's adversarial training; None: the plain runs').
+        normalisation, a ``+adv`` run's adversarial training, a ``+bf16`` run's dtypes;
+        None: the plain runs').
 
     Returns:
       ``{"snr_db", "image_noise_sigma", "train_snr_db", "data_seed", "num_test",
       "normalize_audio"}`` (JSON values): ``train_snr_db`` is ``[low, high]`` for a
       ``+snr_range`` run, ``normalize_audio`` ``"utterance"`` for a ``+utt_norm`` run;
       a ``+adv`` run's adds ``"adversarial_training"`` (``adversarial_setting``: the
-      radii and steps it was trained with; its test inputs are the plain runs').
+      radii and steps it was trained with; its test inputs are the plain runs'), a
+      ``+bf16`` run's ``"compute_dtype": {"train": "bfloat16", "test": "float32"}``
+      (trained in mixed precision, scored in float32 as ``robustness_results`` does).
     """
     snr_range, normalize = audio_setting(config, method or "")
     out = {"snr_db": list(config.snr_sweep), "image_noise_sigma":
@@ -833,6 +879,8 @@ def robustness_protocol(config: AVMNISTConfig, num_test: int,
     adversarial = adversarial_setting(config, method or "")
     if adversarial is not None:
         out["adversarial_training"] = adversarial
+    if training_dtype(method or "") != "float32":
+        out["compute_dtype"] = {"train": training_dtype(method or ""), "test": "float32"}
     return out
 
 
@@ -844,6 +892,8 @@ def robustness_results(config: AVMNISTConfig, method: str, model: Any,
     (``mark_absent``: through ``batch["present"]``, never zeros fed as data), and lists
     over ``config.snr_sweep`` and ``config.image_noise_sweep``
     (``ConditionEvaluator.evaluate``). Conditions a unimodal baseline lacks are None.
+    Always in float32 (the model's parameters; a ``+bf16`` run's master weights), as
+    ``fit``'s validation.
 
     Args:
       config: the sweeps and the evaluation batch size.
