@@ -171,7 +171,10 @@ class OGMGE:
     parameter of modality ``u``'s encoder (``model.encoders[u]``) becomes ``k^u * g +
     h`` with ``h ~ N(0, std(g)^2)`` per parameter array (Generalisation Enhancement, Eq.
     13; the standard deviation of the array's gradient, as the authors' code does) when
-    ``noise`` is on. Fusion and head gradients are left alone. Logged per step:
+    ``noise`` is on. Fusion and head gradients are left alone. Unlike the authors' code,
+    which modulates only the 4-D convolution kernels of its ResNet encoders (not their
+    biases or batch-norm scales), every parameter array of the encoder is modulated, so
+    the rule also applies to encoders without convolutions. Logged per step:
     ``ogm/ratio_<u>`` and ``ogm/coeff_<u>``. Cost: one extra forward pass (no
     backward) per balanced modality per step.
 
