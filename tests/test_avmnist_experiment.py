@@ -298,21 +298,24 @@ def test_runs_become_records_and_the_report_reads_them(avmnist, load_script, tmp
 
 @pytest.mark.slow
 def test_modality_dropout_trains_a_separate_run(avmnist, tmp_path):
+    """``--modality-dropout`` adds a ``+mdrop`` run beside the plain one, and its
+    train() trains with that rate (the plain run is the records test's)."""
+    from lepton_mm.experiment import RunKey
+    from lepton_mm.training import Checkpointer
+
     config = avmnist.quick_config(
         methods=("concat",), num_train=64, num_val=32, num_test=32, epochs=1,
         modality_dropout=0.5, workdir=str(tmp_path), results=str(tmp_path / "results"),
         progress=False, snr_sweep=(0.0, -15.0), image_noise_sweep=(0.0, 1.0))
-    result = avmnist.AVMNIST(config).run()
-    summary = result["methods"]
-    assert list(summary) == ["concat", "concat+mdrop"]
-    assert summary["concat"]["modality_dropout"] == 0.0
-    assert summary["concat+mdrop"]["modality_dropout"] == 0.5
-    from lepton_mm.training import Checkpointer
-
-    (run_dir,) = (tmp_path / "concat+mdrop").iterdir()
-    meta = Checkpointer(run_dir, read_only=True).read_meta()
+    experiment = avmnist.AVMNIST(config)
+    assert [k.method for k in experiment.keys()] == ["concat", "concat+mdrop"]
+    assert experiment.run_config("concat").get("modality_dropout", 0.0) == 0.0
+    assert experiment.run_config("concat+mdrop")["modality_dropout"] == 0.5
+    key = RunKey("avmnist", "concat+mdrop", 0)
+    fields = experiment.train(key, experiment.prepare([key]), tmp_path / "mdrop")
+    assert 0.0 <= fields["metrics"]["test_accuracy"] <= 1.0
+    meta = Checkpointer(tmp_path / "mdrop", read_only=True).read_meta()
     assert meta["config"]["modality_dropout"] == 0.5
-    assert "| concat+mdrop |" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow
