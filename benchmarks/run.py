@@ -1494,6 +1494,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-heavy", action="store_true",
                         help="skip the AV-MNIST epochs and torch.compile (what "
                              "tests/test_benchmarks.py runs; the keys stay, as skipped)")
+    parser.add_argument("--epoch-batch-sizes", type=lambda s: tuple(int(x) for x in
+                                                                   s.split(",")),
+                        help="batch sizes of the AV-MNIST epoch pairs (default 40,128; "
+                             "40 alone is epoch_avmnist)")
     parser.add_argument("--no-tune-allocator", action="store_true",
                         help="leave glibc malloc at its defaults (see tune_allocator)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -1502,6 +1506,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-spec", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
+    if args.epoch_batch_sizes:
+        if any(b < 1 for b in args.epoch_batch_sizes):
+            parser.error(f"--epoch-batch-sizes: expected positive integers, got "
+                         f"{args.epoch_batch_sizes}")
+        config = {**config, "epoch_batch_sizes": args.epoch_batch_sizes}
     tuned = not args.no_tune_allocator and tune_allocator()
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, config)))
