@@ -77,6 +77,20 @@ def test_every_run_has_its_own_config_and_command(avmnist):
     assert "--no-robustness" in quiet.command(RunKey("avmnist", "concat", 0))
 
 
+
+def assert_commands_round_trip(avmnist, experiment, methods, seed=1):
+    """Each run's stored command parses back to a config that asks for the run and gives
+    it the same run config, hence the same config hash (the same record)."""
+    from lepton_mm.experiment import RunKey
+
+    for method in methods:
+        key = RunKey("avmnist", method, seed)
+        command = experiment.command(key)
+        again, _ = avmnist.parse_args(command.split()[2:])
+        assert method in avmnist.resolve_methods(again), command
+        assert avmnist.AVMNIST(again).run_config(method) == experiment.run_config(method)
+        assert avmnist.AVMNIST(again).config_hash(key) == experiment.config_hash(key)
+
 def test_balance_strategies_are_runs_of_their_own(avmnist):
     from lepton_mm.experiment import RunKey
 
@@ -92,12 +106,8 @@ def test_balance_strategies_are_runs_of_their_own(avmnist):
         **plain, "method": "concat+ogm_ge", "strategy": {"name": "ogm_ge", "alpha": 0.3}}
     assert avmnist.AVMNIST(config).run_config("concat+gblend")["strategy"] == {
         "name": "gblend", "pilot_epochs": [2, 3], "pilot_train_examples": 5000}
-    for method in ("concat+ogm_ge", "concat+gblend", "concat+mmpareto"):
-        command = avmnist.AVMNIST(config).command(RunKey("avmnist", method, 1))
-        again, _ = avmnist.parse_args(command.split()[2:])
-        assert method in avmnist.resolve_methods(again)
-        assert avmnist.AVMNIST(again).run_config(method) == avmnist.AVMNIST(
-            config).run_config(method)
+    assert_commands_round_trip(avmnist, avmnist.AVMNIST(config),
+                               ("concat+ogm_ge", "concat+gblend", "concat+mmpareto"))
     experiment = avmnist.AVMNIST(config)
     assert experiment.strategy(RunKey("avmnist", "concat", 0), None, None) == (None, {})
     ogm, _ = experiment.strategy(RunKey("avmnist", "concat+ogm_ge", 0), None, None)
@@ -143,11 +153,7 @@ def test_audio_variants_are_runs_of_their_own(avmnist):
     assert both == {**snr, "method": "concat+snr_range+utt_norm",
                     "normalize_audio": "utterance",
                     "robustness": {**snr["robustness"], "normalize_audio": "utterance"}}
-    for method in avmnist.resolve_methods(config):
-        command = experiment.command(RunKey("avmnist", method, 1))
-        again, _ = avmnist.parse_args(command.split()[2:])
-        assert method in avmnist.resolve_methods(again), command
-        assert avmnist.AVMNIST(again).run_config(method) == experiment.run_config(method)
+    assert_commands_round_trip(avmnist, experiment, avmnist.resolve_methods(config))
     assert "--train-snr-db=-20,20 --utterance-norm" in experiment.command(
         RunKey("avmnist", "audio_only+snr_range+utt_norm", 0))
     assert avmnist.variant_tags("concat+snr_range+utt_norm") == ("snr_range", "utt_norm")
@@ -368,11 +374,7 @@ def test_recurrent_audio_encoders_are_runs_of_their_own(avmnist, capsys):
             "num_layers": 1, "pooled": "masked mean"}}
     keys = [RunKey("avmnist", m, 0) for m in avmnist.resolve_methods(config)]
     assert len({experiment.config_hash(k) for k in keys}) == len(keys)
-    for key in keys:
-        command = experiment.command(key)
-        again, _ = avmnist.parse_args(command.split()[2:])
-        assert key.method in avmnist.resolve_methods(again), command
-        assert avmnist.AVMNIST(again).config_hash(key) == experiment.config_hash(key)
+    assert_commands_round_trip(avmnist, experiment, avmnist.resolve_methods(config), 0)
     assert experiment.command(RunKey("avmnist", "audio_only+lstm", 2)) == (
         "python experiments/avmnist.py --fusion audio_only --audio-encoder lstm "
         "--seeds 2 --force")
@@ -455,11 +457,7 @@ def test_bf16_training_is_a_run_of_its_own(avmnist, capsys):
                        "compute_dtype": {"train": "bfloat16", "test": "float32"}}}
     keys = [RunKey("avmnist", m, 1) for m in avmnist.resolve_methods(config)]
     assert len({experiment.config_hash(k) for k in keys}) == len(keys)
-    for key in keys:
-        command = experiment.command(key)
-        again, _ = avmnist.parse_args(command.split()[2:])
-        assert key.method in avmnist.resolve_methods(again), command
-        assert avmnist.AVMNIST(again).config_hash(key) == experiment.config_hash(key)
+    assert_commands_round_trip(avmnist, experiment, avmnist.resolve_methods(config))
     assert experiment.command(keys[-1]) == (
         "python experiments/avmnist.py --fusion concat --compute-dtype bfloat16 --seeds 1 "
         "--force")
