@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from lepton_mm.experiment import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT / "benchmarks" / "peers" / "multibench_avmnist.py"
 
@@ -34,18 +36,16 @@ def one_side(side: str, batch_size: int) -> dict:
     from lepton_mm.training import tune_glibc_malloc
 
     tune_glibc_malloc()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as bench  # imports JAX: make_data needs it on both sides anyway
+
     from lepton_mm.recipes import avmnist
 
     config = avmnist.AVMNISTConfig(methods=("concat",), seeds=(0,), robustness=False,
                                    progress=False)
     data = avmnist.make_data(config)
-    warm = {"train": {k: tuple(a[:2 * batch_size] for a in v) if isinstance(v, tuple)
-                      else v[:2 * batch_size] for k, v in data["train"].items()},
-            "val": data["val"]}
+    warm = {"train": bench._head(data["train"], 2 * batch_size), "val": data["val"]}
     if side == "lepton_mm":
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        import run as bench
-
         bench._lepton_epoch(avmnist, config, warm, batch_size)
         seconds = bench._lepton_epoch(avmnist, config, data, batch_size)["seconds"]
     else:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     theirs = [r["seconds"] for r in runs["pytorch"]]
     result = {
         "batch_size": args.batch_size, "repeats": args.repeats,
-        "cpu": bench_cpu(), "runs": runs,
+        "cpu": machine_info(), "runs": runs,
         "ratio": statistics.median(theirs) / statistics.median(ours),
         "ratio_paired": [b / a for a, b in zip(ours, theirs, strict=True)],
         "definition": "lepton_mm examples/s over PyTorch examples/s, medians; each epoch "
@@ -104,13 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def bench_cpu() -> dict:
-    """The CPU model and ISA flags (``lepton_mm.experiment.machine_info``)."""
-    from lepton_mm.experiment import machine_info
-
-    return machine_info()
 
 
 if __name__ == "__main__":
