@@ -53,9 +53,27 @@ reuse the programs). ``image_only`` takes about 1 min per seed, ``audio_only`` a
 6.5. The default table (4 methods, 3 seeds) is thus about 2 h 15 min on such a machine
 (``gated`` assumed to cost what ``concat`` does), less on idle cores.
 
-Per run, ``--out`` (JSON) records the clean accuracy, the targets that are "n/a", one
-entry per attack (attack, target, norm, level, steps, eps per attacked modality,
-accuracy, seconds) and the run's wall and CPU seconds, plus the command and settings;
+**Records: the table spans sessions.** Checkpoints are not committed, but each run's
+result is: ``--records`` (default ``results/avmnist_adversarial``) gets
+``<method>/seed<k>.json`` as soon as the run is attacked: the attack settings, the
+trained run it attacked (its ledger record's config hash and numerics, or the hash the
+current config gives), the machine, versions, commit, command and the result. A run whose
+record has the same settings and the same trained-run hash is current: it is read, not
+attacked again, and needs no checkpoint. So a session trains some runs (their
+checkpoints; ``--results`` elsewhere keeps the committed training records as they are),
+attacks them and commits the records; ``--report`` builds the table and figure from the
+records alone. A retrained checkpoint is the same run on another machine, not the same
+weights: the record's ``machine`` says where it was attacked.
+
+    python experiments/avmnist.py --fusion image_only,audio_only,concat,gated --seeds 0 \
+        --results /tmp/scratch-ledger        # checkpoints in runs/avmnist, records untouched
+    python experiments/avmnist_adversarial.py --seeds 0      # attacks; writes the records
+    python experiments/avmnist_adversarial.py --report --figure docs/figures/avmnist_adversarial.png
+
+Per run (in its record and in ``--out``'s JSON): the clean accuracy, the targets that
+are "n/a", one entry per attack (attack, target, norm, level, steps, eps per attacked
+modality, accuracy, seconds) and the run's wall and CPU seconds; ``--out`` adds the
+command and settings;
 stdout gets a markdown table per norm (rows method x attacked modality, columns the
 radii, mean ± sample std over seeds, in %), and ``--figure`` a PNG: accuracy against
 the radius level per method (mean ± std band), one panel per attacked modality, a row
@@ -79,6 +97,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import avmnist  # experiments/avmnist.py: its runs' config hashes
 import avmnist_compress  # experiments/: where load_trained finds avmnist.py's runs
 import numpy as np
 
@@ -124,6 +143,9 @@ class AdversarialConfig:
       batch_size: examples per attacked chunk (results depend on it via the key).
       out: write the results here as JSON (None: the table on stdout only).
       figure: write the accuracy-vs-radius figure here as PNG (None: no figure).
+      records: per-run records, ``<records>/<method>/seed<k>.json`` (None: none); a
+        current one is read instead of attacking the run again.
+      report: attack nothing: the table (and figure, ``--out``) from the current records.
     """
 
     methods: tuple[str, ...] = ("image_only", "audio_only", "concat", "gated")
@@ -142,6 +164,8 @@ class AdversarialConfig:
     batch_size: int = 100
     out: str | None = None
     figure: str | None = None
+    records: str | None = "results/avmnist_adversarial"
+    report: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_test"):
@@ -178,6 +202,9 @@ class AdversarialConfig:
                 len(self.image_clip) == 2 and self.image_clip[0] < self.image_clip[1]):
             raise ValueError(f"image_clip: expected low,high with low < high (or none), "
                              f"got {list(self.image_clip)}.")
+        if self.report and self.records is None:
+            raise ValueError("report: reads the records; expected a records directory, "
+                             "got none.")
 
     def radii(self, modality: str, norm: str) -> tuple[float, ...]:
         """The radii of ``modality`` (``image`` or ``audio``) under ``norm``."""
@@ -249,26 +276,105 @@ def evaluate(model: Any, test: Mapping[str, Any], settings: AdversarialConfig, *
     return out
 
 
-def run(settings: AdversarialConfig) -> dict[str, Any]:
-    """``{"<method>/seed<k>": evaluate(...)}`` of every run with a checkpoint."""
+#: Fields of ``AdversarialConfig`` a run's result does not depend on.
+_NOT_RECORDED = ("methods", "seeds", "workdir", "out", "figure", "records", "report")
+
+
+def attack_settings(settings: AdversarialConfig) -> dict[str, Any]:
+    """What a run's result depends on besides the trained run (JSON values)."""
+    fields = dataclasses.asdict(settings)
+    return json.loads(json.dumps({k: v for k, v in fields.items() if k not in _NOT_RECORDED}))
+
+
+def trained_run(config: AVMNISTConfig, method: str, seed: int) -> dict[str, Any] | None:
+    """The trained run ``(method, seed)`` names: ``{"config_hash", "numerics",
+    "test_accuracy"}`` from its ledger record under ``config.results`` (what
+    ``load_trained``'s checkpoint folder is named by), else the hash the current config
+    gives it (``test_accuracy`` None); None when the config cannot name it (a ``+adv``
+    run with no record and no radii)."""
+    from lepton_mm.experiment import RunKey
+
+    key = RunKey("avmnist", method, seed)
+    path = Path(config.results) / "avmnist" / method / key.file_name()
+    if path.is_file():
+        record = json.loads(path.read_text())
+        return {"config_hash": record["config_hash"], "numerics": record["numerics"],
+                "test_accuracy": record["metrics"]["test_accuracy"]}
+    try:
+        experiment = avmnist.AVMNIST(config)
+        return {"config_hash": experiment.config_hash(key),
+                "numerics": experiment.numerics, "test_accuracy": None}
+    except ValueError:
+        return None
+
+
+def record_path(settings: AdversarialConfig, method: str, seed: int) -> Path:
+    """``<records>/<method>/seed<k>.json``."""
+    return Path(settings.records) / method / f"seed{seed}.json"
+
+
+def current_record(settings: AdversarialConfig, method: str, seed: int,
+                   trained: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The run's record if it holds these settings' result for this trained run."""
+    if settings.records is None or trained is None:
+        return None
+    path = record_path(settings, method, seed)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    same = (record.get("settings") == attack_settings(settings)
+            and {k: record.get("trained", {}).get(k) for k in ("config_hash", "numerics")}
+            == {k: trained[k] for k in ("config_hash", "numerics")})
+    return record if same else None
+
+
+def write_record(settings: AdversarialConfig, method: str, seed: int,
+                 trained: Mapping[str, Any] | None, result: Mapping[str, Any],
+                 command: str) -> Path:
+    """Writes the run's record atomically (an interrupted write leaves the old one)."""
+    from lepton_mm import experiment as ledger
+
+    return ledger.write_json({
+        "method": method, "seed": seed, "command": command,
+        "settings": attack_settings(settings), "trained": trained,
+        "machine": ledger.machine_info(), "versions": ledger.versions(),
+        "git_commit": ledger.git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "result": result}, record_path(settings, method, seed))
+
+
+def run(settings: AdversarialConfig, command: str = "") -> dict[str, Any]:
+    """``{"<method>/seed<k>": evaluate(...)}`` of every run with a current record (read)
+    or a checkpoint (attacked, its record written); ``--report``: the records only."""
     config = AVMNISTConfig(workdir=settings.workdir)
     data: dict[Any, dict[str, Any]] = {}  # test split per audio normalisation
     results: dict[str, Any] = {}
     for method in settings.methods:
         normalize = audio_setting(config, method)[1]
         for seed in settings.seeds:
+            name = f"{method}/seed{seed}"
+            trained = trained_run(config, method, seed)
+            record = current_record(settings, method, seed, trained)
+            if record is not None:
+                results[name] = record["result"]
+                continue
+            if settings.report:
+                print(f"skipped {name}: no current record in {settings.records}",
+                      file=sys.stderr)
+                continue
             try:
                 model = avmnist_compress.load_trained(config, method, seed)
             except FileNotFoundError as e:
-                print(f"skipped {method}/seed{seed}: {e}", file=sys.stderr)
+                print(f"skipped {name}: {e}", file=sys.stderr)
                 continue
             if normalize not in data:
                 data[normalize] = make_data(dataclasses.replace(
                     config, num_test=settings.num_test), normalize_audio=normalize)["test"]
-            name = f"{method}/seed{seed}"
-            results[name] = record = evaluate(model, data[normalize], settings, name=name)
-            print(f"{name}: clean {100 * record['clean_accuracy']:.1f} %, "
-                  f"{record['seconds']:.0f} s ({record['cpu_seconds']:.0f} s CPU)",
+            results[name] = result = evaluate(model, data[normalize], settings, name=name)
+            if settings.records is not None:
+                write_record(settings, method, seed, trained, result, command)
+            print(f"{name}: clean {100 * result['clean_accuracy']:.1f} %, "
+                  f"{result['seconds']:.0f} s ({result['cpu_seconds']:.0f} s CPU)",
                   file=sys.stderr, flush=True)
     return results
 
@@ -390,14 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     start = time.perf_counter()
-    results = run(settings)
+    command = shlex.join(["python", "experiments/avmnist_adversarial.py",
+                          *(argv if argv is not None else sys.argv[1:])])
+    results = run(settings, command)
     if not results:
         print("no trained run found; train them with python experiments/avmnist.py",
               file=sys.stderr)
         return 1
     if settings.out:
-        report = {"command": shlex.join(["python", "experiments/avmnist_adversarial.py",
-                                         *(argv if argv is not None else sys.argv[1:])]),
+        report = {"command": command,
                   "settings": dataclasses.asdict(settings),
                   "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                   "seconds": round(time.perf_counter() - start, 1), "results": results}

@@ -2,6 +2,8 @@
 case is known by hand, the n/a rule for unimodal models, the table, the figure and the
 command line."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -110,3 +112,47 @@ def test_bad_arguments_name_the_field(load_script, capsys):
                                   "audio", "--audio-linf", "0.01", "--image-clip", "none"])
     assert settings.methods == ("concat+mdrop", "audio_only")
     assert settings.image_clip is None and settings.audio_linf == (0.01,)
+
+
+def test_records_make_the_table_span_sessions(load_script, tmp_path, monkeypatch):
+    """A run's result is written as a record when it is attacked; a current record (same
+    attack settings, same trained run) is read without a checkpoint; a changed setting
+    or a retrained run with another hash is attacked again; ``--report`` attacks
+    nothing."""
+    import json
+
+    script = load_script("avmnist_adversarial")
+    model, data, _ = _toy(n=6, seed=1)
+    loads = []
+
+    def load_trained(config, method, seed):
+        loads.append((method, seed))
+        return model
+
+    trained = {"config_hash": "a" * 64, "numerics": "float32", "test_accuracy": 0.9}
+    monkeypatch.setattr(script.avmnist_compress, "load_trained", load_trained)
+    monkeypatch.setattr(script, "make_data", lambda config, normalize_audio: {"test": data})
+    monkeypatch.setattr(script, "trained_run", lambda config, method, seed: dict(trained))
+    settings = script.AdversarialConfig(
+        methods=("concat",), seeds=(0, 1), image_linf=(0.02,), audio_linf=(0.1,),
+        image_l2=(), audio_l2=(), steps=2, batch_size=4, records=str(tmp_path / "rec"))
+    first = script.run(settings, "python experiments/avmnist_adversarial.py --seeds 0,1")
+    assert loads == [("concat", 0), ("concat", 1)] and set(first) == {"concat/seed0",
+                                                                    "concat/seed1"}
+    record = json.loads((tmp_path / "rec" / "concat" / "seed1.json").read_text())
+    assert record["result"] == first["concat/seed1"] and record["trained"] == trained
+    assert record["settings"]["steps"] == 2 and "records" not in record["settings"]
+    assert record["command"].endswith("--seeds 0,1") and record["machine"]["cpu"]
+
+    loads.clear()
+    assert script.run(settings) == first and loads == []  # read, not attacked
+    report = script.run(dataclasses.replace(settings, report=True, seeds=(0, 2)))
+    assert list(report) == ["concat/seed0"] and loads == []  # seed 2: no record
+    script.run(dataclasses.replace(settings, steps=3))  # another setting: attacked again
+    assert loads == [("concat", 0), ("concat", 1)]
+    trained["config_hash"] = "b" * 64  # the run was retrained under another config
+    loads.clear()
+    script.run(dataclasses.replace(settings, steps=3, seeds=(1,)))
+    assert loads == [("concat", 1)]
+    with pytest.raises(ValueError, match="report"):
+        script.AdversarialConfig(records=None, report=True)
