@@ -7,9 +7,10 @@ the way a PyTorch user would write them (NCHW convolutions, ``nn.BatchNorm2d``,
 JAX code, so the comparison is against idiomatic PyTorch.
 
 Only imported when torch is installed (``pip install -e '.[bench]'``). Imports no JAX:
-``run.py`` starts this file as a script for the PyTorch memory and cold-start probes
-(``python benchmarks/torch_models.py --probe memory|cold_start SPEC.json``), so that the
-PyTorch process holds none of lepton_mm's stack.
+``run.py`` starts this file as a script for the PyTorch memory, cold-start and
+per-process train-step probes (``python benchmarks/torch_models.py --probe
+memory|cold_start|train_step SPEC.json``), so that the PyTorch process holds none of
+lepton_mm's stack.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import time
 
 _MODULE_START = time.perf_counter()  # the cold-start probe reports its import time
 
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -498,21 +502,111 @@ def cold_start(spec: dict) -> dict:
             "second_call_s": t3 - t2}
 
 
+def _tune_glibc_malloc(top_pad: int = 64 << 20) -> bool:
+    """``lepton_mm.training.allocator.tune_glibc_malloc``, repeated here because
+    importing ``lepton_mm.training`` imports JAX: one malloc arena, no heap trimming, no
+    mmap threshold, ``top_pad`` bytes of slack. False where this is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # M_ARENA_MAX, M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_TOP_PAD (malloc.h)
+    settings = ((-8, 1), (-1, 2**31 - 1), (-3, 2**31 - 1), (-2, int(top_pad)))
+    return all(mallopt(key, value) == 1 for key, value in settings)
+
+
+def _time_calls(run, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _timed(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "times_s": [round(t, 6) for t in times]}
+
+
+def train_step_probe(spec: dict) -> dict:
+    """The PyTorch side of one of ``run.py``'s train-step pairs, alone in this process.
+
+    As ``run.py``'s in-process ``_torch_sides``: every ``EAGER_VARIANTS`` entry (no
+    channels_last for cross_attention) runs 2 warm-up and ``variant_repeats`` timed
+    steps and the fastest is kept (a variant that fails is recorded with its error);
+    then ``warmup`` untimed and ``repeats`` timed steps of it. With ``compile``, that
+    variant's whole step under ``torch.compile`` too: the first call (compilation and
+    one step) is ``compile_s``, then ``warmup`` + ``repeats`` as eager. ``autocast``:
+    bfloat16 autocast on every run.
+    """
+    name, autocast = spec["model"], bool(spec.get("autocast", False))
+    batch = random_batch(spec["batch_size"], spec["audio_frames"], spec["n_mels"],
+                         spec["num_classes"])
+    variants: dict[str, dict] = {}
+    best, best_run = None, None
+    for label, variant in EAGER_VARIANTS.items():
+        if variant["channels_last"] and name == "cross_attention":
+            variants[label] = {**variant, "skipped": "no 4-d activations"}
+            continue
+        try:
+            run = train_step(build_twin(name, spec), batch, lr=spec["lr"],
+                             autocast=autocast, **variant)
+            variants[label] = {**variant,
+                               **_timed(_time_calls(run, 2, spec["variant_repeats"]))}
+        except Exception as err:  # a variant this build cannot run is reported
+            variants[label] = {**variant, "error": f"{type(err).__name__}: {err}"[:2000]}
+            continue
+        if best is None or variants[label]["median_s"] < variants[best]["median_s"]:
+            best, best_run = label, run
+        run = None  # only the fastest variant's model and optimizer stay alive
+    if best is None:
+        raise RuntimeError(f"{name}: no eager PyTorch variant ran: {variants}")
+    out = {"variants": variants, "eager": best, "autocast": autocast,
+           "pytorch_eager": {"variant": best, **_timed(
+               _time_calls(best_run, spec["warmup"], spec["repeats"]))}}
+    del best_run
+    if not spec.get("compile"):
+        return out
+    compiled: dict = {"variant": best, **EAGER_VARIANTS[best], "mode": "default",
+                      "dynamic": False, "backend": "inductor"}
+    try:
+        run = train_step(build_twin(name, spec), batch, lr=spec["lr"], compiled=True,
+                         autocast=autocast, **EAGER_VARIANTS[best])
+        start = time.perf_counter()
+        run()
+        compiled["compile_s"] = time.perf_counter() - start  # the first call
+        compiled.update(_timed(_time_calls(run, spec["warmup"], spec["repeats"])))
+    except Exception as err:  # e.g. no C++ compiler: recorded, the eager side stands
+        compiled["error"] = f"{type(err).__name__}: {err}"[:2000]
+    out["pytorch_compiled"] = compiled
+    return out
+
+
+PROBES = {"memory": memory_probe, "cold_start": cold_start, "train_step": train_step_probe}
+
+
 def _probe_main(argv: list[str]) -> int:
-    """``python torch_models.py --probe memory|cold_start SPEC.json``: runs the probe in
-    this fresh, JAX-free process and prints one JSON line (``jax_modules``: the JAX
-    stack's modules loaded here; must be empty, asserted)."""
+    """``python torch_models.py --probe memory|cold_start|train_step SPEC.json``: runs
+    the probe in this fresh, JAX-free process and prints one JSON line (``jax_modules``:
+    the JAX stack's modules loaded here; must be empty, asserted). ``tune_allocator`` in
+    the spec: glibc malloc tuned first, as ``run.py`` tunes its own process."""
     import json
 
     import_start = time.perf_counter()
-    if len(argv) != 4 or argv[1] != "--probe" or argv[2] not in ("memory", "cold_start"):
+    if len(argv) != 4 or argv[1] != "--probe" or argv[2] not in PROBES:
         print(_probe_main.__doc__, file=sys.stderr)
         return 2
     kind, path = argv[2], argv[3]
     with open(path) as f:
         spec = json.load(f)
+    tuned = bool(spec.get("tune_allocator")) and _tune_glibc_malloc()
     torch.set_num_threads(spec["threads"])
-    out = memory_probe(spec) if kind == "memory" else cold_start(spec)
+    out = PROBES[kind](spec)
+    out["allocator_tuned"] = tuned
     out["jax_modules"] = _jax_modules()
     out["torch_num_threads"] = torch.get_num_threads()
     out["imports_s"] = import_start - _MODULE_START

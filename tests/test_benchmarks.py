@@ -9,6 +9,7 @@ with a recorded reason.
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,36 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
                             / concat["pytorch"]["peak_rss_mb"])
     else:
         assert concat["pytorch"]["skipped"] and concat["ratio"] is None
+
+
+@pytest.mark.slow
+def test_processes_time_each_framework_in_a_fresh_process(tmp_path):
+    """--processes: each framework alone in a fresh process; that ratio is the headline."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--skip-heavy",
+         "--no-memory", "--only", "train_step_concat_b40", "--processes", "1",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entry = json.loads(out.read_text())["train_step_concat_b40"]
+    procs = entry["processes"]
+    assert procs["peer"] == "eager" and procs["ratio_compiled"] is None  # --skip-heavy
+    ours, theirs = procs["lepton_mm"]["times_s"], procs["pytorch_eager"]["times_s"]
+    assert len(ours) == len(theirs) == 5 and all(map(_positive, ours + theirs))
+    assert math.isclose(procs["ratio"], statistics.median(theirs) / statistics.median(ours),
+                        rel_tol=1e-5)  # the children's times are rounded to 1 us
+    (record,) = procs["rounds"]
+    assert record["order"] == ["lepton_mm", "pytorch"]
+    assert record["pytorch"]["jax_modules"] == [] and record["lepton_mm"]["torch_modules"] == []
+    assert record["pytorch"]["eager"] in record["pytorch"]["variants"]
+    (paired,) = procs["ratio_paired"]  # one round: that round's medians, unrounded
+    assert math.isclose(paired, procs["ratio"], rel_tol=1e-4)
+    assert entry["ratio"] == procs["ratio"] and entry["protocol"].startswith("per process")
+    assert _positive(entry["ratio_in_process"]) and entry["ratio_in_process"] == entry[
+        "ratio_eager"]
 
 
 def test_pytorch_twins_have_the_benchmark_models_parameter_counts():
