@@ -288,10 +288,12 @@ def attack_settings(settings: AdversarialConfig) -> dict[str, Any]:
 
 def trained_run(config: AVMNISTConfig, method: str, seed: int) -> dict[str, Any] | None:
     """The trained run ``(method, seed)`` names: ``{"config_hash", "numerics",
-    "test_accuracy"}`` from its ledger record under ``config.results`` (what
+    "ledger_test_accuracy"}`` from its ledger record under ``config.results`` (what
     ``load_trained``'s checkpoint folder is named by), else the hash the current config
-    gives it (``test_accuracy`` None); None when the config cannot name it (a ``+adv``
-    run with no record and no radii)."""
+    gives it (accuracy None); None when the config cannot name it (a ``+adv`` run with
+    no record and no radii). ``ledger_test_accuracy`` is the record's (whole test
+    split); a checkpoint retrained on another CPU kind scores a little differently, and
+    the attack's own ``clean_accuracy`` is the attacked checkpoint's."""
     from lepton_mm.experiment import RunKey
 
     key = RunKey("avmnist", method, seed)
@@ -299,11 +301,11 @@ def trained_run(config: AVMNISTConfig, method: str, seed: int) -> dict[str, Any]
     if path.is_file():
         record = json.loads(path.read_text())
         return {"config_hash": record["config_hash"], "numerics": record["numerics"],
-                "test_accuracy": record["metrics"]["test_accuracy"]}
+                "ledger_test_accuracy": record["metrics"]["test_accuracy"]}
     try:
         experiment = avmnist.AVMNIST(config)
         return {"config_hash": experiment.config_hash(key),
-                "numerics": experiment.numerics, "test_accuracy": None}
+                "numerics": experiment.numerics, "ledger_test_accuracy": None}
     except ValueError:
         return None
 

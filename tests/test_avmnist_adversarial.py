@@ -129,7 +129,7 @@ def test_records_make_the_table_span_sessions(load_script, tmp_path, monkeypatch
         loads.append((method, seed))
         return model
 
-    trained = {"config_hash": "a" * 64, "numerics": "float32", "test_accuracy": 0.9}
+    trained = {"config_hash": "a" * 64, "numerics": "float32", "ledger_test_accuracy": 0.9}
     monkeypatch.setattr(script.avmnist_compress, "load_trained", load_trained)
     monkeypatch.setattr(script, "make_data", lambda config, normalize_audio: {"test": data})
     monkeypatch.setattr(script, "trained_run", lambda config, method, seed: dict(trained))
