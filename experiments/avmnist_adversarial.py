@@ -330,14 +330,33 @@ def current_record(settings: AdversarialConfig, method: str, seed: int,
     return record if same else None
 
 
+def run_command(settings: AdversarialConfig, method: str, seed: int) -> str:
+    """The command line that attacks just this run again with these settings (the
+    attack settings that differ from the defaults; no paths)."""
+    from lepton_mm.harness import flag_text
+
+    words = ["python", "experiments/avmnist_adversarial.py", "--fusion", method,
+             "--seeds", str(seed)]
+    defaults = attack_settings(AdversarialConfig())
+    for name, value in attack_settings(settings).items():
+        if value == defaults[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            value = tuple(value) if isinstance(value, list) else value
+            words += [flag, flag_text(value)]  # shlex.join quotes an empty one
+    return shlex.join(words)
+
+
 def write_record(settings: AdversarialConfig, method: str, seed: int,
-                 trained: Mapping[str, Any] | None, result: Mapping[str, Any],
-                 command: str) -> Path:
+                 trained: Mapping[str, Any] | None, result: Mapping[str, Any]) -> Path:
     """Writes the run's record atomically (an interrupted write leaves the old one)."""
     from lepton_mm import experiment as ledger
 
     return ledger.write_json({
-        "method": method, "seed": seed, "command": command,
+        "method": method, "seed": seed, "command": run_command(settings, method, seed),
         "settings": attack_settings(settings), "trained": trained,
         "machine": ledger.machine_info(), "versions": ledger.versions(),
         "git_commit": ledger.git_commit(),
@@ -345,7 +364,7 @@ def write_record(settings: AdversarialConfig, method: str, seed: int,
         "result": result}, record_path(settings, method, seed))
 
 
-def run(settings: AdversarialConfig, command: str = "") -> dict[str, Any]:
+def run(settings: AdversarialConfig) -> dict[str, Any]:
     """``{"<method>/seed<k>": evaluate(...)}`` of every run with a current record (read)
     or a checkpoint (attacked, its record written); ``--report``: the records only."""
     config = AVMNISTConfig(workdir=settings.workdir)
@@ -374,7 +393,7 @@ def run(settings: AdversarialConfig, command: str = "") -> dict[str, Any]:
                     config, num_test=settings.num_test), normalize_audio=normalize)["test"]
             results[name] = result = evaluate(model, data[normalize], settings, name=name)
             if settings.records is not None:
-                write_record(settings, method, seed, trained, result, command)
+                write_record(settings, method, seed, trained, result)
             print(f"{name}: clean {100 * result['clean_accuracy']:.1f} %, "
                   f"{result['seconds']:.0f} s ({result['cpu_seconds']:.0f} s CPU)",
                   file=sys.stderr, flush=True)
@@ -500,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     command = shlex.join(["python", "experiments/avmnist_adversarial.py",
                           *(argv if argv is not None else sys.argv[1:])])
-    results = run(settings, command)
+    results = run(settings)
     if not results:
         print("no trained run found; train them with python experiments/avmnist.py",
               file=sys.stderr)

@@ -3,6 +3,7 @@ case is known by hand, the n/a rule for unimodal models, the table, the figure a
 command line."""
 
 import dataclasses
+import shlex
 
 import numpy as np
 import pytest
@@ -136,13 +137,18 @@ def test_records_make_the_table_span_sessions(load_script, tmp_path, monkeypatch
     settings = script.AdversarialConfig(
         methods=("concat",), seeds=(0, 1), image_linf=(0.02,), audio_linf=(0.1,),
         image_l2=(), audio_l2=(), steps=2, batch_size=4, records=str(tmp_path / "rec"))
-    first = script.run(settings, "python experiments/avmnist_adversarial.py --seeds 0,1")
+    first = script.run(settings)
     assert loads == [("concat", 0), ("concat", 1)] and set(first) == {"concat/seed0",
                                                                     "concat/seed1"}
     record = json.loads((tmp_path / "rec" / "concat" / "seed1.json").read_text())
     assert record["result"] == first["concat/seed1"] and record["trained"] == trained
     assert record["settings"]["steps"] == 2 and "records" not in record["settings"]
-    assert record["command"].endswith("--seeds 0,1") and record["machine"]["cpu"]
+    assert record["command"] == (  # this run alone, the settings that differ, no paths
+        "python experiments/avmnist_adversarial.py --fusion concat --seeds 1 --image-linf "
+        "0.02 --audio-linf 0.1 --image-l2 '' --audio-l2 '' --steps 2 --batch-size 4")
+    assert script.parse_args(shlex.split(record["command"])[2:]) == dataclasses.replace(
+        settings, seeds=(1,), records="results/avmnist_adversarial")
+    assert record["machine"]["cpu"]
 
     loads.clear()
     assert script.run(settings) == first and loads == []  # read, not attacked
