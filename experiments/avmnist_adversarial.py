@@ -408,7 +408,10 @@ def _accuracies(runs: Sequence[Mapping[str, Any]], attack: str, target: str, nor
 
 
 def _radii_text(eps_by_level: Sequence[Mapping[str, float]]) -> str:
-    return " / ".join("+".join(f"{e:g}" for e in eps.values()) for eps in eps_by_level)
+    """``"0.01+0.003 / ..."``: image before audio whatever the dicts' order (a record
+    read back from JSON has its keys sorted)."""
+    return " / ".join("+".join(f"{eps[m]:g}" for m in ("image", "audio") if m in eps)
+                      for eps in eps_by_level)
 
 
 def table(results: Mapping[str, Any]) -> str:

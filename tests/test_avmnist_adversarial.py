@@ -87,6 +87,8 @@ def test_table_and_figure_from_results(load_script, tmp_path):
     lines = text.splitlines()
     assert lines[0].startswith("**PGD-10, L∞**")
     assert "image 0.01 / 0.1; both 0.01+0.03" in lines[0]
+    results["concat/seed1"]["attacks"][-1]["eps"] = {"audio": 0.03, "image": 0.01}  # JSON
+    assert script.table(results).splitlines()[0] == lines[0]  # order: image, then audio
     assert "| method | attacked | seeds | clean | level 1 | level 2 |" in lines
     assert "| concat | image | 2 | 75.0 ± 7.1 | 55.0 ± 7.1 | 10.0 ± 0.0 |" in lines
     assert "| concat | both | 2 | 75.0 ± 7.1 | 25.0 ± 7.1 |  |" in lines
