@@ -103,6 +103,7 @@ import lepton_models  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from timing import time_calls  # noqa: E402
 
 TRAIN_MODELS = ("concat", "low_rank", "cross_attention")
 TRAIN_PAIRS = (*(f"train_step_{m}" for m in TRAIN_MODELS),
@@ -508,15 +509,6 @@ def _jax_runner(step: Callable, state: Any, jax_batch: dict[str, Any]) -> Callab
     return run
 
 
-def _time_calls(run: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _torch_sides(name: str, config: dict[str, Any], batch: dict[str, np.ndarray],
@@ -552,7 +544,7 @@ def _torch_sides(name: str, config: dict[str, Any], batch: dict[str, np.ndarray]
         try:
             run = torch_models.train_step(torch_models.build_twin(name, spec), batch,
                                           lr=LEARNING_RATE, autocast=autocast, **variant)
-            times = _time_calls(run, 2, config["variant_repeats"])
+            times = time_calls(run, 2, config["variant_repeats"])
         except Exception as err:  # a variant this build cannot run is reported
             variants[label] = {**variant, **_error(err)}
             continue
@@ -714,7 +706,7 @@ def step_probe(name: str, config: dict[str, Any], spec: dict[str, Any], *,
     start = time.perf_counter()
     step.lower(state, jax_batch).compile()  # the jitted step reuses this executable
     compile_s = time.perf_counter() - start
-    times = _time_calls(_jax_runner(step, state, jax_batch), spec["warmup"], spec["repeats"])
+    times = time_calls(_jax_runner(step, state, jax_batch), spec["warmup"], spec["repeats"])
     return {"model": name, "batch_size": spec["batch_size"], "bf16": spec["bf16"],
             "compile_s": compile_s, "median_s": statistics.median(times),
             "times_s": [round(t, 6) for t in times], "allocator_tuned": tuned,

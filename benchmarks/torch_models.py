@@ -30,6 +30,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from timing import time_calls  # noqa: E402  (benchmarks/, even when run by path)
+
 
 def _block(c_in: int, c_out: int, kernel: int, *, ceil_mode: bool) -> nn.Sequential:
     """conv ("same", no bias) -> BatchNorm2d -> ReLU -> 2x2 max pool."""
@@ -516,16 +519,6 @@ def _tune_glibc_malloc(top_pad: int = 64 << 20) -> bool:
     return all(mallopt(key, value) == 1 for key, value in settings)
 
 
-def _time_calls(run, warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _timed(times: list[float]) -> dict:
@@ -556,7 +549,7 @@ def train_step_probe(spec: dict) -> dict:
             run = train_step(build_twin(name, spec), batch, lr=spec["lr"],
                              autocast=autocast, **variant)
             variants[label] = {**variant,
-                               **_timed(_time_calls(run, 2, spec["variant_repeats"]))}
+                               **_timed(time_calls(run, 2, spec["variant_repeats"]))}
         except Exception as err:  # a variant this build cannot run is reported
             variants[label] = {**variant, "error": f"{type(err).__name__}: {err}"[:2000]}
             continue
@@ -567,7 +560,7 @@ def train_step_probe(spec: dict) -> dict:
         raise RuntimeError(f"{name}: no eager PyTorch variant ran: {variants}")
     out = {"variants": variants, "eager": best, "autocast": autocast,
            "pytorch_eager": {"variant": best, **_timed(
-               _time_calls(best_run, spec["warmup"], spec["repeats"]))}}
+               time_calls(best_run, spec["warmup"], spec["repeats"]))}}
     del best_run
     if not spec.get("compile"):
         return out
@@ -579,7 +572,7 @@ def train_step_probe(spec: dict) -> dict:
         start = time.perf_counter()
         run()
         compiled["compile_s"] = time.perf_counter() - start  # the first call
-        compiled.update(_timed(_time_calls(run, spec["warmup"], spec["repeats"])))
+        compiled.update(_timed(time_calls(run, spec["warmup"], spec["repeats"])))
     except Exception as err:  # e.g. no C++ compiler: recorded, the eager side stands
         compiled["error"] = f"{type(err).__name__}: {err}"[:2000]
     out["pytorch_compiled"] = compiled
