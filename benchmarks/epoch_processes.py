@@ -9,8 +9,11 @@ builds the data (``make_data``, not timed), warms up on two batches (lepton_mm c
 there) and times one epoch of batch ``--batch-size`` with the validation pass, as
 ``epoch_avmnist`` does. Sides alternate A B B A. Both processes tune glibc malloc (as
 ``run.py`` and the experiment scripts do) and use every CPU of the affinity mask.
+``--steps-per-call K`` adds a third side, lepton_mm's ``fit(steps_per_call=K)`` (K steps
+per compiled call), in the order A B C C B A.
 
     python benchmarks/epoch_processes.py --repeats 2 --json benchmarks/results/X.json
+    python benchmarks/epoch_processes.py --repeats 2 --steps-per-call 8
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT / "benchmarks" / "peers" / "multibench_avmnist.py"
 
 
-def one_side(side: str, batch_size: int) -> dict:
+def one_side(side: str, batch_size: int, steps_per_call: int = 1) -> dict:
     """Runs in the child: one warm-up and one timed epoch of ``side``."""
     from lepton_mm.training import tune_glibc_malloc
 
@@ -45,9 +48,10 @@ def one_side(side: str, batch_size: int) -> dict:
                                    progress=False)
     data = avmnist.make_data(config)
     warm = {"train": bench._head(data["train"], 2 * batch_size), "val": data["val"]}
-    if side == "lepton_mm":
-        bench._lepton_epoch(avmnist, config, warm, batch_size)
-        seconds = bench._lepton_epoch(avmnist, config, data, batch_size)["seconds"]
+    if side.startswith("lepton_mm"):
+        k = steps_per_call if side != "lepton_mm" else 1
+        bench._lepton_epoch(avmnist, config, warm, batch_size, k)
+        seconds = bench._lepton_epoch(avmnist, config, data, batch_size, k)["seconds"]
     else:
         import torch
 
@@ -71,20 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2, help="epochs per side")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--side", choices=("lepton_mm", "pytorch"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps-per-call", type=int, default=None, metavar="K",
+                        help="also time fit(steps_per_call=K) as a third side")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:  # the child
-        print(json.dumps(one_side(args.side, args.batch_size)))
+        print(json.dumps(one_side(args.side, args.batch_size, args.steps_per_call or 1)))
         return 0
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch-size and --repeats: expected positive integers")
-    runs: dict[str, list[dict]] = {"lepton_mm": [], "pytorch": []}
+    if args.steps_per_call is not None and args.steps_per_call < 2:
+        parser.error("--steps-per-call: expected an integer >= 2")
     order = ["lepton_mm", "pytorch"]
+    if args.steps_per_call:
+        order.append(f"lepton_mm_k{args.steps_per_call}")
+    runs: dict[str, list[dict]] = {side: [] for side in order}
     for i in range(args.repeats):
-        for side in order if i % 2 == 0 else order[::-1]:  # A B B A
+        for side in order if i % 2 == 0 else order[::-1]:  # A B B A (A B C C B A)
             proc = subprocess.run(
                 [sys.executable, __file__, "--side", side, "--batch-size",
-                 str(args.batch_size)], capture_output=True, text=True, check=False)
+                 str(args.batch_size), "--steps-per-call", str(args.steps_per_call or 1)],
+                capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
             runs[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -99,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_paired": [b / a for a, b in zip(ours, theirs, strict=True)],
         "definition": "lepton_mm examples/s over PyTorch examples/s, medians; each epoch "
                       "in a fresh process after a two-batch warm-up; validation included"}
+    if args.steps_per_call:
+        chunked = [r["seconds"] for r in runs[order[2]]]
+        result["steps_per_call"] = args.steps_per_call
+        result["ratio_steps_per_call"] = statistics.median(theirs) / statistics.median(chunked)
+        result["speedup_steps_per_call"] = [a / c for a, c in zip(ours, chunked, strict=True)]
+        print(f"fit(steps_per_call={args.steps_per_call}) vs fit: "
+              f"{[round(x, 3) for x in result['speedup_steps_per_call']]}")
     print(f"ratio {result['ratio']:.2f}x (paired {[round(r, 2) for r in result['ratio_paired']]})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

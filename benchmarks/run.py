@@ -986,9 +986,10 @@ class _CompileClock:
 
 
 def _lepton_epoch(avmnist: Any, config: Any, data: dict[str, Any],
-                  batch_size: int) -> dict[str, Any]:
+                  batch_size: int, steps_per_call: int = 1) -> dict[str, Any]:
     """One ``fit`` epoch (fresh model and workdir: compilation included, as a user's
-    first epoch; the time spent compiling is reported beside it)."""
+    first epoch; the time spent compiling is reported beside it); ``steps_per_call``:
+    ``fit``'s."""
     from lepton_mm.models import Classification
     from lepton_mm.training import OptimizerConfig, fit, seed_rngs
 
@@ -1004,7 +1005,7 @@ def _lepton_epoch(avmnist: Any, config: Any, data: dict[str, Any],
                                       weight_decay=config.weight_decay),
             epochs=1, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
             monitor="accuracy", mode="max", checkpoint_every=None, progress=False,
-            tensorboard=False)
+            tensorboard=False, steps_per_call=steps_per_call)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "compile_s": clock.seconds,
             "val_accuracy": float(result.best_metrics["accuracy"])}
