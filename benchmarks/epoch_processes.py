@@ -34,8 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT / "benchmarks" / "peers" / "multibench_avmnist.py"
 
 
-def one_side(side: str, batch_size: int, steps_per_call: int = 1) -> dict:
-    """Runs in the child: one warm-up and one timed epoch of ``side``."""
+def one_side(side: str, batch_size: int, steps_per_call: int = 1,
+             num_train: int | None = None, num_val: int | None = None) -> dict:
+    """Runs in the child: one warm-up and one timed epoch of ``side`` (``num_train`` /
+    ``num_val``: the first examples only, for tests; default the full split)."""
     from lepton_mm.training import tune_glibc_malloc
 
     tune_glibc_malloc()
@@ -44,14 +46,19 @@ def one_side(side: str, batch_size: int, steps_per_call: int = 1) -> dict:
 
     from lepton_mm.recipes import avmnist
 
+    sizes = {k: v for k, v in (("num_train", num_train), ("num_val", num_val))
+             if v is not None}
     config = avmnist.AVMNISTConfig(methods=("concat",), seeds=(0,), robustness=False,
-                                   progress=False)
+                                   progress=False, **sizes)
     data = avmnist.make_data(config)
     warm = {"train": bench._head(data["train"], 2 * batch_size), "val": data["val"]}
     if side.startswith("lepton_mm"):
         k = steps_per_call if side != "lepton_mm" else 1
-        bench._lepton_epoch(avmnist, config, warm, batch_size, k)
-        seconds = bench._lepton_epoch(avmnist, config, data, batch_size, k)["seconds"]
+        cold = bench._lepton_epoch(avmnist, config, warm, batch_size, k)
+        timed = bench._lepton_epoch(avmnist, config, data, batch_size, k)
+        seconds, extra = timed["seconds"], {"cold_compile_s": cold["compile_s"],
+                                            "compile_s": timed["compile_s"],
+                                            "val_accuracy": timed["val_accuracy"]}
     else:
         import torch
 
@@ -65,9 +72,10 @@ def one_side(side: str, batch_size: int, steps_per_call: int = 1) -> dict:
         start = time.perf_counter()
         peer.epoch_throughput(data, **kw)
         seconds = time.perf_counter() - start
+        extra = {"torch_num_threads": torch.get_num_threads()}
     n = len(data["train"]["label"])
     return {"side": side, "seconds": seconds, "examples_per_s": n / seconds,
-            "load_avg_1m": os.getloadavg()[0]}
+            "load_avg_1m": os.getloadavg()[0], **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-call", type=int, default=None, metavar="K",
                         help="also time fit(steps_per_call=K) as a third side")
     parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--num-train", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--num-val", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:  # the child
-        print(json.dumps(one_side(args.side, args.batch_size, args.steps_per_call or 1)))
+        print(json.dumps(one_side(args.side, args.batch_size, args.steps_per_call or 1,
+                                  args.num_train, args.num_val)))
         return 0
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch-size and --repeats: expected positive integers")

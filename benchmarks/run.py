@@ -1017,9 +1017,11 @@ def _head(split: dict[str, Any], n: int) -> dict[str, Any]:
             for k, v in split.items()}
 
 
-def bench_epoch_avmnist(config: dict[str, Any], *, skip: str | None = None
-                        ) -> dict[str, dict[str, Any]]:
-    """``epoch_avmnist`` (batch 40) and ``epoch_avmnist_b128``.
+def bench_epoch_avmnist(config: dict[str, Any], *, skip: str | None = None,
+                        processes: int = 0) -> dict[str, dict[str, Any]]:
+    """``epoch_avmnist`` (batch 40) and ``epoch_avmnist_b128``; ``processes`` > 0 adds
+    that many rounds with one framework per fresh process (``_epoch_processes``), whose
+    ratio becomes ``ratio``.
 
     lepton_mm: ``fit`` for one epoch with the validation pass, on
     ``experiments/avmnist.py``'s concat model and ``make_data`` arrays (features in
@@ -1135,9 +1137,48 @@ def bench_epoch_avmnist(config: dict[str, Any], *, skip: str | None = None
             entry["ratio_excluding_compile"] = (
                 entry["lepton_mm"]["examples_per_second_excluding_compile"]
                 / entry["alternative"]["throughput"]["median"])
+        if processes and entry["ratio"] is not None:
+            _epoch_processes(entry, bs, processes, config)
         out[key] = entry
         _progress(key, entry)
     return out
+
+
+def _epoch_processes(entry: dict[str, Any], batch_size: int, rounds: int,
+                     config: dict[str, Any]) -> None:
+    """Adds one-framework-per-process epochs to an ``epoch_avmnist*`` entry, in place.
+
+    Each epoch runs in a fresh interpreter (``benchmarks/epoch_processes.py``'s child:
+    data built there and not timed, a two-batch warm-up epoch, then the timed epoch with
+    the validation pass), ``rounds`` per side in the order A B B A. Running both
+    frameworks in one process slows PyTorch's loop far more than ``fit``
+    (docs/performance.md), so this ratio becomes ``ratio`` and the in-process one stays
+    as ``ratio_in_process``."""
+    cmd = [sys.executable, str(HERE / "epoch_processes.py"), "--batch-size", str(batch_size)]
+    for flag, key in (("--num-train", "epoch_num_train"), ("--num-val", "epoch_num_val")):
+        if config[key] is not None:
+            cmd += [flag, str(config[key])]
+    runs: dict[str, list[dict[str, Any]]] = {"lepton_mm": [], "pytorch": []}
+    order = ["lepton_mm", "pytorch"]
+    for i in range(rounds):
+        for side in (order if i % 2 == 0 else order[::-1]):  # A B B A
+            runs[side].append(_run_probe([*cmd, "--side", side], f"epoch {side} process"))
+    n_train = entry["train_examples"]
+    ours = [r["seconds"] for r in runs["lepton_mm"]]
+    theirs = [r["seconds"] for r in runs["pytorch"]]
+    ratio, paired = _versus(ours, theirs)
+    entry["processes"] = {
+        "protocol": "one framework per fresh process (benchmarks/epoch_processes.py "
+                    "children), A B B A; each: data built, not timed; a two-batch warm-up "
+                    "epoch (lepton_mm compiles there); the timed epoch with validation",
+        "rounds": runs, "lepton_mm": _stats(ours, n_train),
+        "pytorch_eager": _stats(theirs, n_train),
+        "pytorch_compiled": {"skipped": "the MultiBench loop is eager PyTorch"},
+        "peer": "eager", "ratio": ratio, "ratio_eager": ratio, "ratio_paired": paired}
+    entry["ratio_in_process"] = entry["ratio"]
+    entry["ratio"] = ratio
+    entry["protocol"] = (f"per process ({rounds} rounds, A B B A): ratio; the in-process "
+                         "A B B A epochs: ratio_in_process")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1646,7 +1687,8 @@ def run(config: dict[str, Any], *, quick: bool, only: set[str] | None,
         _progress("sentence_encoder", results["sentence_encoder"])
     if any(want(key) for key in EPOCH_PAIRS):
         epochs = bench_epoch_avmnist(
-            config, skip=None if heavy else "heavy pairs skipped (--skip-heavy)")
+            config, skip=None if heavy else "heavy pairs skipped (--skip-heavy)",
+            processes=config["train_step_processes"])
         results.update({k: v for k, v in epochs.items() if want(k)})
     matmul_after = bench_matmul(config)
     matmul["gflops_at_end"] = matmul_after["gflops"]
@@ -1700,9 +1742,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tune-allocator", action="store_true",
                         help="leave glibc malloc at its defaults (see tune_allocator)")
     parser.add_argument("--processes", type=int,
-                        help="rounds of the train-step pairs with one framework per fresh "
-                             "process, A B B A; their ratio becomes the headline one "
-                             "(default 2; 0 with --quick; 0: in process only)")
+                        help="rounds of the train-step and epoch pairs with one framework "
+                             "per fresh process, A B B A; their ratio becomes the headline "
+                             "one (default 2; 0 with --quick; 0: in process only)")
     parser.add_argument("--step-probe", choices=TRAIN_MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--cold-start", choices=("train_step", "sentence_encoder"),

@@ -174,6 +174,32 @@ def test_processes_time_each_framework_in_a_fresh_process(tmp_path):
         "ratio_eager"]
 
 
+def test_epoch_processes_time_each_framework_in_a_fresh_process(tmp_path):
+    """The epoch pair with --processes: fresh-process epochs, whose ratio is the headline."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-memory",
+         "--only", "epoch_avmnist", "--epoch-batch-sizes", "40", "--processes", "1",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entry = json.loads(out.read_text())["epoch_avmnist"]
+    procs = entry["processes"]
+    (ours,), (theirs,) = procs["rounds"]["lepton_mm"], procs["rounds"]["pytorch"]
+    assert ours["side"] == "lepton_mm" and theirs["side"] == "pytorch"
+    # the children trained the quick subset, not the full split
+    assert math.isclose(ours["examples_per_s"] * ours["seconds"], entry["train_examples"],
+                        rel_tol=1e-6) and entry["train_examples"] == 2000
+    assert _positive(ours["cold_compile_s"]) and 0 <= ours["val_accuracy"] <= 1
+    assert math.isclose(procs["ratio"], theirs["seconds"] / ours["seconds"], rel_tol=1e-9)
+    assert entry["ratio"] == procs["ratio"] and entry["protocol"].startswith("per process")
+    assert _positive(entry["ratio_in_process"])
+    assert entry["ratio_in_process"] == pytest.approx(
+        entry["alternative"]["median_s"] / entry["lepton_mm"]["median_s"], rel=1e-6)
+
+
 def test_pytorch_twins_have_the_benchmark_models_parameter_counts():
     """run.py compares each lepton_mm model with a PyTorch twin: same parameter count
     for all three models (the quick smoke run above trains only concat)."""
