@@ -509,8 +509,6 @@ def _jax_runner(step: Callable, state: Any, jax_batch: dict[str, Any]) -> Callab
     return run
 
 
-
-
 def _torch_sides(name: str, config: dict[str, Any], batch: dict[str, np.ndarray],
                  n_params: int, compile_torch: bool, *, autocast: bool = False
                  ) -> dict[str, Any]:

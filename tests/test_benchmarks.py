@@ -145,18 +145,23 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
 
 
 @pytest.mark.slow
+def _run_suite(tmp_path, *args, timeout=600):
+    """``run.py --quick --no-memory ARGS --json``: the JSON it wrote."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-memory",
+         *args, "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_processes_time_each_framework_in_a_fresh_process(tmp_path):
     """--processes: each framework alone in a fresh process; that ratio is the headline."""
     if importlib.util.find_spec("torch") is None:
         return
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--skip-heavy",
-         "--no-memory", "--only", "train_step_concat_b40", "--processes", "1",
-         "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    entry = json.loads(out.read_text())["train_step_concat_b40"]
+    entry = _run_suite(tmp_path, "--skip-heavy", "--only", "train_step_concat_b40",
+                       "--processes", "1")["train_step_concat_b40"]
     procs = entry["processes"]
     assert procs["peer"] == "eager" and procs["ratio_compiled"] is None  # --skip-heavy
     ours, theirs = procs["lepton_mm"]["times_s"], procs["pytorch_eager"]["times_s"]
@@ -178,14 +183,8 @@ def test_epoch_processes_time_each_framework_in_a_fresh_process(tmp_path):
     """The epoch pair with --processes: fresh-process epochs, whose ratio is the headline."""
     if importlib.util.find_spec("torch") is None:
         return
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-memory",
-         "--only", "epoch_avmnist", "--epoch-batch-sizes", "40", "--processes", "1",
-         "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    entry = json.loads(out.read_text())["epoch_avmnist"]
+    entry = _run_suite(tmp_path, "--only", "epoch_avmnist", "--epoch-batch-sizes", "40",
+                       "--processes", "1", timeout=900)["epoch_avmnist"]
     procs = entry["processes"]
     (ours,), (theirs,) = procs["rounds"]["lepton_mm"], procs["rounds"]["pytorch"]
     assert ours["side"] == "lepton_mm" and theirs["side"] == "pytorch"
