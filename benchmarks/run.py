@@ -1456,8 +1456,8 @@ def roofline(results: dict[str, Any], matmul: dict[str, Any]) -> dict[str, Any]:
             "models": models}
 
 
-def _peak_rss_kib() -> float:
-    """This process's peak resident set size in KiB.
+def _peak_rss_kib(field: str = "VmHWM") -> float:
+    """This process's peak resident set size in KiB (``field="VmRSS"``: the current one).
 
     ``VmHWM`` from ``/proc/self/status`` where available: unlike ``ru_maxrss`` it
     belongs to the current address space, so it does not inherit the peak of the parent
@@ -1466,31 +1466,47 @@ def _peak_rss_kib() -> float:
     """
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return float(line.split()[1])
     except OSError:
         pass
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def memory_probe(name: str, config: dict[str, Any]) -> dict[str, Any]:
+def memory_probe(name: str, config: dict[str, Any],
+                 spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """lepton_mm's memory probe: ``memory_steps`` training steps here; peak RSS of this
-    process. (PyTorch's is ``torch_models.memory_probe``, in a process without JAX.)"""
+    process. (PyTorch's is ``torch_models.memory_probe``, in a process without JAX.)
+
+    As in ``fit``, the step runs inside ``release_memory_after_compiles``: once XLA has
+    compiled it, the free heap goes back to the OS before the first execution (what the
+    compiler freed would otherwise stay in RSS, with the step's buffers on top).
+    ``spec["compilation_cache_dir"]``: use JAX's persistent compilation cache there (a
+    second probe on the same directory loads the compiled step instead of compiling it,
+    as a re-run of an experiment script does)."""
+    from lepton_mm.training.allocator import release_memory_after_compiles
+    cache = (spec or {}).get("compilation_cache_dir")
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     kib = _peak_rss_kib
     batch = _train_batch(config)
     model = build_lepton_model(name, config)
     step, state = lepton_train_step(model)
     jax_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     before = kib()
-    state, loss = step(state, jax_batch)  # compiles
-    jax.block_until_ready((state, loss))
-    first = kib()
-    reset = _reset_peak_rss()
-    for _ in range(config["memory_steps"]):
-        state, loss = step(state, jax_batch)
-    jax.block_until_ready((state, loss))
+    with release_memory_after_compiles():
+        state, loss = step(state, jax_batch)  # compiles (or loads from the cache)
+        jax.block_until_ready((state, loss))
+        first = kib()
+        after_first = kib("VmRSS")
+        reset = _reset_peak_rss()
+        for _ in range(config["memory_steps"]):
+            state, loss = step(state, jax_batch)
+        jax.block_until_ready((state, loss))
     out = {"peak_rss_mb": max(first, kib()) / 1024, "rss_before_steps_mb": before / 1024,
-           "peak_rss_first_step_mb": first / 1024}
+           "peak_rss_first_step_mb": first / 1024, "rss_after_first_step_mb": after_first / 1024}
     if reset:
         out["peak_rss_steady_steps_mb"] = kib() / 1024
     return out
@@ -1525,14 +1541,24 @@ def bench_memory(config: dict[str, Any], quick: bool) -> dict[str, Any]:
                   "default for-loop). rss_before_steps_mb: after imports, model and data; "
                   "peak_rss_first_step_mb: through the first step (JAX compiles there); "
                   "peak_rss_steady_steps_mb: the peak over the next `steps` steps alone "
-                  "(VmHWM reset after the first); peak_rss_mb: the overall peak. ratio: "
-                  "lepton_mm peak_rss_mb / PyTorch peak_rss_mb",
+                  "(VmHWM reset after the first); lepton_mm's steps run inside "
+                  "`release_memory_after_compiles`, as in fit (the free heap goes back "
+                  "to the OS after compiling, before the first execution); "
+                  "peak_rss_mb: the overall peak. ratio: lepton_mm peak_rss_mb / PyTorch "
+                  "peak_rss_mb, the step compiled in the probe (a fresh JAX compilation "
+                  "cache); ratio_warm_cache: a second lepton_mm probe on that cache, which "
+                  "loads the compiled step (as a re-run of an experiment script does)",
         "steps": config["memory_steps"], "batch_size": config["batch_size"],
         "allocator": "glibc defaults (not tuned)",
     }
     for name in config["memory_models"]:
-        entry: dict[str, Any] = {"lepton_mm": _lepton_probe(
-            "--memory-probe", name, quick, f"memory probe lepton_mm:{name}")}
+        with tempfile.TemporaryDirectory(prefix="bench_jax_cache_") as cache:
+            spec = {"compilation_cache_dir": cache}
+            cold = _lepton_probe("--memory-probe", name, quick,
+                                 f"memory probe lepton_mm:{name}", spec)
+            warm = _lepton_probe("--memory-probe", name, quick,
+                                 f"memory probe lepton_mm:{name} (warm cache)", spec)
+        entry: dict[str, Any] = {"lepton_mm": cold, "lepton_mm_warm_cache": warm}
         if torch_reason:
             entry["pytorch"] = {"skipped": torch_reason}
         else:
@@ -1547,6 +1573,9 @@ def bench_memory(config: dict[str, Any], quick: bool) -> dict[str, Any]:
             if steady in entry["pytorch"] and steady in entry["lepton_mm"]:
                 entry["ratio_steady"] = entry["lepton_mm"][steady] / entry["pytorch"][steady]
                 entry["ratio_steady_pytorch_over_lepton_mm"] = 1 / entry["ratio_steady"]
+            if "peak_rss_mb" in warm:
+                entry["ratio_warm_cache"] = (warm["peak_rss_mb"]
+                                             / entry["pytorch"]["peak_rss_mb"])
         out[name] = entry
     return out
 
@@ -1630,13 +1659,15 @@ def table(results: dict[str, Any]) -> str:
     for name in TRAIN_MODELS:
         if name in mem:
             e = mem[name]
-            for key, label, ratio_key in (("peak_rss_mb", "peak RSS", "ratio"),
-                                          ("peak_rss_steady_steps_mb", "steady RSS",
-                                           "ratio_steady")):
-                if key not in e["lepton_mm"]:
+            for side, key, label, ratio_key in (
+                    ("lepton_mm", "peak_rss_mb", "peak RSS", "ratio"),
+                    ("lepton_mm", "peak_rss_steady_steps_mb", "steady RSS", "ratio_steady"),
+                    ("lepton_mm_warm_cache", "peak_rss_mb", "peak RSS warm cache",
+                     "ratio_warm_cache")):
+                if key not in e.get(side, {}):
                     continue
                 alt = e["pytorch"].get(key)
-                rows.append((f"{label} {name}", "MB", f"{e['lepton_mm'][key]:.0f}",
+                rows.append((f"{label} {name}", "MB", f"{e[side][key]:.0f}",
                              "skipped" if alt is None else f"{alt:.0f}",
                              "" if e.get(ratio_key) is None
                              else f"{e[ratio_key]:.2f}x (ours/theirs)", "", ""))
@@ -1767,7 +1798,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(step_probe(args.step_probe, config, spec, tuned=tuned)))
         return 0
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, config)))
+        spec = json.loads(args.probe_spec.read_text()) if args.probe_spec else None
+        print(json.dumps(memory_probe(args.memory_probe, config, spec)))
         return 0
     if args.cold_start:
         spec = json.loads(args.probe_spec.read_text()) if args.probe_spec else None

@@ -134,6 +134,10 @@ def test_quick_suite_writes_the_expected_json(tmp_path):
     concat = memory["concat"]
     assert "ratio" in concat
     assert _positive(concat["lepton_mm"]["peak_rss_mb"])
+    # the second probe loads the step from the first one's compilation cache: it never
+    # holds the compiler's memory
+    warm = concat["lepton_mm_warm_cache"]
+    assert warm["peak_rss_first_step_mb"] < concat["lepton_mm"]["peak_rss_first_step_mb"]
     if has_torch:
         assert _positive(concat["pytorch"]["peak_rss_mb"])
         assert not set(concat["pytorch"]["jax_modules"]) & JAX_STACK  # no JAX in there

@@ -29,7 +29,11 @@ from lepton_mm.metrics import (
     precision_recall_f1,
     recall_at_k,
 )
-from lepton_mm.training.allocator import tune_glibc_malloc
+from lepton_mm.training.allocator import (
+    release_free_memory,
+    release_memory_after_compiles,
+    tune_glibc_malloc,
+)
 from lepton_mm.training.checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
@@ -121,6 +125,8 @@ __all__ = [
     "predict",
     "read_log",
     "recall_at_k",
+    "release_free_memory",
+    "release_memory_after_compiles",
     "replicated",
     "scalar_metrics",
     "seed_rngs",

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from lepton_mm.data.batching import ArrayDataset, BatchSource, epoch_permutation
 from lepton_mm.training import sharding as sharding_lib
+from lepton_mm.training.allocator import release_memory_after_compiles
 from lepton_mm.training.checkpoint import Checkpointer, CheckpointMismatchError, model_fingerprint
 from lepton_mm.training.loggers import Logger, _check_loggers, _Loggers
 from lepton_mm.training.logging import CURVES_NAME, LOG_NAME, JsonlLogger, plot_curves
@@ -1340,6 +1341,10 @@ def fit(
             bar.set_postfix(epoch=ep + 1, loss=f"{loss:.4f}", refresh=False)
 
     start_time = time.perf_counter()
+    # XLA's compiler frees hundreds of MB when it finishes; hand them back before the
+    # compiled step first runs instead of keeping them for the whole run.
+    compile_memory = release_memory_after_compiles()
+    compile_memory.__enter__()
     try:
         epoch = int(loop["epoch"])
         while epoch < epochs and not loop["stopped_early"]:
@@ -1428,6 +1433,7 @@ def fit(
             best_metrics = {"train_loss": history[-1]["train_loss"]} if history else {}
         path = str(ckpt.step_path(best_step))
     finally:
+        compile_memory.__exit__(None, None, None)
         bar.close()
         logger.close()
         ckpt.close()
