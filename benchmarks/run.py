@@ -1756,8 +1756,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny configuration (smoke test)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--only", nargs="+", choices=(*PAIRS, *EXTRA_KEYS),
-                        help="run only these pairs")
+    parser.add_argument("--only", nargs="+", choices=(*PAIRS, *EXTRA_KEYS, "memory"),
+                        help="run only these pairs (and the memory probes, unless "
+                             "--no-memory; `--only memory`: the memory probes alone)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--no-torch-compile", action="store_true",
                         help="no torch.compile peers (inductor takes minutes per model)")

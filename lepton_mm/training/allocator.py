@@ -126,6 +126,10 @@ def release_memory_after_compiles() -> Iterator[None]:
     concat step at batch 128: 1.35 GB peak RSS through the first step without it).
     ``fit`` runs its whole loop inside one; use it around your own training loop.
 
+    Returns:
+      A context manager (yields None). Nesting is allowed; each exit removes the
+      listener its entry added.
+
     Examples:
       >>> from lepton_mm.training.allocator import release_memory_after_compiles
       >>> with release_memory_after_compiles():  # doctest: +SKIP
