@@ -274,3 +274,29 @@ def test_profile_step_quick_writes_shares_and_top_ops(tmp_path):
     assert {"avx2", "avx512f", "amx"} <= set(result["machine"]) and result["machine"][
         "cpu_model"]
     assert list(trace.glob("plugins/profile/*/*.xplane.pb"))  # the raw trace is kept
+
+
+@pytest.mark.slow
+def test_profile_torch_step_quick_splits_the_twin_step_by_phase(tmp_path):
+    """benchmarks/profile_torch_step.py profiles the PyTorch twin's step, JAX-free."""
+    pytest.importorskip("torch")
+    out = tmp_path / "torch_profile.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_torch_step.py"), "--quick",
+         "--steps", "2", "--warmup", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["jax_modules"] == []  # the profiled process holds no JAX
+    phases = result["phases"]
+    # a LeNet step: convolutions forward and backward, batch norm, pooling, an update
+    for phase in ("forward", "backward"):
+        cats = phases[phase]["categories"]
+        assert _positive(cats["convolution"]) and _positive(cats["batch norm"]), phase
+        assert _positive(cats["pooling"]), phase
+    assert set(phases["update"]["categories"]) == {"optimizer update"}
+    # one calling thread: self times never overlap, so they fit in the traced time
+    attributed = sum(p["ms_per_step"] for p in phases.values())
+    assert math.isclose(attributed, result["attributed_ms_per_step"], rel_tol=1e-9)
+    assert attributed <= result["traced_ms_per_step"] * 1.001
+    assert math.isclose(sum(result["categories"].values()), attributed, rel_tol=1e-9)
