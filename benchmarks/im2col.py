@@ -2,14 +2,17 @@
 
     python benchmarks/im2col.py [--methods concat,audio_only,image_only] [--batch-sizes 40,128]
     python benchmarks/im2col.py --against first-layer-conv-grad --methods concat,audio_only
+    python benchmarks/im2col.py --against first-layer-phase-matmuls --methods concat
 
 ``slices`` is the library's path (``lepton_mm.encoders._conv``: patches from shifted
-slices, the first layer as direct multiply-adds whose kernel gradient is one matmul per
-pooling phase). ``--against`` picks the previous path patched in for the comparison:
+slices, the first layer as direct multiply-adds whose kernel gradient is a banded matmul,
+``_single_channel_kernel_grad``). ``--against`` picks the previous path patched in for
+the comparison:
 ``gather`` (default: one gather in pooling-phase order, ``conv_patches``, whose gradient
-is a scatter-add) or ``first-layer-conv-grad`` (the library's path with the first
+is a scatter-add), ``first-layer-conv-grad`` (the library's path with the first
 layer's kernel gradient from XLA's convolution gradient on the ``[batch, h, w, 1]``
-layout, as before 2026-12-07). Each variant is the
+layout, as before 2026-12-07) or ``first-layer-phase-matmuls`` (that kernel gradient as
+one im2col matmul per pooling phase, as until the banded matmuls replaced it). Each variant is the
 ``experiments/avmnist.py`` model and SGD recipe under ``make_train_step`` (the step
 ``fit`` runs), on 20 real batches; the variants alternate A B B A over 4 rounds after
 compilation and the best round's mean step time is printed with the compile time and
@@ -87,7 +90,53 @@ def _conv_grad_first_layer(conv):
     return conv._conv_phase_ordered, single_channel
 
 
-PREVIOUS = {"gather": _gather_paths, "first-layer-conv-grad": _conv_grad_first_layer}
+def _phase_matmuls_first_layer(conv):
+    """The library's path with the previous first-layer kernel gradient (before
+    2026-12-07 evening): per pooling phase, the ``k_h * k_w`` shifted windows stacked
+    (im2col) and one matmul against that phase's cotangent."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    def kernel_grad(xp, g, kernel_size, pool):
+        (kh, kw), (ph, pw) = kernel_size, pool
+        c_out, _, h2, w2, b = g.shape
+        dk = None
+        for a in range(ph):
+            for d in range(pw):
+                windows = jnp.stack([jax.lax.slice(
+                    xp, (a + i, d + j, 0),
+                    (a + i + (h2 - 1) * ph + 1, d + j + (w2 - 1) * pw + 1, b),
+                    (ph, pw, 1)) for i in range(kh) for j in range(kw)])
+                term = jax.lax.dot_general(
+                    windows.reshape(kh * kw, -1), g[:, a * pw + d].reshape(c_out, -1),
+                    (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                dk = term if dk is None else dk + term
+        return dk
+
+    library = conv._conv_single_channel  # main() patches the module's name
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def single_channel(x, kernel, kernel_size, pool):
+        return library(x, kernel, kernel_size, pool)
+
+    def fwd(x, kernel, kernel_size, pool):
+        return single_channel(x, kernel, kernel_size, pool), (x, kernel)
+
+    def bwd(kernel_size, pool, res, g):
+        x, kernel = res
+        dx, _ = conv._conv_single_channel_bwd(kernel_size, pool, res, g)  # its dk: unused
+        xp = conv._pad_single(x, kernel_size, pool).astype(jnp.float32)
+        dk = kernel_grad(xp, g.astype(jnp.float32), kernel_size, pool)
+        return dx, dk.astype(kernel.dtype)
+
+    single_channel.defvjp(fwd, bwd)
+    return conv._conv_phase_ordered, single_channel
+
+
+PREVIOUS = {"gather": _gather_paths, "first-layer-conv-grad": _conv_grad_first_layer,
+            "first-layer-phase-matmuls": _phase_matmuls_first_layer}
 
 
 def main(argv=None) -> int:

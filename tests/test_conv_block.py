@@ -174,6 +174,29 @@ def test_audio_lenet_fused_path_equals_reference_on_avmnist_shape():
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("kernel,pool,grid", [
+    ((5, 5), (2, 2), (7, 9)),    # the LeNets' first layer; 9 columns: a partial block
+    ((3, 3), (1, 1), (4, 5)),
+    ((2, 4), (3, 1), (3, 8)),    # even kernel; pooling over rows only
+    ((5, 3), (2, 3), (2, 2)),    # fewer columns than one block
+])
+def test_first_layer_kernel_gradient_equals_the_definition(kernel, pool, grid):
+    """The banded-matmul kernel gradient against dk[i, j, c] = sum xp[h+i, w+j] g[c, h, w]
+    summed tap by tap in float64."""
+    (kh, kw), (ph, pw), (h2, w2) = kernel, pool, grid
+    b, c_out = 3, 4
+    xp = _normal((h2 * ph + kh - 1, w2 * pw + kw - 1, b), seed=1)
+    g = _normal((c_out, ph * pw, h2, w2, b), seed=2)
+    got = np.asarray(_conv._single_channel_kernel_grad(jnp.asarray(xp), jnp.asarray(g),
+                                                       kernel, pool))
+    natural = (g.astype(np.float64).reshape(c_out, ph, pw, h2, w2, b)
+               .transpose(0, 3, 1, 4, 2, 5).reshape(c_out, h2 * ph, w2 * pw, b))
+    want = np.stack([np.einsum("hwb,chwb->c", xp[i:i + h2 * ph, j:j + w2 * pw], natural)
+                     for i in range(kh) for j in range(kw)])
+    assert got.shape == (kh * kw, c_out)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_pool_gradient_goes_to_the_first_maximum_only():
     y = jnp.array([[[1.0, 5.0], [3.0, 5.0], [3.0, 2.0], [0.0, 5.0]]])  # [c=1, phases=4, 2]
     g = jax.grad(lambda y: jnp.sum(_conv._max_over_phases(y) * jnp.array([[2.0, 7.0]])))(y)
