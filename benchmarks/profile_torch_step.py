@@ -49,6 +49,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import torch_models  # noqa: E402
+from timing import time_calls  # noqa: E402
 
 PHASES = ("forward", "backward", "update")
 CATEGORIES = ("convolution", "matmul", "batch norm", "pooling", "activation",
@@ -122,13 +123,7 @@ def _phase_of(event: Any) -> str | None:
 def profile(model_name: str, spec: dict[str, Any], *, optimizer: str, steps: int,
             warmup: int, top: int) -> dict[str, Any]:
     step = make_step(model_name, spec, optimizer)
-    for _ in range(warmup):
-        step()
-    walls = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        walls.append(time.perf_counter() - t0)
+    walls = time_calls(step, warmup, steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):

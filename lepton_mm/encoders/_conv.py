@@ -360,8 +360,8 @@ def _single_channel_kernel_grad(xp: Array, g: Array, kernel_size: tuple[int, int
     ``(_KERNEL_GRAD_BLOCK * p_w + k_w - 1) / k_w`` times the useful FLOPs (2.4x for 5 x 5
     kernels and 2 x 2 pools: ~0.7 GFLOP for the audio layer at batch 128).
     Against the previous per-phase im2col matmuls, on the AV-MNIST audio layer (2-core
-    AMD EPYC Zen 4), this function alone: 82 -> 43 ms at batch 128, 32 -> 9.5 ms at batch
-    40; the ``concat`` train step's time did not change (XLA overlapped the old stacks
+    AMD EPYC Zen 4), this function alone (a /tmp timing script, not kept): 82 -> 43 ms at
+    batch 128, 32 -> 9.5 ms at batch 40; the ``concat`` train step's time did not change (XLA overlapped the old stacks
     with other work; ``benchmarks/im2col.py --against first-layer-phase-matmuls``:
     0.97-1.02x), its XLA temporaries fell from 325 to 250 MB at batch 128
     (docs/performance.md). ``g`` is read in phase order (no transpose to a convolution
