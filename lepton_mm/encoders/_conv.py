@@ -361,8 +361,9 @@ def _single_channel_kernel_grad(xp: Array, g: Array, kernel_size: tuple[int, int
     kernels and 2 x 2 pools: ~0.7 GFLOP for the audio layer at batch 128).
     Against the previous per-phase im2col matmuls, on the AV-MNIST audio layer (2-core
     AMD EPYC Zen 4), this function alone (a /tmp timing script, not kept): 82 -> 43 ms at
-    batch 128, 32 -> 9.5 ms at batch 40; the ``concat`` train step's time did not change (XLA overlapped the old stacks
-    with other work; ``benchmarks/im2col.py --against first-layer-phase-matmuls``:
+    batch 128, 32 -> 9.5 ms at batch 40; the ``concat`` train step's time did not
+    change (XLA overlapped the old stacks with other work; ``benchmarks/im2col.py
+    --against first-layer-phase-matmuls``:
     0.97-1.02x), its XLA temporaries fell from 325 to 250 MB at batch 128
     (docs/performance.md). ``g`` is read in phase order (no transpose to a convolution
     layout) and nothing recomputes the forward.
